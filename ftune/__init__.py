@@ -1,0 +1,3 @@
+"""ftune: config-driven fine-tuning of open LLMs."""
+
+__version__ = "0.1.0"

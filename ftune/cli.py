@@ -1,0 +1,140 @@
+"""The `ftune` command. Thin: parse, call a package function, print.
+
+Heavy modules (torch, transformers) are imported inside the commands so `ftune --help` starts fast.
+A user's mistake (FtuneError) prints one message and exits with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from ftune.errors import FtuneError
+
+app = typer.Typer(
+    help="Config-driven fine-tuning of open LLMs: `ftune train CONFIG key=value …`, then `ftune merge RUN_DIR` "
+         "and `ftune eval RUN_DIR`.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+err = Console(stderr=True)
+out = Console()
+
+OVERRIDES_HELP = "Dotted key=value overrides applied after the config, e.g. train.lr=1e-4 method.r=16."
+
+
+def user_errors(fn):
+    """Turn ftune's errors into one message and exit code 2; Ctrl-C into a short note."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FtuneError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/] — completed checkpoints are kept; continue with --resume")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+@app.command()
+@user_errors
+def train(
+    config: str = typer.Argument(..., help="Run config YAML (configs/*.yaml)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in the run directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run directory of the same name first."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved config; load nothing."),
+):
+    """Fine-tune a model as the config says; writes RUN_DIR/{ftune.yaml, adapter|model, metrics.jsonl, run.json}."""
+    from ftune.config import load_config, resolved_yaml
+
+    cfg = load_config(config, overrides or [])
+    if dry_run:
+        out.print(resolved_yaml(cfg), highlight=False, markup=False)
+        return
+    from ftune.train.loop import train as run_train
+
+    run_train(cfg, resume=resume, overwrite=overwrite, console=err)
+
+
+@app.command()
+@user_errors
+def validate(
+    config: str = typer.Argument(..., help="Run config YAML."),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+):
+    """Check a config (every problem at once) and print it resolved; no model is loaded."""
+    from ftune.config import load_config, resolved_yaml
+
+    cfg = load_config(config, overrides or [])
+    out.print(resolved_yaml(cfg), highlight=False, markup=False)
+    err.print(f"[green]ok[/]: {config} is valid ({cfg.method.name}, output {cfg.run_dir})")
+
+
+@app.command()
+@user_errors
+def merge(
+    run_dir: str = typer.Argument(..., help="A run directory written by `ftune train`."),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="Where to write the merged checkpoint (default RUN_DIR/merged)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Cast the merged weights: bf16, fp16 or fp32 (default: the base's dtype)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+):
+    """Fold the run's adapter into its base model and write a Hugging Face checkpoint (shard by shard)."""
+    if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
+        raise FtuneError(f"--dtype: {dtype!r} is not one of bf16, fp16, fp32")
+    from ftune.export.merge import merge_run
+
+    merge_run(run_dir, out_dir, dtype, overwrite, console=err)
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    targets: list[str] = typer.Argument(..., help="RUN_DIR, a model directory, or a config YAML (its base model, untrained); "
+                                                  "with --compare, runs or report.json files. key=value items are overrides."),
+    data: Optional[str] = typer.Option(None, "--data", help="Data file to evaluate (default: the config's data.test, else data.eval)."),
+    config: Optional[str] = typer.Option(None, "--config", help="Config giving data settings for a model directory without one."),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="Report directory (default RUN_DIR/eval/<dataset>)."),
+    compare: bool = typer.Option(False, "--compare", help="Compare saved reports of several runs in one table instead of evaluating."),
+):
+    """Evaluate: label scoring + precision/recall/F1 for classification, loss/perplexity otherwise."""
+    overrides = [t for t in targets if "=" in t]
+    targets = [t for t in targets if "=" not in t]
+    if compare:
+        from ftune.eval.compare import compare_rows, compare_table
+
+        out.print(compare_table(compare_rows(targets, data)))
+        return
+    if len(targets) != 1:
+        raise FtuneError("eval takes one target (or several with --compare)")
+    from ftune.eval.run import run_eval
+
+    run_eval(targets[0], data, config, out_dir, overrides, console=out)
+
+
+@app.command()
+@user_errors
+def recipes():
+    """List the method recipes with a one-line description each."""
+    from ftune.config import available_recipes
+    from ftune.config.loader import read_yaml
+
+    from rich.table import Table
+
+    table = Table("recipe", "method", "description", "file")
+    for name, path in available_recipes().items():
+        raw = read_yaml(path)
+        table.add_row(name, str((raw.get("method") or {}).get("name", "?")), str(raw.get("description", "")), str(path))
+    out.print(table)
+
+
+def main() -> None:
+    app(prog_name="ftune")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Compose recipe < config < command line into a validated RunConfig, reporting every problem at once.
+
+Each key remembers which file (or the command line) set it, so an error names the place to fix:
+`configs/x.yaml: train.lrr: unknown key (did you mean train.lr?)`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from ftune.config.schema import MethodConfig, RunConfig
+from ftune.errors import ConfigError
+
+RESOLVED_NAME = "ftune.yaml"  # the resolved config inside a run directory
+CMDLINE = "command line"
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: file not found"], header="cannot read config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML: {e}"], header="cannot read config") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of keys, got {type(data).__name__}"])
+    return data
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
+    """`a.b=1` strings -> nested dict; values are parsed as YAML (1e-4 -> float, [a,b] -> list)."""
+    tree: dict = {}
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"{CMDLINE}: {item!r}: expected key=value with a dotted key, e.g. train.lr=1e-4")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"{CMDLINE}: {key}: conflicts with another override")
+                break
+        else:
+            node[leaf] = value
+    return tree, problems
+
+
+def _merge(base: dict, top: dict, sources: dict, label: str, prefix: tuple = ()) -> dict:
+    """Deep-merge `top` over `base`, recording `label` as the source of every key `top` sets."""
+    out = dict(base)
+    for key, value in top.items():
+        path = prefix + (str(key),)
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, sources, label, path)
+        else:
+            out[key] = value
+            for k in [k for k in sources if k[: len(path)] == path]:
+                del sources[k]  # a replaced subtree forgets where its old keys came from
+        sources[path] = label
+    return out
+
+
+def find_recipe(name: str, config_path: Path | None) -> Path | None:
+    """A recipe is a path, or a name looked up in ./recipes, next to the config, and in ftune's checkout."""
+    candidates = [Path(name)] if name.endswith((".yaml", ".yml")) or os.sep in name else []
+    stem = f"{name}.yaml"
+    roots = [Path.cwd() / "recipes"]
+    if config_path is not None:
+        roots += [config_path.parent / "recipes", config_path.parent.parent / "recipes"]
+    roots.append(Path(__file__).resolve().parents[2] / "recipes")
+    candidates += [root / stem for root in roots]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def available_recipes() -> dict[str, Path]:
+    """Recipe name -> file, from the same places find_recipe looks (first one wins)."""
+    found: dict[str, Path] = {}
+    for root in [Path.cwd() / "recipes", Path(__file__).resolve().parents[2] / "recipes"]:
+        for f in sorted(root.glob("*.yaml")):
+            found.setdefault(f.stem, f)
+    return found
+
+
+def compose(config_path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> tuple[dict, dict]:
+    """Raw merged dict and each key's source, before validation."""
+    sources: dict[tuple, str] = {}
+    cli, problems = parse_overrides(list(overrides))
+    cfg_path = Path(config_path) if config_path is not None else None
+    user = base if base is not None else (read_yaml(cfg_path) if cfg_path else {})
+    recipe = cli.get("recipe", user.get("recipe"))
+    merged: dict = {}
+    if recipe is not None:
+        if not isinstance(recipe, str):
+            problems.append(f"recipe: expected a recipe name or path, got {recipe!r}")
+        else:
+            found = find_recipe(recipe, cfg_path)
+            if found is None:
+                known = ", ".join(available_recipes()) or "none found"
+                problems.append(f"recipe: {recipe!r} not found (known recipes: {known}; or give a path to a .yaml file)")
+            else:
+                rec = read_yaml(found)
+                rec.pop("description", None)
+                merged = _merge(merged, rec, sources, str(found))
+    merged = _merge(merged, user, sources, str(cfg_path) if cfg_path else "config")
+    merged = _merge(merged, cli, sources, CMDLINE)
+    if problems:
+        raise ConfigError(problems)
+    return merged, sources
+
+
+def load_config(config_path: str | Path | None, overrides: list[str] = (), base: dict | None = None,
+                check_files: bool = True) -> RunConfig:
+    """Compose and validate; raise one ConfigError that lists every problem."""
+    raw, sources = compose(config_path, overrides, base)
+    problems: list[str] = []
+    method = _validate_method(raw.get("method"), sources, problems)
+    rest = {k: v for k, v in raw.items() if k != "method"}
+    try:
+        cfg = RunConfig.model_validate({**rest, "method": method or MethodConfig(name="?")})
+    except ValidationError as e:
+        problems += [_describe(err, RunConfig, sources) for err in e.errors()]
+        cfg = None
+    if method is None and "method" not in raw:
+        problems.append("method: missing (set `recipe: lora` or a `method:` section with a `name`)")
+    if cfg is not None and method is not None:
+        problems += check_rules(cfg, check_files)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _validate_method(raw: Any, sources: dict, problems: list[str]) -> MethodConfig | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        problems.append(f"{_where(('method',), sources)}method: expected a mapping, got {raw!r}")
+        return None
+    from ftune.methods import REGISTRY
+
+    name = raw.get("name")
+    if name not in REGISTRY:
+        hint = _close(str(name), list(REGISTRY))
+        problems.append(f"{_where(('method', 'name'), sources)}method.name: unknown method {name!r}{hint} "
+                        f"(known: {', '.join(REGISTRY)})")
+        return None
+    cls = REGISTRY[name].config_cls
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        problems += [_describe(err, cls, sources, prefix=("method",)) for err in e.errors()]
+        return None
+
+
+def check_rules(cfg: RunConfig, check_files: bool = True) -> list[str]:
+    """Rules across sections, checked before anything is loaded."""
+    from ftune.methods import REGISTRY
+
+    problems = []
+    method = REGISTRY[cfg.method.name]
+    if cfg.model.quantization != "none" and not method.quantized_base:
+        problems.append(f"model.quantization: {cfg.model.quantization!r} cannot be used with method {method.name!r}, which "
+                        f"updates the base weights; use quantization: none, or a 4-bit-capable method (qlora, lora)")
+    if method.requires_quantized and cfg.model.quantization == "none":
+        problems.append(f"model.quantization: method {method.name!r} needs a 4-bit base; set model.quantization: nf4")
+    if cfg.train.eval_every and not cfg.data.eval:
+        problems.append("train.eval_every: set, but data.eval is not; add an eval file or remove eval_every")
+    if cfg.data.labels is not None and cfg.data.format != "classification":
+        problems.append(f"data.labels: only used with format: classification (format is {cfg.data.format!r})")
+    if cfg.eval.reject_label and isinstance(cfg.data.labels, list) and cfg.eval.reject_label not in cfg.data.labels:
+        problems.append(f"eval.reject_label: {cfg.eval.reject_label!r} is not in data.labels")
+    if cfg.data.prompt_template is not None:
+        fields = {"classification": {"text"}, "alpaca": {"instruction", "input"}}.get(cfg.data.format)
+        if fields is None:
+            problems.append(f"data.prompt_template: not used with format: {cfg.data.format}")
+        else:
+            problems += _check_template(cfg.data.prompt_template, fields)
+    for key in ("train", "eval", "test") if check_files else ():
+        path = getattr(cfg.data, key)
+        if path is not None and not Path(path).is_file():
+            problems.append(f"data.{key}: file not found: {path}")
+    return problems
+
+
+def _check_template(template: str, allowed: set[str]) -> list[str]:
+    import string
+
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        return [f"data.prompt_template: not a valid format string ({e}); write literal braces as {{{{ and }}}}"]
+    bad = sorted(names - allowed)
+    return [f"data.prompt_template: unknown field {{{b}}} (allowed: {', '.join('{' + a + '}' for a in sorted(allowed))})" for b in bad]
+
+
+def _where(path: tuple, sources: dict) -> str:
+    for n in range(len(path), 0, -1):
+        if path[:n] in sources:
+            return f"{sources[path[:n]]}: "
+    return ""
+
+
+def _close(word: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the section at `loc` (used for 'did you mean' suggestions)."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _describe(err: dict, model: type[BaseModel], sources: dict, prefix: tuple = ()) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    path = prefix + loc
+    key = ".".join(path)
+    where = _where(path, sources)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = ".".join(path[:-1])
+        options = [f"{parent}.{f}" if parent else f for f in _fields_at(model, loc[:-1])]
+        return f"{where}{key}: unknown key{_close(key, options)}"
+    if kind == "missing":
+        return f"{where or _where(path[:-1], sources)}{key}: required key is missing"
+    value = err.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, dict) else ""
+    return f"{where}{key}: {err['msg'][0].lower() + err['msg'][1:]}{shown}"

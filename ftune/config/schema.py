@@ -1,0 +1,118 @@
+"""The typed run config. Every section forbids unknown keys; every field's description is its help text.
+
+The method section is typed per method: `methods.REGISTRY[name].config_cls` validates it (see loader.py),
+so a LoRA key under a `full` run is an unknown key like any other.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny
+
+
+class Section(BaseModel):
+    """Base for all config sections: strict keys, values re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MethodConfig(Section):
+    """Fields shared by every method; each method extends this with its own keys."""
+
+    name: str = Field(description="Fine-tuning method: a name from `ftune recipes` (full, lora, …).")
+
+
+class ModelConfig(Section):
+    path: str = Field(description="Base model: a local HF directory, a hub id (from the local cache when offline), or a .gguf file.")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path` when `path` is a directory or hub id.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `path` is a hub id.")
+    tokenizer: str | None = Field(None, description="Tokenizer location if it differs from `path`.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="Weight dtype; auto = bf16 on a GPU that supports it, else fp32.")
+    quantization: Literal["none", "nf4", "fp4"] = Field("none", description="Load the base in 4-bit with bitsandbytes (QLoRA); none = full precision.")
+    double_quant: bool = Field(True, description="4-bit only: also quantize the quantization scales (bnb_4bit_use_double_quant).")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention backend; auto = flash_attention_2 when installed on CUDA, else PyTorch SDPA.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub repo to run. Off unless you trust it.")
+
+
+class Columns(Section):
+    text: str = Field("text", description="Column with the input text (classification, text).")
+    label: str = Field("label", description="Column with the class label (classification).")
+    instruction: str = Field("instruction", description="Column with the instruction (alpaca).")
+    input: str = Field("input", description="Column with the optional input (alpaca).")
+    output: str = Field("output", description="Column with the response (alpaca).")
+    messages: str = Field("messages", description="Column with the list of {role, content} messages (chat).")
+
+
+class DataConfig(Section):
+    train: str = Field(description="Training file: .jsonl, .json, .csv, .tsv or .parquet.")
+    eval: str | None = Field(None, description="Evaluation file used during training (eval_every) and by default in `ftune eval`.")
+    test: str | None = Field(None, description="Test file; `ftune eval` uses it when --data is not given.")
+    format: Literal["alpaca", "chat", "classification", "text"] = Field("alpaca", description="How rows become prompt and target.")
+    columns: Columns = Field(default_factory=Columns, description="Column names in the data files.")
+    prompt_template: str | None = Field(
+        None, description="Python format string for the prompt, with {text} (classification) or {instruction}/{input} (alpaca); a format default when unset.")
+    label_prefix: str = Field(" ", description="Classification: text put before the label in the target (a space after the prompt's colon).")
+    labels: list[str] | str | None = Field(None, description="Classification label set: a list, or a file with one label per line; read from the train data when unset.")
+    system_prompt: str | None = Field(None, description="Chat: system message prepended to conversations that have none.")
+    max_length: int = Field(1024, ge=8, description="Maximum tokens per example; longer examples are truncated and counted.")
+    train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens (default: response tokens only).")
+    add_eos: bool = Field(True, description="Append the tokenizer's EOS token to every target.")
+    num_proc: int = Field(1, ge=1, description="Processes for tokenization.")
+    cache_dir: str | None = Field(None, description="Where tokenized data is cached; default ~/.cache/ftune (or $FTUNE_CACHE).")
+
+
+class BudgetConfig(Section):
+    max_minutes: float | None = Field(None, gt=0, description="Wall-clock budget: when spent the run saves, evaluates and ends cleanly.")
+    max_tokens: int | None = Field(None, gt=0, description="Token budget (target-bearing input tokens seen): ends the run cleanly when reached.")
+
+
+class TrainConfig(Section):
+    seed: int = Field(42, description="Seed for weights of new layers, data order and dropout.")
+    micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass on each device.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    epochs: int = Field(1, ge=1, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; overrides epochs.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases, norms or gates).")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = Field(
+        "adamw", description="adamw (torch, fused on CUDA); 8-bit and paged variants from bitsandbytes.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (takes precedence over warmup_ratio).")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warmup as a fraction of total steps.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null to disable.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="Autocast precision; auto = bf16 on a capable GPU, no on CPU.")
+    log_every: int = Field(10, ge=1, description="Log loss, lr and throughput every N steps.")
+    eval_every: int | None = Field(None, ge=1, description="Evaluate on data.eval every N steps (and always at the end if data.eval is set).")
+    save_every: int | None = Field(None, ge=1, description="Write a resumable checkpoint every N steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted after a new one is complete.")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Budgets that end the run cleanly.")
+    tensorboard: bool = Field(False, description="Also log to TensorBoard (RUN_DIR/tensorboard) through accelerate.")
+
+
+class EvalConfig(Section):
+    mode: Literal["score", "generate"] = Field("score", description="Classification: score each label's log-likelihood, or generate greedily and map to a label.")
+    batch_size: int = Field(16, ge=1, description="Examples per forward pass in evaluation.")
+    length_normalize: bool = Field(False, description="Score: divide each label's log-likelihood by its token count.")
+    reject_label: str | None = Field(None, description="Out-of-scope label (e.g. other): adds in-scope and rejection metrics.")
+    threshold: float | None = Field(None, ge=0, le=1, description="Predictions with probability below this become reject_label.")
+    max_new_tokens: int = Field(16, ge=1, description="Generate mode: tokens to generate per example.")
+    max_examples: int | None = Field(None, ge=1, description="Evaluate only the first N examples (quick checks).")
+
+
+class RunConfig(Section):
+    recipe: str | None = Field(None, description="Method preset: a name in recipes/ (lora, full, …) or a path to a YAML file.")
+    name: str = Field("run", description="Run name; the output directory defaults to runs/<name>.")
+    output_dir: str | None = Field(None, description="Where the run writes its files (default runs/<name>).")
+    model: ModelConfig
+    data: DataConfig
+    method: SerializeAsAny[MethodConfig]
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return self.output_dir or f"runs/{self.name}"

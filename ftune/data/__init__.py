@@ -1,0 +1,37 @@
+"""Data: read files, check and render rows, tokenize with masks (cached), batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ftune.config.schema import DataConfig
+from ftune.data.formats import Example, infer_labels, read_labels, read_rows, render
+from ftune.data.tokenize import TokenStats, tokenize_split
+
+__all__ = ["Example", "Split", "load_examples", "resolve_labels", "load_split", "read_rows", "render"]
+
+
+@dataclass
+class Split:
+    path: str
+    examples: list[Example]
+    dataset: object  # datasets.Dataset with input_ids / labels
+    stats: TokenStats
+
+
+def resolve_labels(cfg: DataConfig) -> list[str] | None:
+    """The classification label set: data.labels (list or file), else the train file's labels in first-seen order."""
+    if cfg.format != "classification":
+        return None
+    labels = read_labels(cfg.labels)
+    return labels if labels is not None else infer_labels(read_rows(cfg.train), cfg.columns.label)
+
+
+def load_examples(path: str, cfg: DataConfig, labels: list[str] | None) -> list[Example]:
+    return render(read_rows(path), cfg, path, labels)
+
+
+def load_split(path: str, cfg: DataConfig, tokenizer, labels: list[str] | None) -> Split:
+    examples = load_examples(path, cfg, labels)
+    dataset, stats = tokenize_split(tokenizer, examples, cfg, path)
+    return Split(path, examples, dataset, stats)

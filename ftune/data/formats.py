@@ -1,0 +1,183 @@
+"""Reading data files and turning rows into prompt/target examples, checking every row first.
+
+A bad row (missing field, empty text, wrong type, label outside the label set) is reported with its
+file, row number and field, all of them at once, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ftune.config.schema import DataConfig
+from ftune.errors import DataError, FtuneError
+
+ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+ALPACA_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+CLASSIFICATION_TEMPLATE = "Text: {text}\nLabel:"
+ROLES = {"system", "user", "assistant", "tool"}
+SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class Example:
+    """One rendered row. prompt/target for alpaca and classification, messages for chat, text for text."""
+
+    row: int  # 1-based row number in its file
+    prompt: str = ""
+    target: str = ""
+    label: str | None = None
+    text: str = ""  # classification: the raw input text, for prediction files
+    messages: list[dict] = field(default_factory=list)
+
+
+def _where(path: Path, i: int) -> str:
+    """How to point a user at row i (0-based): the line for JSON lines and CSV, the row otherwise."""
+    if path.suffix == ".jsonl":
+        return f"{path}:{i + 1}"
+    if path.suffix in (".csv", ".tsv"):
+        return f"{path}:{i + 2} (row {i + 1})"
+    return f"{path}: row {i + 1}"
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a data file as dicts. JSON lines are parsed here so a broken line is named exactly;
+    CSV/TSV/Parquet (and JSON arrays) go through `datasets`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FtuneError(f"{path}: data file not found")
+    if path.suffix not in SUFFIXES:
+        raise FtuneError(f"{path}: unsupported data file type {path.suffix!r} (use {', '.join(SUFFIXES)})")
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise FtuneError(f"{path}: expected a JSON array of objects (or use .jsonl, one object per line)")
+        return data
+    import datasets
+
+    kwargs = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(SUFFIXES[path.suffix], data_files=str(path), split="train", **kwargs)
+    except Exception as e:  # pandas/arrow parse errors
+        raise FtuneError(f"{path}: cannot parse: {str(e).splitlines()[0][:300]}") from None
+    return ds.to_list()
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows, problems = [], []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{n}: not valid JSON ({e.msg})")
+                continue
+            if not isinstance(row, dict):
+                problems.append(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+                continue
+            rows.append(row)
+    if problems:
+        raise DataError(problems)
+    return rows
+
+
+def read_labels(spec: list[str] | str | None) -> list[str] | None:
+    if spec is None or isinstance(spec, list):
+        return spec
+    path = Path(spec)
+    if not path.is_file():
+        raise FtuneError(f"data.labels: label file not found: {spec}")
+    labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not labels:
+        raise FtuneError(f"data.labels: {spec} has no labels (one per line)")
+    return labels
+
+
+def infer_labels(rows: list[dict], column: str) -> list[str]:
+    """The label set in first-seen order (stable across runs on the same file)."""
+    seen: dict[str, None] = {}
+    for row in rows:
+        value = row.get(column)
+        if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value).strip():
+            seen.setdefault(str(value).strip())
+    return list(seen)
+
+
+def _text(row: dict, column: str, where: str, problems: list, required: bool = True) -> str | None:
+    value = row.get(column)
+    if value is None:
+        if required:
+            problems.append(f"{where}: field {column!r}: missing")
+        return None
+    if not isinstance(value, str):
+        problems.append(f"{where}: field {column!r}: expected text, got {type(value).__name__} {value!r:.40}")
+        return None
+    if required and not value.strip():
+        problems.append(f"{where}: field {column!r}: empty")
+        return None
+    return value
+
+
+def render(rows: list[dict], cfg: DataConfig, path: str | Path, labels: list[str] | None = None) -> list[Example]:
+    """Check and render every row; raise one DataError listing all bad rows."""
+    path, cols, problems, out = Path(path), cfg.columns, [], []
+    label_set = set(labels) if labels else None
+    for i, row in enumerate(rows):
+        where = _where(path, i)
+        if cfg.format == "classification":
+            text = _text(row, cols.text, where, problems)
+            label = row.get(cols.label)
+            if isinstance(label, int) and not isinstance(label, bool):
+                label = str(label)
+            label = _text({cols.label: label}, cols.label, where, problems)
+            if label is not None:
+                label = label.strip()
+                if label_set is not None and label not in label_set:
+                    problems.append(f"{where}: field {cols.label!r}: label {label!r} is not in the label set "
+                                    f"({len(label_set)} labels from data.labels); add it there or fix the row")
+            if text is not None and label is not None:
+                template = cfg.prompt_template or CLASSIFICATION_TEMPLATE
+                out.append(Example(row=i + 1, prompt=template.format(text=text), target=cfg.label_prefix + label, label=label,
+                                   text=text))
+        elif cfg.format == "alpaca":
+            instruction = _text(row, cols.instruction, where, problems)
+            extra = _text(row, cols.input, where, problems, required=False) or ""
+            output = _text(row, cols.output, where, problems)
+            if instruction is not None and output is not None:
+                template = cfg.prompt_template or (ALPACA_TEMPLATE if extra.strip() else ALPACA_NO_INPUT)
+                out.append(Example(row=i + 1, prompt=template.format(instruction=instruction, input=extra), target=output))
+        elif cfg.format == "chat":
+            messages = _messages(row.get(cols.messages), cols.messages, where, problems)
+            if messages is not None:
+                if cfg.system_prompt and messages[0]["role"] != "system":
+                    messages = [{"role": "system", "content": cfg.system_prompt}] + messages
+                out.append(Example(row=i + 1, messages=messages))
+        else:  # text
+            text = _text(row, cols.text, where, problems)
+            if text is not None:
+                out.append(Example(row=i + 1, target=text))
+    if problems:
+        raise DataError(problems)
+    if not out:
+        raise FtuneError(f"{path}: no rows")
+    return out
+
+
+def _messages(value, column: str, where: str, problems: list) -> list[dict] | None:
+    if not isinstance(value, list) or not value:
+        problems.append(f"{where}: field {column!r}: expected a non-empty list of {{role, content}} messages")
+        return None
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            problems.append(f"{where}: field {column!r}[{j}]: expected {{'role': one of {sorted(ROLES)}, 'content': text}}, got {m!r:.60}")
+            return None
+    if not any(m["role"] == "assistant" for m in value):
+        problems.append(f"{where}: field {column!r}: no assistant message to learn from")
+        return None
+    return [{"role": m["role"], "content": m["content"]} for m in value]

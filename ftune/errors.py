@@ -1,0 +1,28 @@
+"""Errors a user can fix. The CLI prints them as one message and exits with code 2, no traceback."""
+
+from __future__ import annotations
+
+
+class FtuneError(Exception):
+    """A problem with the user's input or environment (bad config, bad data row, missing model)."""
+
+
+class ConfigError(FtuneError):
+    """Every problem found in a config at once, one per line, each naming its key and the fix."""
+
+    def __init__(self, problems: list[str], header: str = "invalid config"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{header} ({len(problems)} problem{'s' * (len(problems) != 1)}):\n{lines}")
+
+
+class DataError(FtuneError):
+    """Bad rows in a data file: each problem names the file, the row number and the field."""
+
+    def __init__(self, problems: list[str], total: int | None = None):
+        self.problems = problems
+        shown = problems[:20]
+        more = (total or len(problems)) - len(shown)
+        lines = "\n".join(f"  - {p}" for p in shown)
+        tail = f"\n  … and {more} more" if more > 0 else ""
+        super().__init__(f"bad data ({total or len(problems)} problem(s)):\n{lines}{tail}")

@@ -1,0 +1,1 @@
+"""Evaluation: NLU classification metrics and their reports."""

@@ -1,0 +1,73 @@
+"""`ftune eval --compare`: one side-by-side table of saved eval reports, the format of a write-up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from ftune.errors import FtuneError
+
+COLUMNS = ("run", "method", "trainable params", "precision", "recall", "F1", "accuracy", "train time", "peak mem")
+
+
+def find_reports(target: str, dataset: str | None = None) -> list[Path]:
+    """report.json files under a run/model dir (RUN/eval/<dataset>/report.json), or the file itself."""
+    path = Path(target)
+    if path.is_file() and path.name.endswith(".json"):
+        return [path]
+    found = sorted(path.glob("eval/*/report.json")) + sorted(path.glob("*/report.json")) + sorted(path.glob("report.json"))
+    if dataset:
+        found = [f for f in found if f.parent.name == Path(dataset).stem]
+    if not found:
+        raise FtuneError(f"{target}: no eval report found (run `ftune eval {target}` first)")
+    return list(dict.fromkeys(found))
+
+
+def compare_rows(targets: list[str], dataset: str | None = None) -> list[dict]:
+    rows = []
+    for target in targets:
+        for report_path in find_reports(target, dataset):
+            body = json.loads(report_path.read_text())
+            meta, metrics = body.get("meta", {}), body.get("metrics", {})
+            run = meta.get("run") or {}
+            macro = metrics.get("macro", {})
+            rows.append({"run": target if len(find_reports(target, dataset)) == 1 else str(report_path.parent),
+                         "method": meta.get("method", "?"), "dataset": Path(meta.get("dataset", "?")).name,
+                         "trainable_params": run.get("trainable_params"), "precision": macro.get("precision"),
+                         "recall": macro.get("recall"), "f1": macro.get("f1"), "accuracy": metrics.get("accuracy"),
+                         "loss": metrics.get("loss"), "train_seconds": run.get("train_seconds"),
+                         "peak_mem_gib": run.get("peak_mem_gib")})
+    return rows
+
+
+def _fmt(v, kind: str = "num") -> str:
+    if v is None:
+        return "—"
+    if kind == "int":
+        return f"{v:,}"
+    if kind == "time":
+        return f"{v:.0f}s" if v < 120 else f"{v / 60:.1f}min"
+    if kind == "mem":
+        return f"{v:.1f} GiB"
+    return f"{v:.3f}"
+
+
+def compare_table(rows: list[dict]) -> Table:
+    table = Table(title="comparison (macro averages)")
+    for c in COLUMNS:
+        table.add_column(c, justify="left" if c in ("run", "method") else "right")
+    for r in rows:
+        table.add_row(r["run"], r["method"], _fmt(r["trainable_params"], "int"), _fmt(r["precision"]), _fmt(r["recall"]),
+                      _fmt(r["f1"]), _fmt(r["accuracy"]), _fmt(r["train_seconds"], "time"), _fmt(r["peak_mem_gib"], "mem"))
+    return table
+
+
+def compare_markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join([r["run"], r["method"], _fmt(r["trainable_params"], "int"), _fmt(r["precision"]),
+                                        _fmt(r["recall"]), _fmt(r["f1"]), _fmt(r["accuracy"]),
+                                        _fmt(r["train_seconds"], "time"), _fmt(r["peak_mem_gib"], "mem")]) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,199 @@
+"""Rendering of evaluation reports: rich tables, markdown and the confusion-matrix PNG.
+
+Reports are the dicts built by `ftune.eval.metrics.classification_report`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.table import Table
+from rich.text import Text
+
+from ftune.io import write_json_atomic, write_jsonl_atomic, write_text_atomic  # noqa: F401 (re-exported)
+
+_AVERAGES = ("macro", "micro", "weighted")
+# Above this size per-cell counts become unreadable, so the heat map shows colour only.
+_MAX_ANNOTATED = 30
+
+
+def _num(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def _class_rows(report: dict) -> list[list[str]]:
+    return [
+        [label, _num(m["precision"]), _num(m["recall"]), _num(m["f1"]), str(m["support"])]
+        for label, m in report["per_class"].items()
+    ]
+
+
+def _summary_rows(report: dict) -> list[list[str]]:
+    n = str(report["n"])
+    rows = [
+        [f"{avg} avg", _num(report[avg]["precision"]), _num(report[avg]["recall"]),
+         _num(report[avg]["f1"]), n]
+        for avg in _AVERAGES
+    ]
+    # Accuracy sits in the f1 column, as in scikit-learn's text report.
+    rows.append(["accuracy", "", "", _num(report["accuracy"]), n])
+    return rows
+
+
+def _reject_rows(report: dict) -> list[list[str]]:
+    ins, rej = report["in_scope"], report["reject"]
+    name = rej.get("label", "reject")
+    return [
+        ["in-scope accuracy", _num(ins["accuracy"])],
+        *([f"in-scope {avg} f1", _num(ins[avg]["f1"])] for avg in _AVERAGES),
+        [f"{name} precision", _num(rej["precision"])],
+        [f"{name} recall", _num(rej["recall"])],
+        [f"{name} f1", _num(rej["f1"])],
+        ["false accept rate", _num(rej["false_accept_rate"])],
+        ["false reject rate", _num(rej["false_reject_rate"])],
+        ["n in-scope", str(rej["n_in_scope"])],
+        ["n out-of-scope", str(rej["n_out_of_scope"])],
+    ]
+
+
+def _plain(cell: str) -> Text:
+    # Labels are data: "[greeting]" must print as-is, not be parsed as rich markup.
+    return Text(cell)
+
+
+def metrics_table(report: dict, title: str) -> Table:
+    """Per-class precision/recall/f1/support, then macro/micro/weighted and accuracy rows."""
+    table = Table(title=title)
+    table.add_column("label")
+    for col in ("precision", "recall", "f1", "support"):
+        table.add_column(col, justify="right")
+    for row in _class_rows(report):
+        table.add_row(*map(_plain, row))
+    table.add_section()
+    for row in _summary_rows(report):
+        table.add_row(*map(_plain, row), style="bold")
+    if report.get("n_invalid"):
+        table.caption = f"{report['n_invalid']} of {report['n']} outputs matched no label"
+    return table
+
+
+def reject_table(report: dict) -> Table | None:
+    """In-scope scores and reject-label behaviour; None when the report has no reject block."""
+    if "reject" not in report or "in_scope" not in report:
+        return None
+    table = Table(title="In-scope / out-of-scope")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for row in _reject_rows(report):
+        table.add_row(*map(_plain, row))
+    return table
+
+
+def confusions_table(top: Sequence[tuple[str, str, int]]) -> Table:
+    """The most frequent (gold, predicted, count) errors."""
+    table = Table(title="Top confusions")
+    table.add_column("gold")
+    table.add_column("predicted")
+    table.add_column("count", justify="right")
+    for gold, pred, count in top:
+        table.add_row(_plain(gold), _plain(pred), str(count))
+    return table
+
+
+def _md_cell(value: Any) -> str:
+    # A pipe or newline would break the table row, and "<invalid>" would vanish as an HTML tag.
+    return str(value).replace("|", "\\|").replace("<", "\\<").replace("\n", " ")
+
+
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]], right_from: int = 1) -> str:
+    align = ["---" if i < right_from else "---:" for i in range(len(header))]
+    lines = [header, align, *rows]
+    return "\n".join("| " + " | ".join(_md_cell(c) for c in line) + " |" for line in lines)
+
+
+def to_markdown(
+    report: dict, title: str, top: Sequence[tuple] | None = None, meta: dict | None = None
+) -> str:
+    """A human-readable markdown report: meta lines, per-class and summary table, the reject
+    block when present, and the top confusions when given."""
+    parts = [f"# {title}"]
+    if meta:
+        parts.append("\n".join(f"- **{_md_cell(k)}**: {_md_cell(v)}" for k, v in meta.items()))
+    summary = f"Examples: {report['n']} · accuracy: {_num(report['accuracy'])}"
+    if report.get("n_invalid"):
+        summary += f" · outputs matching no label: {report['n_invalid']}"
+    parts.append(summary)
+
+    header = ["label", "precision", "recall", "f1", "support"]
+    summary_rows = [[f"**{r[0]}**", *r[1:]] for r in _summary_rows(report)]
+    parts.append("## Per-class\n\n" + _md_table(header, _class_rows(report) + summary_rows))
+
+    if "reject" in report and "in_scope" in report:
+        table = _md_table(["metric", "value"], _reject_rows(report))
+        parts.append("## In-scope / out-of-scope\n\n" + table)
+    if top:
+        rows = [[g, p, str(c)] for g, p, c in top]
+        parts.append("## Top confusions\n\n" + _md_table(["gold", "predicted", "count"], rows, 2))
+    return "\n\n".join(parts) + "\n"
+
+
+def save_confusion_png(
+    matrix: Sequence[Sequence[int]], axis_labels: Sequence[str], path: str | Path
+) -> Path:
+    """Heat map of a confusion matrix (rows gold, columns predicted), written atomically.
+
+    The matrix may have one more column than rows (the `<invalid>` column from
+    `metrics.confusion`): rows take axis_labels[:rows], columns axis_labels[:columns].
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    data = np.asarray(matrix, dtype=float)
+    if data.ndim != 2 or data.size == 0:
+        raise ValueError(f"confusion matrix must be a non-empty 2-D table, got shape {data.shape}")
+    n_rows, n_cols = data.shape
+    if len(axis_labels) < max(n_rows, n_cols):
+        raise ValueError(f"{len(axis_labels)} axis labels for a {n_rows}x{n_cols} matrix")
+
+    # Grow the figure with the label count so ticks stay legible, within sane bounds.
+    side = min(max(6.0, 0.3 * max(n_rows, n_cols) + 3.0), 40.0)
+    fontsize = 9 if max(n_rows, n_cols) <= _MAX_ANNOTATED else 6
+    # A bare Figure (no pyplot) keeps no global state and is safe off the main thread.
+    fig = Figure(figsize=(side, side))
+    ax = fig.add_subplot()
+    image = ax.imshow(data, cmap="Blues", interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(n_cols), labels=list(axis_labels[:n_cols]), rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(n_rows), labels=list(axis_labels[:n_rows]), fontsize=fontsize)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    if n_rows <= _MAX_ANNOTATED and n_cols <= _MAX_ANNOTATED:
+        _annotate(ax, data, fontsize)
+    fig.tight_layout()
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _annotate(ax: Any, data: np.ndarray, fontsize: int) -> None:
+    # Zeros are skipped: they are most cells and would hide the errors worth reading.
+    high = data.max() / 2 if data.max() > 0 else 1.0
+    for i, row in enumerate(data):
+        for j, value in enumerate(row):
+            if value:
+                color = "white" if value > high else "black"
+                ax.text(j, i, f"{int(value)}", ha="center", va="center",
+                        color=color, fontsize=fontsize)

@@ -1,0 +1,190 @@
+"""`ftune eval`: score a run, a model directory or a config's base model on a data file, and write a report.
+
+Targets:
+  RUN_DIR        a training run: its base model + artifact, with the run's data settings
+  MODEL_DIR      an HF checkpoint (e.g. from `ftune merge`, which leaves the run's ftune.yaml inside);
+                 otherwise --config gives the data settings
+  CONFIG.yaml    that config's base model, untrained — the zero-shot baseline to compare against
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from ftune.config import RunConfig, load_config, load_resolved
+from ftune.config.loader import RESOLVED_NAME
+from ftune.data import Split, load_examples, load_split, resolve_labels
+from ftune.errors import FtuneError
+from ftune.eval import metrics as M
+from ftune.eval import report as R
+from ftune.eval.scoring import label_logprobs, label_token_ids, lm_loss, predict_labels
+from ftune.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from ftune.methods import get_method
+from ftune.models import load_model, load_tokenizer
+
+INVALID = "<invalid>"
+
+
+def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[str] | None, progress=None) -> dict:
+    """Metrics of `model` on a loaded split. Returns summary (flat numbers), report and predictions."""
+    examples = split.examples[: cfg.eval.max_examples] if cfg.eval.max_examples else split.examples
+    if cfg.data.format != "classification":
+        dataset = split.dataset.select(range(min(len(split.dataset), len(examples))))
+        result = lm_loss(model, dataset, tokenizer.pad_token_id, cfg.eval.batch_size, progress)
+        return {"summary": {"loss": result["loss"], "perplexity": result["perplexity"]}, "report": result, "predictions": []}
+    prompts = [e.prompt for e in examples]
+    gold = [e.label for e in examples]
+    if cfg.eval.mode == "generate":
+        outputs, pred = generate_labels(model, tokenizer, prompts, labels, cfg, progress)
+        conf = None
+    else:
+        logprobs, lengths = label_logprobs(model, tokenizer, prompts, label_token_ids(tokenizer, labels, cfg.data),
+                                           cfg.eval.batch_size, cfg.data.max_length, progress)
+        pred, probs = predict_labels(logprobs, lengths, labels, cfg.eval.length_normalize)
+        conf = probs.max(-1).values.tolist()
+        outputs = None
+    reject = cfg.eval.reject_label
+    if reject is not None and reject not in labels:
+        raise FtuneError(f"eval.reject_label: {reject!r} is not one of the {len(labels)} labels")
+    if cfg.eval.threshold is not None and conf is not None:
+        if reject is None:
+            raise FtuneError("eval.threshold: needs eval.reject_label (low-confidence predictions become that label)")
+        pred = M.apply_threshold(pred, conf, cfg.eval.threshold, reject)
+    report = M.classification_report(gold, pred, labels, reject_label=reject, invalid_label=INVALID)
+    summary = {"accuracy": report["accuracy"], "macro_f1": report["macro"]["f1"], "micro_f1": report["micro"]["f1"],
+               "weighted_f1": report["weighted"]["f1"]}
+    if reject is not None:
+        summary |= {"in_scope_macro_f1": report["in_scope"]["macro"]["f1"], "reject_f1": report["reject"]["f1"]}
+    predictions = []
+    for i, (e, p) in enumerate(zip(examples, pred)):
+        row = {"row": e.row, "text": e.text, "gold": e.label, "pred": p}
+        if conf is not None:
+            row["confidence"] = round(conf[i], 6)
+            row["scores"] = {lab: round(float(x), 6) for lab, x in zip(labels, probs[i])}
+        if outputs is not None:
+            row["output"] = outputs[i]
+        predictions.append(row)
+    return {"summary": summary, "report": report, "predictions": predictions, "confidence": conf}
+
+
+@torch.no_grad()
+def generate_labels(model, tokenizer, prompts: list[str], labels: list[str], cfg: RunConfig, progress=None):
+    """Greedy generation mapped to a label (case and surrounding space ignored); no match = <invalid>."""
+    device = next(model.parameters()).device
+    lookup = {lab.strip().lower(): lab for lab in labels}
+    outputs, pred = [], []
+    old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for start in range(0, len(prompts), cfg.eval.batch_size):
+            chunk = prompts[start:start + cfg.eval.batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+            out = model.generate(**enc, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, use_cache=True)
+            for seq in out[:, enc["input_ids"].shape[1]:]:
+                text = tokenizer.decode(seq, skip_special_tokens=True)
+                first = text.strip().splitlines()[0].strip() if text.strip() else ""
+                outputs.append(text)
+                pred.append(lookup.get(first.lower(), INVALID))
+            if progress is not None:
+                progress(len(chunk))
+    finally:
+        tokenizer.padding_side = old_side
+    return outputs, pred
+
+
+def resolve_target(target: str, config: str | None, overrides: list[str]) -> tuple[RunConfig, str, Path | None, Path]:
+    """(config, kind, run_dir, default output root) for an eval target."""
+    path = Path(target)
+    if path.is_dir() and (path / RESOLVED_NAME).is_file() and not (path / "config.json").is_file():
+        return load_resolved(path, overrides), "run", path, path
+    if path.is_dir() and (path / "config.json").is_file():
+        if config:
+            cfg = load_config(config, list(overrides) + [f"model.path={path}"])
+        elif (path / RESOLVED_NAME).is_file():  # a merged checkpoint carries its run's config
+            cfg = load_resolved(path, list(overrides) + [f"model.path={path}", "model.gguf_file=null", "model.quantization=none"])
+        else:
+            raise FtuneError(f"{target}: a model directory without a run config; add --config CONFIG.yaml for the data settings")
+        return cfg, "model", None, path
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        cfg = load_config(path, overrides)
+        return cfg, "base", None, Path(f"{cfg.run_dir}-base")
+    raise FtuneError(f"{target}: not a run directory, a model directory or a config file")
+
+
+def run_eval(target: str, data: str | None = None, config: str | None = None, out: str | None = None,
+             overrides: list[str] = (), console: Console | None = None) -> dict:
+    console = console or Console(stderr=True)
+    cfg, kind, run_dir, root = resolve_target(target, config, overrides)
+    data = data or cfg.data.test or cfg.data.eval
+    if data is None:
+        raise FtuneError("no data to evaluate: pass --data FILE (or set data.test / data.eval in the config)")
+    tokenizer = load_tokenizer(cfg.model)
+    labels = resolve_labels(cfg.data)
+    split = Split(data, load_examples(data, cfg.data, labels), None, None) if cfg.data.format == "classification" \
+        else load_split(data, cfg.data, tokenizer, labels)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(cfg.model, device)
+    if kind == "run":
+        method = get_method(cfg.method.name)
+        model = method.load(model, cfg.method, run_dir / method.artifact)
+    model.eval()
+    n = min(len(split.examples), cfg.eval.max_examples or len(split.examples))
+    from rich.progress import Progress
+
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"eval {Path(data).name}", total=n)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            result = evaluate_model(model, tokenizer, split, cfg, labels, lambda k: bar.advance(task, k))
+    out_dir = Path(out) if out else root / "eval" / Path(data).stem
+    meta = {"target": str(Path(target).resolve()), "kind": kind, "model": cfg.model.path, "method": cfg.method.name if kind == "run" else "base",
+            "dataset": str(Path(data).resolve()), "dataset_sha256": _sha256(data), "examples": n, "mode": cfg.eval.mode,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    if run_dir is not None and (run_dir / "run.json").is_file():
+        meta["run"] = json.loads((run_dir / "run.json").read_text())
+    _write_report(out_dir, result, meta, cfg, labels, console)
+    return {"out_dir": str(out_dir), **result["summary"]}
+
+
+def _write_report(out_dir: Path, result: dict, meta: dict, cfg: RunConfig, labels, console: Console) -> None:
+    title = f"{meta['method']} on {Path(meta['dataset']).name}"
+    body = {"meta": meta, "eval_config": cfg.eval.model_dump(mode="json"), "summary": result["summary"], "metrics": result["report"]}
+    if cfg.data.format == "classification":
+        gold = [p["gold"] for p in result["predictions"]]
+        pred = [p["pred"] for p in result["predictions"]]
+        top = M.top_confusions(gold, pred, k=10)
+        if cfg.eval.reject_label and result.get("confidence") is not None:
+            body["threshold_sweep"] = M.threshold_sweep(gold, pred, result["confidence"], labels, cfg.eval.reject_label)
+        matrix, axis = M.confusion(gold, pred, labels, invalid_label=INVALID)
+        R.save_confusion_png(matrix, axis, out_dir / "confusion.png")
+        write_text_atomic(out_dir / "report.md", R.to_markdown(result["report"], title, top, meta={k: v for k, v in meta.items() if k != "run"}))
+        console.print(R.metrics_table(result["report"], title))
+        reject = R.reject_table(result["report"])
+        if reject is not None:
+            console.print(reject)
+        if top:
+            console.print(R.confusions_table(top))
+        if "threshold_sweep" in body:
+            s = body["threshold_sweep"]
+            console.print(f"confidence threshold sweep: best {s['best_threshold']:.3f} → macro-F1 {s['best_macro_f1']:.3f} "
+                          f"(set eval.threshold to apply it)")
+    else:
+        s = result["summary"]
+        write_text_atomic(out_dir / "report.md", f"# {title}\n\n| loss | perplexity |\n|---:|---:|\n| {s['loss']:.4f} | {s['perplexity']:.3f} |\n")
+        console.print(f"{title}: loss {s['loss']:.4f}, perplexity {s['perplexity']:.3f}")
+    write_jsonl_atomic(out_dir / "predictions.jsonl", result["predictions"])
+    write_json_atomic(out_dir / "report.json", body)
+    console.print(f"report: {out_dir}/report.json, report.md" + (", predictions.jsonl, confusion.png" if cfg.data.format == "classification" else ""))
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,1 @@
+"""Writing what a run produced: PEFT-format adapters and merged checkpoints."""

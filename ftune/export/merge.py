@@ -1,0 +1,107 @@
+"""`ftune merge`: fold a run's adapter into its base and write a plain Hugging Face checkpoint.
+
+Works shard by shard on the base's safetensors files: one shard is in memory at a time, so a 7B model
+never has to fit twice. The base is always read from its 16-bit source, so a QLoRA run merges into
+full-precision weights instead of a quantized model. GGUF bases have no shards: they are loaded whole.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ftune.config import load_resolved, resolved_yaml
+from ftune.errors import FtuneError
+from ftune.io import atomic_dir, write_text_atomic
+from ftune.methods import get_method
+from ftune.models import DTYPES, load_model, load_tokenizer, resolve_source
+
+COPY = ("config.json", "generation_config.json")
+
+
+def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | None = None, overwrite: bool = False,
+              console: Console | None = None) -> Path | None:
+    console = console or Console(stderr=True)
+    run_dir = Path(run_dir)
+    cfg = load_resolved(run_dir)
+    method = get_method(cfg.method.name)
+    artifact = run_dir / method.artifact
+    if not artifact.is_dir():
+        raise FtuneError(f"{run_dir}: no {method.artifact}/ — the run did not finish; resume it or train again")
+    if method.merge_fn is None:
+        console.print(f"nothing to merge: method {method.name!r} saves a complete checkpoint at {artifact}")
+        return None
+    out = Path(out) if out else run_dir / "merged"
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FtuneError(f"{out} already exists; pass --overwrite to replace it or --out to write elsewhere")
+    target_dtype = DTYPES[dtype] if dtype else None
+    merge = method.merge_fn(artifact)
+    source, gguf = resolve_source(cfg.model)
+    shards = sorted(Path(source).glob("*.safetensors")) if not gguf else []
+    with atomic_dir(out) as tmp:
+        if shards:
+            touched = _merge_shards(shards, merge, target_dtype, tmp, console)
+            for name in COPY + ("model.safetensors.index.json",):
+                if (Path(source) / name).is_file():
+                    shutil.copy2(Path(source) / name, tmp / name)
+            if target_dtype is not None:
+                _set_config_dtype(tmp / "config.json", dtype)
+        else:
+            touched = _merge_in_memory(cfg, merge, target_dtype, tmp)
+        missing = merge.modules - touched
+        if missing:
+            raise FtuneError(f"merge: adapter modules not found among the base weights: {sorted(missing)[:3]}")
+        load_tokenizer(cfg.model).save_pretrained(str(tmp))
+        merged_cfg = cfg.model_copy(deep=True)
+        write_text_atomic(tmp / "ftune.yaml", resolved_yaml(merged_cfg))
+    console.print(f"[green]merged[/] {len(touched)} weights of {method.name} into {out}")
+    return out
+
+
+def _merge_shards(shards: list[Path], merge, dtype, out: Path, console: Console) -> set[str]:
+    from rich.progress import track
+
+    touched = set()
+    for shard in track(shards, description="merging shards", console=console, transient=True):
+        tensors, meta = {}, None
+        with safe_open(str(shard), framework="pt") as f:
+            meta = f.metadata()
+            for name in f.keys():
+                t = f.get_tensor(name)
+                merged = merge(name, t)
+                if merged is not None:
+                    t = merged
+                    touched.add(name.removesuffix(".weight"))
+                tensors[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        save_file(tensors, str(out / shard.name), metadata=meta or {"format": "pt"})
+    return touched
+
+
+def _merge_in_memory(cfg, merge, dtype, out: Path) -> set[str]:
+    model_cfg = cfg.model.model_copy(update={"quantization": "none", "dtype": "fp32"})
+    model = load_model(model_cfg, "cpu")
+    touched = set()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            merged = merge(name, p.data)
+            if merged is not None:
+                p.data.copy_(merged)
+                touched.add(name.removesuffix(".weight"))
+    if dtype is not None:
+        model = model.to(dtype)
+    if hasattr(model.config, "quantization_config"):  # a GGUF source: the merged checkpoint is plain safetensors
+        del model.config.quantization_config
+    model.save_pretrained(str(out), safe_serialization=True)
+    return touched
+
+
+def _set_config_dtype(path: Path, dtype: str) -> None:
+    config = json.loads(path.read_text())
+    config["torch_dtype" if "torch_dtype" in config else "dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    path.write_text(json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,122 @@
+"""PEFT's on-disk LoRA format: `adapter_config.json` + `adapter_model.safetensors`.
+
+Keys are `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` (and `.lora_magnitude_vector` for
+DoRA), exactly what `peft.PeftModel.from_pretrained` reads. Per-module ranks go in `rank_pattern`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ftune.layers.lora import LoraLinear, inject_lora, lora_modules, merge_lora_weight, pattern_value
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def lora_adapter_config(model, *, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool,
+                        use_dora: bool, rank_pattern: dict | None = None, alpha_pattern: dict | None = None) -> dict:
+    modules = lora_modules(model)
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": getattr(model.config, "_name_or_path", None),
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout,
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in modules}),
+        "use_rslora": use_rslora,
+        "use_dora": use_dora,
+        "rank_pattern": rank_pattern or {},
+        "alpha_pattern": alpha_pattern or {},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+
+
+def save_adapter(out_dir: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Write config and tensors (keys relative to the model, without PEFT's prefix)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = {PREFIX + k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(weights, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def lora_tensors(model) -> dict[str, torch.Tensor]:
+    """The adapter's own tensors from the model's state dict (everything under an injected module but the base)."""
+    out = {}
+    for name, module in lora_modules(model).items():
+        for key, value in module.state_dict().items():
+            if not key.startswith("base_layer."):
+                out[f"{name}.{key}"] = value
+    return out
+
+
+def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    adapter_dir = Path(adapter_dir)
+    config = json.loads((adapter_dir / CONFIG_NAME).read_text())
+    tensors = load_file(str(adapter_dir / WEIGHTS_NAME))
+    return config, {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+
+
+def _lora_shapes(tensors: dict) -> dict[str, int]:
+    """Module name -> rank, from the lora_A tensors present."""
+    return {k.removesuffix(".lora_A.weight"): v.shape[0] for k, v in tensors.items() if k.endswith(".lora_A.weight")}
+
+
+def load_lora_adapter(model, adapter_dir: Path):
+    """Inject LoRA layers as the adapter describes them and load its weights (strict: every key must land)."""
+    config, tensors = read_adapter(adapter_dir)
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{adapter_dir}: peft_type {config.get('peft_type')!r} is not a LoRA adapter")
+    ranks = _lora_shapes(tensors)
+
+    def make(name, linear):
+        alpha = pattern_value(name, config.get("alpha_pattern") or {}, config["lora_alpha"])
+        return LoraLinear(linear, ranks[name], alpha, 0.0, config.get("use_rslora", False), config.get("use_dora", False))
+
+    inject_lora(model, list(ranks), make)
+    missing, unexpected = _load_into(model, tensors)
+    if missing or unexpected:
+        raise ValueError(f"{adapter_dir}: adapter does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
+def _load_into(model, tensors: dict) -> tuple[list, list]:
+    params = dict(model.named_parameters())
+    expected = set(lora_tensors(model))
+    unexpected = [k for k in tensors if k not in params]
+    with torch.no_grad():
+        for k, v in tensors.items():
+            if k in params:
+                params[k].copy_(v.to(params[k].dtype))
+    missing = sorted(expected - set(tensors))
+    return missing, unexpected
+
+
+def lora_merge_fn(adapter_dir: Path):
+    """f(weight_name, W) -> merged W for every base weight the adapter touches, else None."""
+    config, tensors = read_adapter(adapter_dir)
+    ranks = _lora_shapes(tensors)
+
+    def merge(weight_name: str, weight: torch.Tensor):
+        module = weight_name.removesuffix(".weight")
+        if module not in ranks or not weight_name.endswith(".weight"):
+            return None
+        r = ranks[module]
+        alpha = pattern_value(module, config.get("alpha_pattern") or {}, config["lora_alpha"])
+        scaling = alpha / (r ** 0.5 if config.get("use_rslora") else r)
+        magnitude = tensors.get(f"{module}.lora_magnitude_vector") if config.get("use_dora") else None
+        return merge_lora_weight(weight, tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"],
+                                 scaling, magnitude).to(weight.dtype)
+
+    merge.modules = set(ranks)
+    return merge

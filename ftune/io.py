@@ -1,0 +1,97 @@
+"""Atomic file and directory writes: a reader (or a crash) never sees a half-written file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename is only durable once the directory entry is flushed; not possible on Windows.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Readers see the old file or the new one, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp creates 0600; reports are meant to be shared like any other output file.
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy scalars and arrays sneak into metric dicts; turn them into plain Python.
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write UTF-8 text atomically."""
+    return _write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write `obj` as indented JSON atomically."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n"
+    return write_text_atomic(path, text)
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[Any]) -> Path:
+    """Write one JSON object per line atomically."""
+    lines = [json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in rows]
+    return write_text_atomic(path, "".join(lines))
+
+
+@contextmanager
+def atomic_dir(path: str | Path, replace: bool = True):
+    """Yield a temp dir next to `path`; on success it is renamed to `path` (an old `path` is replaced
+    only after the new one is complete); on failure it is removed and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        if not replace:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(path)
+        old = path.with_name(f".old-{path.name}-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)

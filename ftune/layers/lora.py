@@ -1,0 +1,146 @@
+"""LoRA linear layer (with rsLoRA scaling and DoRA) and its injection into a model.
+
+Written here rather than taken from PEFT at run time: ftune's methods (SoRA's gates, AdaLoRA's SVD
+triplets) and speed paths plug into one small module, without PEFT's per-forward adapter dispatch.
+Parameter names follow PEFT's (`base_layer`, `lora_A`, `lora_B`, `lora_magnitude_vector`) so the saved
+adapter is PEFT's format with only a key prefix added.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear or a bitsandbytes 4/8-bit linear (which subclass nn.Linear)."""
+    return isinstance(module, nn.Linear)
+
+
+def dense_weight(layer: nn.Linear) -> torch.Tensor:
+    """The layer's weight as a dense tensor, dequantizing a bitsandbytes 4-bit weight."""
+    weight = layer.weight
+    if getattr(weight, "quant_state", None) is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+    return weight
+
+
+class LoraLinear(nn.Module):
+    """y = W x + b + s · B A dropout(x), s = alpha/r (or alpha/√r with rsLoRA).
+
+    DoRA (use_dora) re-normalises the adapted weight per output row and rescales it by a learned
+    magnitude m: y = m/‖W + sBA‖ ⊙ (W x + s B A x) + b, with the norm detached as in the paper.
+    A starts Kaiming-uniform and B at zero, so the layer's output at init equals the base layer's.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, use_dora: bool = False):
+        super().__init__()
+        self.base_layer = base
+        self.r, self.lora_alpha = r, alpha
+        self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = base.weight.device
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.use_dora = use_dora
+        if use_dora:
+            with torch.no_grad():
+                norm = dense_weight(base).float().norm(p=2, dim=1)
+            self.lora_magnitude_vector = nn.Parameter(norm)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        """s · B A in fp32, shape (out, in)."""
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        dropped = self.lora_dropout(x).to(self.lora_A.weight.dtype)
+        lora = self.lora_B(self.lora_A(dropped)) * self.scaling
+        if not self.use_dora:
+            return out + lora.to(out.dtype)
+        weight = dense_weight(self.base_layer).float()
+        norm = (weight + self.delta_weight().detach()).norm(p=2, dim=1).detach()
+        scale = self.lora_magnitude_vector / norm
+        if isinstance(self.lora_dropout, nn.Identity):
+            base_no_bias = out if self.base_layer.bias is None else out - self.base_layer.bias
+        else:
+            base_no_bias = F.linear(dropped, weight)
+        return out + ((scale - 1) * base_no_bias.float() + scale * lora.float()).to(out.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """The dense weight that makes a plain Linear equal to this layer (fp32)."""
+        return merge_lora_weight(dense_weight(self.base_layer).float(), self.lora_A.weight, self.lora_B.weight,
+                                 self.scaling, self.lora_magnitude_vector if self.use_dora else None)
+
+
+def merge_lora_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                      magnitude: torch.Tensor | None = None) -> torch.Tensor:
+    """W + s·BA, or DoRA's m ⊙ (W + s·BA)/‖W + s·BA‖ per row; computed in fp32."""
+    merged = weight.float() + scaling * (b.float() @ a.float())
+    if magnitude is not None:
+        merged = merged * (magnitude.float() / merged.norm(p=2, dim=1)).unsqueeze(1)
+    return merged
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of the linear layers LoRA can target; the output head is left out."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [name for name, m in model.named_modules() if is_linear(m) and m is not head and not isinstance(m, LoraLinear)
+            and not any(part.startswith("lora_") for part in name.split("."))]
+
+
+def match_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
+    """Module names selected by `targets` ('all-linear' or leaf names / regex-free suffixes, PEFT-style)."""
+    names = linear_names(model)
+    if targets == "all-linear":
+        return names
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    chosen = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(f"target_modules {missing} not found in the model; its linear layers are: {', '.join(leaves)}")
+    return chosen
+
+
+def pattern_value(name: str, pattern: dict, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module name ending in it (as a regex)."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def inject_lora(model: nn.Module, names: list[str], make) -> dict[str, nn.Module]:
+    """Replace each named linear with `make(name, linear)`; returns the new modules by name."""
+    new = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = make(name, getattr(parent, child))
+        setattr(parent, child, layer)
+        new[name] = layer
+    return new
+
+
+def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every injected adapter module (any class with a `base_layer`), by qualified name."""
+    return {n: m for n, m in model.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")}

@@ -1,0 +1,26 @@
+"""The method registry: one import line per method below."""
+
+from __future__ import annotations
+
+from ftune.methods.base import Method, PrepareContext
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in REGISTRY:
+        raise ValueError(f"method {method.name!r} is already registered")
+    REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in REGISTRY:
+        raise KeyError(f"unknown method {name!r}; known: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+# One line per method: importing the module registers it.
+from ftune.methods import full, lora  # noqa: E402,F401
+
+__all__ = ["REGISTRY", "Method", "PrepareContext", "register", "get_method"]

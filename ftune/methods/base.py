@@ -1,0 +1,47 @@
+"""What a fine-tuning method is: one `Method` record, registered once.
+
+A method owns its config schema (validated under `method:`), how it changes the model (`prepare`),
+the hooks that carry its schedule, and how its artifact is saved, loaded back and merged. The loop,
+data, eval and merge code never special-case a method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftune.config.schema import MethodConfig, RunConfig
+
+
+@dataclass
+class PrepareContext:
+    """What `prepare` may need beyond the model: the whole run config and the schedule's length."""
+
+    run: RunConfig
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str  # one line, shown by `ftune recipes`
+    config_cls: type[MethodConfig]
+    # Change the model in place (inject adapters, freeze weights); return the hooks the method needs.
+    prepare: Callable[[Any, MethodConfig, PrepareContext], list]
+    # Write the artifact into this directory (created by the caller, renamed into place atomically).
+    save: Callable[[Any, MethodConfig, Path], None]
+    # Apply a saved artifact to a freshly loaded base model; returns the model to evaluate.
+    load: Callable[[Any, MethodConfig, Path], Any]
+    artifact: str = "adapter"  # sub-directory of the run dir the artifact lives in
+    # For adapters: read the artifact dir, return f(weight_name, tensor) -> merged tensor or None (unchanged).
+    merge_fn: Callable[[Path], Callable] | None = None
+    quantized_base: bool = False  # may train on a 4-bit base
+    requires_quantized: bool = False  # only makes sense on a 4-bit base (qlora)
+    # Optimizer parameter groups; default: trainable params, no weight decay on biases/norms (see train.optim).
+    param_groups: Callable[[Any, MethodConfig, Any], list[dict]] | None = None
+
+    @property
+    def mergeable(self) -> bool:
+        return self.merge_fn is not None

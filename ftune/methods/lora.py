@@ -1,0 +1,90 @@
+"""LoRA — Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv:2106.09685).
+
+    W' = W + s · B A,  A ∈ R^{r×in} (Kaiming), B ∈ R^{out×r} (zero), s = lora_alpha / r
+    rsLoRA (use_rslora): s = lora_alpha / √r, stable across ranks (Kalajievic 2023).
+    DoRA (use_dora): W' = m ⊙ (W + sBA) / ‖W + sBA‖_row with a learned magnitude m (Liu et al. 2024).
+LoRA+ (loraplus_lr_ratio, Hayou et al. 2024) gives B a learning rate `ratio` times A's.
+
+Hooks: none — the adapter is trained by the plain loop. Works on a 4-bit base (that is QLoRA).
+Artifact: RUN_DIR/adapter/ in PEFT's LoRA format; mergeable (`ftune merge`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ftune.config.schema import MethodConfig
+from ftune.errors import ConfigError
+from ftune.export.peft_io import lora_adapter_config, lora_merge_fn, lora_tensors, load_lora_adapter, save_adapter
+from ftune.layers.lora import LoraLinear, inject_lora, match_targets
+from ftune.methods import Method, register
+
+
+class LoraConfig(MethodConfig):
+    name: str = Field("lora", description="Method name.")
+    r: int = Field(8, ge=1, description="Adapter rank.")
+    lora_alpha: float = Field(16, gt=0, description="Scale numerator: the update is scaled by lora_alpha / r.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Linear layers to adapt: leaf names (q_proj, v_proj, …) or all-linear (every linear but the head).")
+    use_rslora: bool = Field(False, description="Scale by lora_alpha / √r (rank-stabilised LoRA).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): learn a per-row magnitude too.")
+    loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: B's learning rate is lr × this ratio (16 is typical).")
+
+
+def inject(model, cfg: LoraConfig, seed: int) -> None:
+    """Freeze the model and wrap the target linears; seeded so A's init is reproducible."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        names = match_targets(model, cfg.target_modules)
+    except ValueError as e:
+        raise ConfigError([f"method.target_modules: {e}"]) from None
+    torch.manual_seed(seed)
+    inject_lora(model, names, lambda name, linear: LoraLinear(
+        linear, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora, cfg.use_dora))
+
+
+def prepare(model, cfg: LoraConfig, ctx) -> list:
+    inject(model, cfg, ctx.run.train.seed)
+    return []
+
+
+def save(model, cfg: LoraConfig, out_dir: Path) -> None:
+    config = lora_adapter_config(model, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
+    save_adapter(out_dir, config, lora_tensors(model))
+
+
+def load(model, cfg: LoraConfig, artifact_dir: Path):
+    return load_lora_adapter(model, artifact_dir)
+
+
+def param_groups(model, cfg: LoraConfig, train_cfg) -> list[dict]:
+    """LoRA+: B gets lr × ratio. Weight decay applies to A and B, not to DoRA's magnitudes."""
+    ratio = cfg.loraplus_lr_ratio or 1.0
+    groups: dict[tuple, list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr = train_cfg.lr * (ratio if ".lora_B." in name else 1.0)
+        wd = 0.0 if p.ndim < 2 else train_cfg.weight_decay
+        groups.setdefault((lr, wd), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+METHOD = register(Method(
+    name="lora",
+    description="Low-rank adapters on the linear layers (rsLoRA, DoRA, LoRA+ options); base frozen; mergeable.",
+    config_cls=LoraConfig,
+    prepare=prepare,
+    save=save,
+    load=load,
+    merge_fn=lora_merge_fn,
+    quantized_base=True,
+    param_groups=param_groups,
+))

@@ -1,0 +1,152 @@
+"""Base model and tokenizer: from a local directory, a hub id (cache first, clear error offline) or GGUF."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from ftune.config.schema import ModelConfig
+from ftune.errors import FtuneError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "tokenizer*"]
+
+
+def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """auto = bf16 on a CUDA device that supports it, fp32 elsewhere (CPU bf16 matmuls are slow)."""
+    if name != "auto":
+        return DTYPES[name]
+    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_attention(name: str, device: torch.device | str = "cpu") -> str:
+    if name != "auto":
+        if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise FtuneError("model.attn_implementation: flash_attention_2 needs the flash-attn package "
+                             "(pip install 'ftune[flash]'), or use sdpa")
+        return name
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or path.endswith(".gguf") or path.count("/") != 1
+
+
+def resolve_source(cfg: ModelConfig, path: str | None = None) -> tuple[str, str | None]:
+    """(local directory, gguf file name or None). Hub ids come from the local cache, else are downloaded;
+    an unreachable hub is reported as such rather than left to hang or dump a stack."""
+    path = os.path.expanduser(path or cfg.path)
+    gguf = cfg.gguf_file
+    if path.endswith(".gguf"):
+        if not Path(path).is_file():
+            raise FtuneError(f"model.path: GGUF file not found: {path}")
+        return str(Path(path).parent), Path(path).name
+    if Path(path).is_dir():
+        return path, gguf
+    if _looks_local(path):
+        raise FtuneError(f"model.path: no such directory: {path} (give a local model directory, a .gguf file or a hub id like Qwen/Qwen2.5-7B)")
+    return _from_hub(path, cfg.revision, gguf), gguf
+
+
+def _from_hub(repo: str, revision: str | None, gguf: str | None) -> str:
+    from huggingface_hub import snapshot_download
+
+    patterns = _HUB_FILES + ([gguf] if gguf else [])
+    try:
+        return snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=True)
+    except Exception:
+        pass  # not cached: try the network below
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise FtuneError(f"model.path: {repo!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                         f"download it on a connected machine (huggingface-cli download {repo}) or point model.path to a local directory")
+    try:
+        return snapshot_download(repo, revision=revision, allow_patterns=patterns)
+    except Exception as e:  # network down, DNS failure, 401/404 …
+        raise FtuneError(f"model.path: {repo!r} is not a local directory, not in the Hugging Face cache, and could not be "
+                         f"downloaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}). If this machine has no internet, "
+                         f"copy the model here and set model.path to its directory") from None
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    directory, gguf = resolve_source(cfg, cfg.tokenizer)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    tok = AutoTokenizer.from_pretrained(directory, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is masked out of loss and attention, so any token works
+    tok.padding_side = "right"
+    return tok
+
+
+def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization,
+                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_quant_storage=torch.uint8)
+
+
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str | None = None):
+    """The base model on `device`, in the configured dtype / 4-bit, with the chosen attention backend."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    directory, gguf = resolve_source(cfg, source)
+    dtype = resolve_dtype(cfg.dtype, device)
+    kwargs = {"gguf_file": gguf} if gguf and source is None else {}
+    quant = quantization_config(cfg, dtype if dtype != torch.float32 else torch.bfloat16)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    hf_logging.set_verbosity_error()  # the per-tensor GGUF/load progress bars drown ftune's own output
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype, attn_implementation=resolve_attention(cfg.attn_implementation, device),
+            trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, device_map={"": torch.device(device)}, **kwargs)
+    except (OSError, ValueError) as e:
+        raise FtuneError(f"model.path: cannot load a causal LM from {directory}: {str(e).splitlines()[0][:300]}") from None
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def load_weights_into(model, directory: Path) -> None:
+    """Load a saved HF checkpoint's safetensors into an already built model of the same architecture."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise FtuneError(f"{directory}: no .safetensors files to load")
+    seen = set()
+    for f in files:
+        state = load_file(str(f), device=str(next(model.parameters()).device))
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise FtuneError(f"{f}: weights do not fit the model (unexpected {result.unexpected_keys[:3]})")
+        seen |= set(state)
+    tied = {k for k in model.state_dict() if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
+    missing = set(model.state_dict()) - seen - tied
+    if missing:
+        raise FtuneError(f"{directory}: checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total). 4-bit weights are packed two per byte, so count their real elements."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if getattr(p, "quant_state", None) is not None:
+            n = p.quant_state.shape.numel() if hasattr(p.quant_state, "shape") else n * 2
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

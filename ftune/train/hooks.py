@@ -1,0 +1,88 @@
+"""Hook points of the training loop, the state they see, and the loop's own hooks (budgets).
+
+The loop calls every hook at each point in list order. A hook overrides the points it needs; the rest
+are no-ops. Per-step points fire once per optimizer step, never per micro-batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainState:
+    """What the loop knows; hooks read it and may set `stop_reason` or add entries to `log`."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    accelerator: Any
+    cfg: Any  # RunConfig
+    run_dir: Path
+    total_steps: int
+    step: int = 0  # optimizer steps completed
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    tokens: int = 0  # input tokens (non-pad) trained on
+    target_tokens: int = 0  # tokens that carried loss
+    elapsed_s: float = 0.0  # training time before this process (resume) + this process's
+    log: dict = field(default_factory=dict)  # merged into this step's metrics line
+    stop_reason: str | None = None  # set by a hook to end the run cleanly after this step
+    started_at: float = field(default_factory=time.monotonic)
+
+    def seconds(self) -> float:
+        return self.elapsed_s + (time.monotonic() - self.started_at)
+
+
+class Hook:
+    """No-op base. Each method documents its timing contract; state fields valid at each point are named."""
+
+    def on_train_start(self, state: TrainState) -> None:
+        """Model prepared, optimizer and scheduler built, checkpoint (if resuming) loaded; step is the first to run minus one."""
+
+    def on_step_start(self, state: TrainState) -> None:
+        """Before the first micro-batch of step `state.step + 1`. Freezing/unfreezing parameters belongs here."""
+
+    def extra_loss(self, state: TrainState) -> Any:
+        """A term added to the loss once per optimizer step (spread over its micro-batches), or None."""
+        return None
+
+    def after_backward(self, state: TrainState) -> None:
+        """All micro-batches of the step are backpropagated: `.grad` holds the full batch's (unscaled,
+        unclipped) gradients. Runs before clipping, the optimizer step and zero_grad."""
+
+    def after_optimizer_step(self, state: TrainState) -> None:
+        """Weights updated, scheduler stepped, `state.step` incremented; `.grad` still holds this step's
+        gradients (zero_grad follows). Budget and proximal/masking updates belong here."""
+
+    def on_evaluate(self, state: TrainState, metrics: dict) -> None:
+        """After an evaluation; `metrics` are the eval results (eval_loss, eval_macro_f1 …)."""
+
+    def on_save(self, state: TrainState, directory: Path) -> None:
+        """A checkpoint or the final artifact is being written into `directory` (before its atomic rename)."""
+
+    def on_train_end(self, state: TrainState) -> None:
+        """Training finished (or stopped on a budget); the final artifact is written after this."""
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable or tensor state needed to resume exactly."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class BudgetHook(Hook):
+    """Ends the run cleanly (save, eval, exit 0) when its wall-clock or token budget is spent."""
+
+    def __init__(self, max_minutes: float | None, max_tokens: int | None):
+        self.max_minutes, self.max_tokens = max_minutes, max_tokens
+
+    def after_optimizer_step(self, state: TrainState) -> None:
+        if self.max_minutes is not None and state.seconds() >= self.max_minutes * 60:
+            state.stop_reason = f"time budget of {self.max_minutes:g} min spent after step {state.step}"
+        elif self.max_tokens is not None and state.tokens >= self.max_tokens:
+            state.stop_reason = f"token budget of {self.max_tokens:,} reached after step {state.step} ({state.tokens:,} tokens)"

@@ -1,0 +1,56 @@
+"""Optimizer and learning-rate schedule from the config (a closed list of names, not dotted imports)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ftune.errors import FtuneError
+
+
+def default_param_groups(model, train_cfg) -> list[dict]:
+    """Trainable parameters; no weight decay on biases, norms and other 1-D tensors."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(groups: list[dict], train_cfg, device: torch.device):
+    name, lr = train_cfg.optimizer, train_cfg.lr
+    if not any(g["params"] for g in groups):
+        raise FtuneError("the method left no trainable parameters (check method.target_modules / freeze)")
+    if name == "adamw":
+        # Fused AdamW: one kernel for all parameters on CUDA; the foreach path elsewhere.
+        return torch.optim.AdamW(groups, lr=lr, betas=train_cfg.betas, fused=device.type == "cuda")
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    try:
+        import bitsandbytes.optim as bnb_optim
+    except ImportError:
+        raise FtuneError(f"train.optimizer: {name} needs bitsandbytes (pip install bitsandbytes)") from None
+    cls = {"adamw_8bit": bnb_optim.AdamW8bit, "paged_adamw_8bit": bnb_optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb_optim.PagedAdamW32bit}[name]
+    return cls(groups, lr=lr, betas=train_cfg.betas)
+
+
+def warmup_steps(train_cfg, total_steps: int) -> int:
+    return train_cfg.warmup_steps or math.ceil(train_cfg.warmup_ratio * total_steps)
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier on each group's lr at `step` (0-based): linear warmup, then cosine/linear decay to 0 or constant."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+
+def build_scheduler(optimizer, train_cfg, total_steps: int):
+    warm = warmup_steps(train_cfg, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warm, train_cfg.lr_scheduler))
