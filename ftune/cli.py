@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ftune.errors import FtuneError
 
@@ -32,7 +33,9 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except FtuneError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            # The message quotes user input (paths, labels, values): escaped, so `[v2]` prints as written
+            # and a stray `[/x]` cannot raise a markup error in place of the message.
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/] — completed checkpoints are kept; continue with --resume")
@@ -72,7 +75,7 @@ def validate(
 
     cfg = load_config(config, overrides or [])
     out.print(resolved_yaml(cfg), highlight=False, markup=False)
-    err.print(f"[green]ok[/]: {config} is valid ({cfg.method.name}, output {cfg.run_dir})")
+    err.print(f"[green]ok[/]: {escape(config)} is valid ({cfg.method.name}, output {escape(cfg.run_dir)})")
 
 
 @app.command()
@@ -82,13 +85,15 @@ def merge(
     out_dir: Optional[str] = typer.Option(None, "--out", help="Where to write the merged checkpoint (default RUN_DIR/merged)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Cast the merged weights: bf16, fp16 or fp32 (default: the base's dtype)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    verify: bool = typer.Option(False, "--verify", help="Then print the max |logit diff| of the merged model vs base + adapter "
+                                                        "on a short text (for QLoRA: the 4-bit quantization error)."),
 ):
     """Fold the run's adapter into its base model and write a Hugging Face checkpoint (shard by shard)."""
     if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
         raise FtuneError(f"--dtype: {dtype!r} is not one of bf16, fp16, fp32")
     from ftune.export.merge import merge_run
 
-    merge_run(run_dir, out_dir, dtype, overwrite, console=err)
+    merge_run(run_dir, out_dir, dtype, overwrite, console=err, verify=verify)
 
 
 @app.command("eval")

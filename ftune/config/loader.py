@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import difflib
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import AliasChoices, BaseModel, ValidationError
 
 from ftune.config.schema import MethodConfig, RunConfig
 from ftune.errors import ConfigError
@@ -69,9 +71,11 @@ def _merge(base: dict, top: dict, sources: dict, label: str, prefix: tuple = ())
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value, sources, label, path)
         else:
-            out[key] = value
             for k in [k for k in sources if k[: len(path)] == path]:
                 del sources[k]  # a replaced subtree forgets where its old keys came from
+            # A new section is merged key by key too, so each of its keys keeps this source after a later
+            # file adds keys to the same section (else a recipe's typo is blamed on the config).
+            out[key] = _merge({}, value, sources, label, path) if isinstance(value, dict) else value
         sources[path] = label
     return out
 
@@ -125,8 +129,9 @@ def compose(config_path: str | Path | None, overrides: list[str] = (), base: dic
 
 
 def load_config(config_path: str | Path | None, overrides: list[str] = (), base: dict | None = None,
-                check_files: bool = True) -> RunConfig:
-    """Compose and validate; raise one ConfigError that lists every problem."""
+                check_files: bool = True, training: bool = True) -> RunConfig:
+    """Compose and validate; raise one ConfigError that lists every problem. `training=False` (a run read
+    back for merge/eval) skips the rules that only matter for training."""
     raw, sources = compose(config_path, overrides, base)
     problems: list[str] = []
     method = _validate_method(raw.get("method"), sources, problems)
@@ -136,10 +141,10 @@ def load_config(config_path: str | Path | None, overrides: list[str] = (), base:
     except ValidationError as e:
         problems += [_describe(err, RunConfig, sources) for err in e.errors()]
         cfg = None
-    if method is None and "method" not in raw:
+    if method is None and raw.get("method") is None:
         problems.append("method: missing (set `recipe: lora` or a `method:` section with a `name`)")
     if cfg is not None and method is not None:
-        problems += check_rules(cfg, check_files)
+        problems += check_rules(cfg, check_files, training)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -167,7 +172,7 @@ def _validate_method(raw: Any, sources: dict, problems: list[str]) -> MethodConf
         return None
 
 
-def check_rules(cfg: RunConfig, check_files: bool = True) -> list[str]:
+def check_rules(cfg: RunConfig, check_files: bool = True, training: bool = True) -> list[str]:
     """Rules across sections, checked before anything is loaded."""
     from ftune.methods import REGISTRY
 
@@ -176,7 +181,8 @@ def check_rules(cfg: RunConfig, check_files: bool = True) -> list[str]:
     if cfg.model.quantization != "none" and not method.quantized_base:
         problems.append(f"model.quantization: {cfg.model.quantization!r} cannot be used with method {method.name!r}, which "
                         f"updates the base weights; use quantization: none, or a 4-bit-capable method (qlora, lora)")
-    if method.requires_quantized and cfg.model.quantization == "none":
+    # Training only: a QLoRA adapter may be evaluated on the 16-bit base, and its merged checkpoint is never 4-bit.
+    if method.requires_quantized and cfg.model.quantization == "none" and training:
         problems.append(f"model.quantization: method {method.name!r} needs a 4-bit base; set model.quantization: nf4")
     if cfg.train.eval_every and not cfg.data.eval:
         problems.append("train.eval_every: set, but data.eval is not; add an eval file or remove eval_every")
@@ -215,32 +221,92 @@ def _where(path: tuple, sources: dict) -> str:
     return ""
 
 
-def _close(word: str, options: list[str]) -> str:
+def _close(word: str, options: list[str], prefix: str = "") -> str:
     match = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
-    return f" (did you mean {match[0]}?)" if match else ""
+    return f" (did you mean {prefix}{match[0]}?)" if match else ""
+
+
+def _section_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The config section class at `loc` (None if `loc` is not a section)."""
+    for part in loc:
+        ann = getattr(model.model_fields.get(str(part)), "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the section at `loc` (used for 'did you mean' suggestions)."""
+    """Accepted keys of the section at `loc`, aliases included (used for 'did you mean' suggestions)."""
+    section = _section_at(model, loc)
+    return [key for name in section.model_fields for key in _names(section, name)] if section else []
+
+
+def _names(model: type[BaseModel], field: str) -> list[str]:
+    """A field's accepted keys: its name, then its AliasChoices (e.g. LISA's LMFlow names)."""
+    alias = model.model_fields[field].validation_alias
+    choices = alias.choices if isinstance(alias, AliasChoices) else [alias] if isinstance(alias, str) else []
+    return [field] + [c for c in choices if isinstance(c, str) and c != field]
+
+
+def _same_setting(model: type[BaseModel], loc: tuple, sources: dict, prefix: tuple) -> str | None:
+    """pydantic reports the second of two names of one field (an alias) as an unknown key; say what it is."""
+    section = _section_at(model, loc[:-1])
+    for name in section.model_fields if section else ():
+        keys = _names(section, name)
+        if loc[-1] in keys:
+            others = [prefix + loc[:-1] + (k,) for k in keys if k != loc[-1]]
+            others = [o for o in others if o in sources] or others
+            shown = [f"{'.'.join(o)} (set in {sources[o]})" if o in sources else ".".join(o) for o in others]
+            return f"same setting as {', '.join(shown)}; set only one of them"
+    return None
+
+
+def _union_members(ann) -> list:
+    """The members of a union annotation other than None; [] when `ann` is not a union."""
+    if typing.get_origin(ann) not in (typing.Union, types.UnionType):
+        return []
+    return [a for a in typing.get_args(ann) if a is not type(None)]
+
+
+def _as_section(ann) -> type[BaseModel] | None:
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _key_loc(model: type[BaseModel], loc: tuple) -> tuple[str, ...]:
+    """The key path of an error's location. pydantic puts the failing branch of a union in it
+    (`target_modules.list[str]`, `labels.str`), which is no key a user can write: drop it."""
+    out, section, branches = [], model, []
     for part in loc:
-        field = model.model_fields.get(str(part))
+        if branches:  # this part names a union branch, not a key
+            section = next((b for b in branches if _as_section(b) and b.__name__ == part), None)
+            branches = []
+            continue
+        out.append(str(part))
+        fields = section.model_fields if section else {}
+        field = next((f for name, f in fields.items() if str(part) in _names(section, name)), None)  # aliases too
         ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        model = ann
-    return list(model.model_fields)
+        members = _union_members(ann)
+        branches = members if len(members) > 1 else []
+        section = _as_section(members[0] if len(members) == 1 else ann)
+    return tuple(out)
 
 
 def _describe(err: dict, model: type[BaseModel], sources: dict, prefix: tuple = ()) -> str:
-    loc = tuple(str(p) for p in err["loc"])
+    loc = _key_loc(model, err["loc"])
     path = prefix + loc
     key = ".".join(path)
     where = _where(path, sources)
     kind = err["type"]
     if kind == "extra_forbidden":
+        twin = _same_setting(model, loc, sources, prefix)
+        if twin:
+            return f"{where}{key}: {twin}"
         parent = ".".join(path[:-1])
-        options = [f"{parent}.{f}" if parent else f for f in _fields_at(model, loc[:-1])]
-        return f"{where}{key}: unknown key{_close(key, options)}"
+        # Compare the key's own name with its siblings': on whole paths the shared "train." prefix makes
+        # any typo look close (train.zzz -> train.lr).
+        hint = _close(loc[-1], _fields_at(model, loc[:-1]), f"{parent}." if parent else "")
+        return f"{where}{key}: unknown key{hint}"
     if kind == "missing":
         return f"{where or _where(path[:-1], sources)}{key}: required key is missing"
     value = err.get("input")

@@ -32,10 +32,11 @@ class Example:
     messages: list[dict] = field(default_factory=list)
 
 
-def _where(path: Path, i: int) -> str:
-    """How to point a user at row i (0-based): the line for JSON lines and CSV, the row otherwise."""
+def _where(path: Path, i: int, lines: list[int] | None = None) -> str:
+    """How to point a user at row i (0-based): the line for JSON lines and CSV, the row otherwise.
+    `lines` gives each row's line in a JSON-lines file, where blank lines make row i + 1 differ from the line."""
     if path.suffix == ".jsonl":
-        return f"{path}:{i + 1}"
+        return f"{path}:{lines[i] if lines else i + 1}"
     if path.suffix in (".csv", ".tsv"):
         return f"{path}:{i + 2} (row {i + 1})"
     return f"{path}: row {i + 1}"
@@ -65,6 +66,15 @@ def read_rows(path: str | Path) -> list[dict]:
     except Exception as e:  # pandas/arrow parse errors
         raise FtuneError(f"{path}: cannot parse: {str(e).splitlines()[0][:300]}") from None
     return ds.to_list()
+
+
+def _jsonl_lines(path: Path, n_rows: int) -> list[int] | None:
+    """The line number of each row of a JSON-lines file (its reader skips blank lines); None otherwise."""
+    if path.suffix != ".jsonl" or not path.is_file():
+        return None
+    with path.open(encoding="utf-8") as f:
+        lines = [n for n, line in enumerate(f, 1) if line.strip()]
+    return lines if len(lines) == n_rows else None
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -128,8 +138,9 @@ def render(rows: list[dict], cfg: DataConfig, path: str | Path, labels: list[str
     """Check and render every row; raise one DataError listing all bad rows."""
     path, cols, problems, out = Path(path), cfg.columns, [], []
     label_set = set(labels) if labels else None
+    lines = _jsonl_lines(path, len(rows))
     for i, row in enumerate(rows):
-        where = _where(path, i)
+        where = _where(path, i, lines)
         if cfg.format == "classification":
             text = _text(row, cols.text, where, problems)
             label = row.get(cols.label)

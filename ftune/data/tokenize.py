@@ -83,10 +83,12 @@ def _fingerprint(tokenizer, cfg: DataConfig, path: str, examples_sig: str) -> st
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    vocab = tokenizer.get_vocab()
-    tok_sig = json.dumps([type(tokenizer).__name__, len(vocab), sorted(vocab.items())[:: max(1, len(vocab) // 512)],
-                          getattr(tokenizer, "chat_template", None), tokenizer.bos_token_id, tokenizer.eos_token_id],
-                         default=str)
+    # A fast tokenizer's whole definition: a vocabulary sample would miss a changed normalizer, merges or
+    # BOS rule (post-processor), and a rerun would silently train on ids the new tokenizer never makes.
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    tok_sig = json.dumps([type(tokenizer).__name__, definition, getattr(tokenizer, "chat_template", None),
+                          tokenizer.bos_token_id, tokenizer.eos_token_id], default=str)
     h.update(tok_sig.encode())
     h.update(cfg.model_dump_json(exclude={"train", "eval", "test", "num_proc", "cache_dir"}).encode())
     h.update(examples_sig.encode())

@@ -108,6 +108,7 @@ def resolve_target(target: str, config: str | None, overrides: list[str]) -> tup
             cfg = load_config(config, list(overrides) + [f"model.path={path}"])
         elif (path / RESOLVED_NAME).is_file():  # a merged checkpoint carries its run's config
             cfg = load_resolved(path, list(overrides) + [f"model.path={path}", "model.gguf_file=null", "model.quantization=none"])
+            return cfg, "merged", None, path
         else:
             raise FtuneError(f"{target}: a model directory without a run config; add --config CONFIG.yaml for the data settings")
         return cfg, "model", None, path
@@ -142,7 +143,7 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
             result = evaluate_model(model, tokenizer, split, cfg, labels, lambda k: bar.advance(task, k))
     out_dir = Path(out) if out else root / "eval" / Path(data).stem
-    meta = {"target": str(Path(target).resolve()), "kind": kind, "model": cfg.model.path, "method": cfg.method.name if kind == "run" else "base",
+    meta = {"target": str(Path(target).resolve()), "kind": kind, "model": cfg.model.path, "method": cfg.method.name if kind in ("run", "merged") else "base",
             "dataset": str(Path(data).resolve()), "dataset_sha256": _sha256(data), "examples": n, "mode": cfg.eval.mode,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     if run_dir is not None and (run_dir / "run.json").is_file():

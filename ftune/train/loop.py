@@ -30,17 +30,16 @@ from ftune.train.progress import RunLog, gpu_memory_gib
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Never clobber a previous run: refuse a non-empty directory unless resuming or --overwrite."""
+    """Never clobber a previous run: refuse a non-empty directory unless resuming or --overwrite.
+    With --overwrite the old run is deleted only once the new one has loaded (see `train`)."""
     if resume:
         if not complete_checkpoints(run_dir):
             raise FtuneError(f"--resume: no complete checkpoint in {run_dir}/checkpoints (set train.save_every to write them); "
                              f"run without --resume to start over")
         return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise FtuneError(f"output directory {run_dir} already holds a run; use --resume to continue it, --overwrite to "
-                             f"replace it, or set name=/output_dir= to write elsewhere")
-        shutil.rmtree(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise FtuneError(f"output directory {run_dir} already holds a run; use --resume to continue it, --overwrite to "
+                         f"replace it, or set name=/output_dir= to write elsewhere")
 
 
 def steps_per_epoch(n_examples: int, cfg: RunConfig, world: int) -> int:
@@ -110,6 +109,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, console
         load_checkpoint(state, hooks, last)
         console.print(f"resumed from {last} (step {state.step} of {total_steps})")
     if accelerator.is_main_process:
+        if overwrite and not resume and run_dir.exists():
+            shutil.rmtree(run_dir)  # only now: a bad data row or model path above leaves the old run as it was
         write_text_atomic(run_dir / "ftune.yaml", resolved_yaml(cfg))
     if cfg.train.tensorboard:
         accelerator.init_trackers("tensorboard")

@@ -66,7 +66,7 @@ class RunLog:
             info += f"  {mem:.1f} GiB" if mem is not None else ""
             self.progress.update(self.task, info=info)
         if echo and self.main:
-            self.console.print(_format(line))
+            self.console.print(_format(line), soft_wrap=True, highlight=False)
         return line
 
 

@@ -1,0 +1,98 @@
+"""Eval scoring against brute force, generate-mode mapping, and --compare over saved reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ftune.config.schema import DataConfig, EvalConfig
+from ftune.eval.compare import compare_markdown, compare_rows
+from ftune.eval.scoring import label_logprobs, label_token_ids, predict_labels
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+
+
+def brute_force(model, tokenizer, prompt: str, label_ids: list[int]) -> float:
+    """Sum of log p(label token | everything before it), one full forward per (prompt, label)."""
+    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    ids = torch.tensor([p + label_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0]
+    return sum(float(logp[len(p) - 1 + k, t]) for k, t in enumerate(label_ids))
+
+
+@pytest.mark.parametrize("add_eos", [True, False])
+def test_label_scores_equal_brute_force(tiny_model, tokenizer, add_eos):
+    # Prompts of different lengths (left padding inside a batch) and labels of 1..3 words.
+    prompts = ["Text : great movie", "Text : bad", "Text : ok plot and good acting", "Label"]
+    labels = ["positive", "negative other", "good bad fine"]
+    cfg = DataConfig(train="x.jsonl", format="classification", add_eos=add_eos)
+    ids = label_token_ids(tokenizer, labels, cfg)
+    scores, lengths = label_logprobs(tiny_model, tokenizer, prompts, ids, batch_size=3)
+    expected = torch.tensor([[brute_force(tiny_model, tokenizer, p, x) for x in ids] for p in prompts])
+    assert scores.shape == (len(prompts), len(labels))
+    assert torch.allclose(scores, expected, atol=1e-4), (scores, expected)
+    assert lengths.tolist() == [len(x) for x in ids]
+
+
+def test_length_normalisation_changes_the_argmax():
+    # Label 0: one token at -1.0; label 1: four tokens at -0.6 each (sum -2.4, mean -0.6).
+    logprobs = torch.tensor([[-1.0, -2.4]])
+    lengths = torch.tensor([1.0, 4.0])
+    assert predict_labels(logprobs, lengths, ["a", "b"], length_normalize=False)[0] == ["a"]
+    pred, probs = predict_labels(logprobs, lengths, ["a", "b"], length_normalize=True)
+    assert pred == ["b"]
+    assert torch.allclose(probs.sum(-1), torch.ones(1))
+
+
+def test_generate_maps_outputs_to_labels(monkeypatch, tokenizer):
+    """Generated text is stripped and case-folded before matching; anything else is <invalid>."""
+    from ftune.eval import run as eval_run
+
+    outputs = iter([" Positive\nmore", "negative ", "maybe", ""])
+
+    class FakeModel:
+        def parameters(self):
+            yield torch.zeros(1)
+
+        def generate(self, input_ids, attention_mask, **kw):
+            n = input_ids.shape[0]
+            return torch.cat([input_ids, torch.zeros((n, 2), dtype=torch.long)], 1)
+
+    monkeypatch.setattr(tokenizer, "decode", lambda seq, skip_special_tokens=True: next(outputs))
+    cfg = type("C", (), {"eval": EvalConfig(mode="generate", batch_size=4)})()
+    texts, pred = eval_run.generate_labels(FakeModel(), tokenizer, ["a", "b", "c", "d"], ["positive", "negative"], cfg)
+    assert pred == ["positive", "negative", "<invalid>", "<invalid>"]
+    assert texts[0] == " Positive\nmore"
+
+
+def _report(path, method, f1, params, seconds):
+    path.mkdir(parents=True)
+    body = {"meta": {"method": method, "dataset": "/x/test.jsonl", "run": {"trainable_params": params, "train_seconds": seconds,
+                                                                          "peak_mem_gib": None}},
+            "metrics": {"accuracy": 0.5, "macro": {"precision": 0.4, "recall": 0.3, "f1": f1}}}
+    (path / "report.json").write_text(json.dumps(body))
+
+
+def test_compare_reads_saved_reports(tmp_path):
+    _report(tmp_path / "a" / "eval" / "test", "lora", 0.75, 1234, 30.0)
+    _report(tmp_path / "b" / "eval" / "test", "full", 0.5, 99999, 300.0)
+    rows = compare_rows([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert [(r["method"], r["f1"], r["trainable_params"]) for r in rows] == [("lora", 0.75, 1234), ("full", 0.5, 99999)]
+    md = compare_markdown(rows)
+    assert "| lora | 1,234 | 0.400 | 0.300 | 0.750 | 0.500 | 30s |" in md
+    assert "5.0min" in md
+
+
+def test_compare_without_reports_is_a_clear_error(tmp_path):
+    from ftune.errors import FtuneError
+
+    with pytest.raises(FtuneError, match="no eval report found"):
+        compare_rows([str(tmp_path)])

@@ -1,0 +1,159 @@
+"""The training loop: gradient accumulation is exact, resume is exact, budgets end a run cleanly,
+and a previous run is never clobbered."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import invoke, read_metrics
+from rich.console import Console
+from safetensors.torch import load_file
+
+from ftune.config import load_config
+from ftune.errors import FtuneError
+from ftune.train.loop import train
+
+
+def run(config: Path, overrides=(), **kwargs) -> dict:
+    return train(load_config(config, list(overrides)), console=Console(file=io.StringIO()), **kwargs)
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(run_dir) / "adapter" / "adapter_model.safetensors"))
+
+
+def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under `directory` with its bytes and mtime."""
+    return {str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- gradient accumulation
+
+# Plain SGD (momentum is linear too) on the text format, where micro-batches carry 3..10 target tokens
+# each: only a loss normalised by the target tokens of the whole accumulated batch gives the same step.
+GA_SETTINGS = {"data": {"train": None, "format": "text", "test": None},
+               "train": {"optimizer": "sgd", "lr": 0.5, "lr_scheduler": "constant", "max_grad_norm": None, "max_steps": 2}}
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_accumulation_matches_one_big_batch(make_config, data_dir, tmp_path, method):
+    settings = json.loads(json.dumps(GA_SETTINGS))
+    settings["data"]["train"] = str(data_dir / "text.jsonl")
+    if method == "full":
+        settings["recipe"], settings["train"]["lr"] = "full", 0.05
+    config = make_config(settings, replace={"method": {"name": method}} if method == "full" else None)
+    shapes = [(4, 1), (2, 2), (1, 4)] if method == "lora" else [(4, 1), (1, 4)]
+    results = {}
+    for mbs, ga in shapes:
+        out = tmp_path / f"mbs{mbs}-ga{ga}"
+        run(config, [f"output_dir={out}", f"train.micro_batch_size={mbs}", f"train.gradient_accumulation_steps={ga}"])
+        weights = adapter(out) if method == "lora" else load_file(str(out / "model" / "model.safetensors"))
+        results[(mbs, ga)] = (weights, [m["loss"] for m in read_metrics(out) if "loss" in m])
+
+    reference, ref_losses = results[shapes[0]]
+    if method == "lora":
+        assert max(float(t.abs().max()) for k, t in reference.items() if "lora_B" in k) > 1e-2  # the steps moved B
+    for shape, (weights, losses) in results.items():
+        assert weights.keys() == reference.keys()
+        for k in reference:
+            torch.testing.assert_close(weights[k], reference[k], rtol=0, atol=1e-5, msg=f"{shape} {k}")
+        assert losses == pytest.approx(ref_losses, abs=1e-5)
+
+
+# ---------------------------------------------------------------- resume
+
+RESUME = ["train.max_steps=6", "train.save_every=3", "train.micro_batch_size=2", "train.lr=5e-3",
+          "train.warmup_steps=1", "method.lora_dropout=0.2"]
+
+
+def test_resume_continues_exactly(make_config, data_dir, tmp_path):
+    # 8 examples in batches of 2: the 6 steps cross an epoch boundary, and dropout draws from the RNG.
+    config = make_config({"data": {"train": str(data_dir / "text.jsonl"), "format": "text", "test": None}})
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run(config, RESUME + [f"output_dir={straight}"])
+    metrics = read_metrics(straight)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
+
+    # The same run, stopped by a token budget right after step 3 (the schedule still spans 6 steps) …
+    tokens_at_3 = metrics[2]["tokens"]
+    summary = run(config, RESUME + [f"output_dir={stopped}", f"train.budget.max_tokens={tokens_at_3}"])
+    assert summary["steps"] == 3 and summary["stop_reason"].startswith(f"token budget of {tokens_at_3:,} reached after step 3")
+    # … then resumed to the end.
+    summary = run(config, RESUME + [f"output_dir={stopped}"], resume=True)
+    assert (summary["steps"], summary["stop_reason"], summary["tokens"]) == (6, None, metrics[-1]["tokens"])
+
+    resumed = read_metrics(stopped)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(metrics, resumed):
+        assert (b["loss"], b["lr"], b["tokens"]) == (pytest.approx(a["loss"], abs=1e-6), pytest.approx(a["lr"]), a["tokens"]), b
+    final, again = adapter(straight), adapter(stopped)
+    assert final.keys() == again.keys()
+    for k in final:
+        torch.testing.assert_close(again[k], final[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_resume_needs_a_checkpoint(make_config, tmp_path):
+    config = make_config()
+    with pytest.raises(FtuneError, match=r"--resume: no complete checkpoint in .*/checkpoints \(set train.save_every"):
+        run(config, resume=True)
+
+
+# ---------------------------------------------------------------- budgets
+
+def test_token_budget_ends_the_run_cleanly(make_config, tmp_path):
+    out = tmp_path / "budget"
+    config = make_config({"train": {"max_steps": 50, "micro_batch_size": 2}}, out_dir=out)
+    result = invoke("train", config, "train.budget.max_tokens=20")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "run.json").read_text())
+    # 2 rows of 9 tokens per step: 18 tokens after step 1, 36 after step 2
+    assert (summary["steps"], summary["total_steps"], summary["tokens"]) == (2, 50, 36)
+    assert summary["stop_reason"] == "token budget of 20 reached after step 2 (36 tokens)"
+    assert "stopping early: token budget of 20 reached" in result.output
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "adapter" / "adapter_config.json").is_file()
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+
+
+# ---------------------------------------------------------------- never clobber a run
+
+def test_an_existing_run_is_refused_and_left_untouched(make_config, tmp_path):
+    out = tmp_path / "existing"
+    (out / "adapter").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (out / "adapter" / "adapter_model.safetensors").write_bytes(b"precious")
+    before = snapshot(out)
+    config = make_config(out_dir=out)
+
+    with pytest.raises(FtuneError, match=f"output directory {out} already holds a run; use --resume to continue it, "
+                                         "--overwrite to replace it"):
+        run(config)
+    result = invoke("train", config)
+    assert result.exit_code == 2 and "already holds a run" in result.output and "Traceback" not in result.output
+    assert snapshot(out) == before
+
+    (tmp_path / "empty").mkdir()  # an empty directory is fine
+    assert run(config, [f"output_dir={tmp_path / 'empty'}"])["steps"] == 2
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_fails_before_starting(make_config, tmp_path):
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "run.json").write_text("{}\n")
+    before = snapshot(out)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "great movie"}\n')
+    config = make_config({"data": {"train": str(bad)}}, out_dir=out)
+    with pytest.raises(FtuneError, match="field 'label': missing"):
+        run(config, overwrite=True)
+    assert snapshot(out) == before
+
+    good = make_config(out_dir=out, name="good.yaml")
+    assert run(good, overwrite=True)["steps"] == 2
+    assert json.loads((out / "run.json").read_text())["steps"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "ftune.yaml", "metrics.jsonl", "run.json"]
