@@ -108,6 +108,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str
     if quant is not None:
         kwargs["quantization_config"] = quant
     hf_logging.set_verbosity_error()  # the per-tensor GGUF/load progress bars drown ftune's own output
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=dtype, attn_implementation=resolve_attention(cfg.attn_implementation, device),
@@ -115,9 +116,21 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str
     except (OSError, ValueError) as e:
         raise FtuneError(f"model.path: cannot load a causal LM from {directory}: {str(e).splitlines()[0][:300]}") from None
     model.config.use_cache = False
+    if quant is not None:
+        keep_4bit_layout(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def keep_4bit_layout(model) -> None:
+    """Turn off bitsandbytes' CPU repacking of 4-bit weights (AVX512-BF16 CPUs, bnb >= 0.49): on the first
+    no-grad forward it rewrites each weight in place into a layout that `dequantize_4bit` misreads (DoRA,
+    merged_weight) and that passes no gradient to the input (silently: an eval in the middle of CPU training
+    would stop the earlier layers' adapters from learning); it also fails on layers narrower than 64."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_weights_into(model, directory: Path) -> None:

@@ -39,4 +39,4 @@ def load_resolved(run_dir: str | Path, overrides: list[str] = ()) -> RunConfig:
         raise FtuneError(f"{run_dir}: not a run directory (no {RESOLVED_NAME}); give the directory `ftune train` wrote")
     data = read_yaml(path)
     data.pop("recipe", None)  # already folded in; the recipe file may not exist where this runs
-    return load_config(path, overrides, base=data, check_files=False)
+    return load_config(path, overrides, base=data, check_files=False, training=False)

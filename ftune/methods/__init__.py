@@ -21,6 +21,6 @@ def get_method(name: str) -> Method:
 
 
 # One line per method: importing the module registers it.
-from ftune.methods import full, lora  # noqa: E402,F401
+from ftune.methods import adalora, full, lisa, lora, qlora, sora  # noqa: E402,F401
 
 __all__ = ["REGISTRY", "Method", "PrepareContext", "register", "get_method"]

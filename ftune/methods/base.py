@@ -41,6 +41,9 @@ class Method:
     requires_quantized: bool = False  # only makes sense on a 4-bit base (qlora)
     # Optimizer parameter groups; default: trainable params, no weight decay on biases/norms (see train.optim).
     param_groups: Callable[[Any, MethodConfig, Any], list[dict]] | None = None
+    # Names of the weights a resumable checkpoint keeps, given (model, cfg, TrainState); default: those with
+    # requires_grad. Needed when trainable weights change during a run (LISA: every layer trained so far).
+    checkpoint_params: Callable[[Any, MethodConfig, Any], set[str]] | None = None
 
     @property
     def mergeable(self) -> bool:

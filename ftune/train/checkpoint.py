@@ -22,8 +22,18 @@ from ftune.io import atomic_dir
 STATE_FIELDS = ("step", "epoch", "batch_in_epoch", "tokens", "target_tokens")
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model, names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The weights to checkpoint: `names` if given, else those with requires_grad."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+            if (p.requires_grad if names is None else n in names)}
+
+
+def _checkpoint_names(model, state) -> set[str] | None:
+    """The method's own list when its trainable set changes during the run (see Method.checkpoint_params)."""
+    from ftune.methods import get_method
+
+    method = get_method(state.cfg.method.name)
+    return method.checkpoint_params(model, state.cfg.method, state) if method.checkpoint_params else None
 
 
 def _rng_state() -> dict:
@@ -47,7 +57,7 @@ def save_checkpoint(state, hooks: list, keep: int) -> Path:
     target = root / f"step-{state.step:06d}"
     model = state.accelerator.unwrap_model(state.model)
     with atomic_dir(target) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(trainable_state(model, _checkpoint_names(model, state)), str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
                     "rng": _rng_state(), "hooks": [h.state_dict() for h in hooks]}, tmp / "state.pt")
         meta = {k: getattr(state, k) for k in STATE_FIELDS} | {"elapsed_s": state.seconds()}
