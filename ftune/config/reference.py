@@ -1,0 +1,81 @@
+"""The config reference (every key, its default, its description), generated from the schema.
+
+`python -m ftune.config.reference` prints the markdown tables that README.md carries; a test checks
+that the README lists every key, so a new option cannot ship undocumented.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from ftune.config.schema import RunConfig
+
+
+def _default(field) -> str:
+    if field.default is PydanticUndefined and field.default_factory is None:
+        return "required"
+    value = field.default_factory() if field.default_factory is not None else field.default
+    if isinstance(value, BaseModel):
+        return "(section)"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return value if value.strip() else repr(value)
+    return repr(value).replace("'", "")
+
+
+def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every leaf key of a section, sub-sections expanded."""
+    out = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel) and name != "method":
+            out += rows(ann, key + ".")
+        elif name != "method":
+            out.append((key, _default(field), field.description or ""))
+    return out
+
+
+def method_rows() -> dict[str, list[tuple[str, str, str]]]:
+    from ftune.methods import REGISTRY
+
+    return {name: [r for r in rows(m.config_cls, "method.")] for name, m in REGISTRY.items()}
+
+
+def markdown() -> str:
+    def table(items):
+        lines = ["| key | default | description |", "|---|---|---|"]
+        lines += [f"| `{k}` | `{d}` | {desc.replace('|', '/')} |" for k, d, desc in items]
+        return "\n".join(lines)
+
+    parts = [table(rows(RunConfig))]
+    for name, items in method_rows().items():
+        parts.append(f"\n**method: {name}**\n\n" + table(items))
+    return "\n".join(parts) + "\n"
+
+
+START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+
+def update_readme(path: str = "README.md") -> bool:
+    """Rewrite the README's reference block; True when it changed."""
+    from pathlib import Path
+
+    text = Path(path).read_text(encoding="utf-8")
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    new = f"{head}{START}\n{markdown()}{END}{tail}"
+    if new != text:
+        Path(path).write_text(new, encoding="utf-8")
+    return new != text
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--update"]:
+        print("README.md updated" if update_readme() else "README.md already up to date")
+    else:
+        print(markdown())
