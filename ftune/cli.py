@@ -20,8 +20,9 @@ app = typer.Typer(
     help="Config-driven fine-tuning of open LLMs: `ftune train CONFIG key=value …`, then `ftune merge RUN_DIR` "
          "and `ftune eval RUN_DIR`.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-err = Console(stderr=True)
-out = Console()
+# Piped output (CI logs, `| tee`) gets a wide fixed width instead of rich's 80 columns, so tables stay readable.
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+out = Console(width=None if sys.stdout.isatty() else 160)
 
 OVERRIDES_HELP = "Dotted key=value overrides applied after the config, e.g. train.lr=1e-4 method.r=16."
 
