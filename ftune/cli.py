@@ -70,13 +70,17 @@ def train(
 def validate(
     config: str = typer.Argument(..., help="Run config YAML."),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="Estimate memory for this GPU (h100, h200, a100-80gb, a100-40gb, "
+                                                          "l40s, l4, a10, rtx4090) instead of the detected one."),
 ):
-    """Check a config (every problem at once) and print it resolved; no model is loaded."""
+    """Check a config (every problem at once), print it resolved and a GPU memory estimate; no model is loaded."""
     from ftune.config import load_config, resolved_yaml
+    from ftune.memory import memory_report
 
     cfg = load_config(config, overrides or [])
     out.print(resolved_yaml(cfg), highlight=False, markup=False)
     err.print(f"[green]ok[/]: {escape(config)} is valid ({cfg.method.name}, output {escape(cfg.run_dir)})")
+    err.print(escape(memory_report(cfg, gpu)), highlight=False)
 
 
 @app.command()

@@ -97,7 +97,8 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str | None = None):
-    """The base model on `device`, in the configured dtype / 4-bit, with the chosen attention backend."""
+    """The base model on `device`, in the configured dtype / 4-bit, with the chosen attention backend and
+    training kernels (`ftune.kernels.apply_kernels`)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -118,8 +119,10 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str
     model.config.use_cache = False
     if quant is not None:
         keep_4bit_layout(model)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from ftune.kernels import apply_kernels
+
+    # The training forward (fused kernels, selective checkpointing); eval and generation keep HF's own.
+    model._ftune_kernels = apply_kernels(model, cfg, torch.device(device))
     return model
 
 

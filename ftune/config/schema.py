@@ -34,6 +34,12 @@ class ModelConfig(Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="Attention backend; auto = flash_attention_2 when installed on CUDA, else PyTorch SDPA.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    checkpoint_fraction: float = Field(
+        1.0, gt=0, le=1, description="With gradient_checkpointing: share of decoder layers (the first ones) that recompute; the rest keep their activations (faster, more memory).")
+    offload_activations: bool = Field(
+        False, description="With gradient_checkpointing on the fast path (CUDA): keep the checkpointed layers' saved inputs in pinned CPU memory, copied on a side stream.")
+    kernels: Literal["auto", "liger", "torch", "none"] = Field(
+        "auto", description="Training forward: auto = ftune's fused path with liger-kernel's Triton kernels on CUDA (its PyTorch kernels without liger), transformers' own forward on CPU; none = transformers' forward.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repo to run. Off unless you trust it.")
 
 
@@ -57,6 +63,8 @@ class DataConfig(Section):
     label_prefix: str = Field(" ", description="Classification: text put before the label in the target (a space after the prompt's colon).")
     labels: list[str] | str | None = Field(None, description="Classification label set: a list, or a file with one label per line; read from the train data when unset.")
     system_prompt: str | None = Field(None, description="Chat: system message prepended to conversations that have none.")
+    packing: Literal["auto"] | bool = Field(
+        "auto", description="true: put a micro-batch's examples of different lengths end to end in one row, no padding (attention stays within each example); false: pad; auto = true with a CUDA GPU.")
     max_length: int = Field(1024, ge=8, description="Maximum tokens per example; longer examples are truncated and counted.")
     train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens (default: response tokens only).")
     add_eos: bool = Field(True, description="Append the tokenizer's EOS token to every target.")

@@ -72,7 +72,11 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        dropped = self.lora_dropout(x).to(self.lora_A.weight.dtype)
+        dropped = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            dropped = dropped.to(self.lora_A.weight.dtype)
+        # Under autocast x stays in the compute dtype (autocast casts the small A, B instead): an fp32 copy
+        # of x here would be a full extra activation per adapted module, kept for backward.
         lora = self.lora_B(self.lora_A(dropped)) * self.scaling
         if not self.use_dora:
             return out + lora.to(out.dtype)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from rich.console import Console
 
 from ftune.config import RunConfig, resolved_yaml
 from ftune.data import Split, load_split, resolve_labels
-from ftune.data.collate import collate, count_targets, epoch_order
+from ftune.data.collate import collate_batch, count_targets, epoch_order
 from ftune.errors import FtuneError
 from ftune.io import atomic_dir, write_text_atomic
 from ftune.methods import PrepareContext, get_method
@@ -27,6 +26,7 @@ from ftune.train.checkpoint import complete_checkpoints, load_checkpoint, save_c
 from ftune.train.hooks import BudgetHook, TrainState
 from ftune.train.optim import build_optimizer, build_scheduler, default_param_groups
 from ftune.train.progress import RunLog, gpu_memory_gib
+from ftune.train.step import train_step
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -47,9 +47,13 @@ def steps_per_epoch(n_examples: int, cfg: RunConfig, world: int) -> int:
     return math.ceil(micro_batches / cfg.train.gradient_accumulation_steps)
 
 
-def micro_batches(state: TrainState, dataset, cfg: RunConfig, world: int, rank: int, pad_id: int):
+def packing_on(cfg: RunConfig, device: torch.device) -> bool:
+    return cfg.data.packing is True or (cfg.data.packing == "auto" and device.type == "cuda")
+
+
+def micro_batches(state: TrainState, dataset, cfg: RunConfig, world: int, rank: int, pad_id: int, packed: bool = False):
     """Endless micro-batches in a (seed, epoch)-determined order, starting at state's data position.
-    Each process takes its slice of every global micro-batch."""
+    Each process takes its slice of every global micro-batch; `packed`: one padding-free row each."""
     mbs, n = cfg.train.micro_batch_size, len(dataset)
     per_epoch = math.ceil(n / (mbs * world))
     while True:
@@ -58,8 +62,22 @@ def micro_batches(state: TrainState, dataset, cfg: RunConfig, world: int, rank: 
             start = state.batch_in_epoch * mbs * world
             idx = order[start:start + mbs * world][rank::world] or order[:1]  # a short last batch still gives each rank a row
             state.batch_in_epoch += 1
-            yield collate([dataset[i] for i in idx], pad_id)
+            yield collate_batch([dataset[i] for i in idx], pad_id, packed)
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+
+def build_training(cfg: RunConfig, accelerator, total_steps: int):
+    """(model, optimizer, scheduler, hooks) as `ftune train` trains them: base model with its kernels,
+    the method's changes and hooks, the optimizer over the method's parameter groups, wrapped by accelerate."""
+    method = get_method(cfg.method.name)
+    model = load_model(cfg.model, accelerator.device)
+    hooks = method.prepare(model, cfg.method, PrepareContext(run=cfg, total_steps=total_steps)) or []
+    hooks.append(BudgetHook(cfg.train.budget.max_minutes, cfg.train.budget.max_tokens))
+    groups = method.param_groups(model, cfg.method, cfg.train) if method.param_groups else default_param_groups(model, cfg.train)
+    optimizer = build_optimizer(groups, cfg.train, accelerator.device)
+    scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, scheduler, hooks
 
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> dict:
@@ -93,15 +111,11 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, console
     per_epoch = steps_per_epoch(len(train_split.dataset), cfg, world)
     total_steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
 
-    model = load_model(cfg.model, accelerator.device)
-    hooks = method.prepare(model, cfg.method, PrepareContext(run=cfg, total_steps=total_steps)) or []
-    hooks.append(BudgetHook(cfg.train.budget.max_minutes, cfg.train.budget.max_tokens))
+    model, optimizer, scheduler, hooks = build_training(cfg, accelerator, total_steps)
     trainable, total = count_parameters(model)
     console.print(f"[bold]{cfg.method.name}[/]: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    groups = method.param_groups(model, cfg.method, cfg.train) if method.param_groups else default_param_groups(model, cfg.train)
-    optimizer = build_optimizer(groups, cfg.train, accelerator.device)
-    scheduler = build_scheduler(optimizer, cfg.train, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    console.print(getattr(accelerator.unwrap_model(model), "_ftune_kernels", ""), highlight=False)
+    flops = _flops_per_token(accelerator.unwrap_model(model), trainable, total, train_split)
     state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, cfg=cfg,
                        run_dir=run_dir, total_steps=total_steps)
     if resume:
@@ -117,43 +131,22 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, console
 
     # --- the steps
     model.train()
-    batches = micro_batches(state, train_split.dataset, cfg, world, rank, tokenizer.pad_token_id)
-    ga, pending_loss, logged_steps = cfg.train.gradient_accumulation_steps, torch.zeros(()), 0
+    packed = packing_on(cfg, accelerator.device)
+    batches = micro_batches(state, train_split.dataset, cfg, world, rank, tokenizer.pad_token_id, packed)
+    ga, logged_steps = cfg.train.gradient_accumulation_steps, 0
+    pending_loss = torch.zeros((), device=accelerator.device)  # read (a GPU sync) only at log steps
     for h in hooks:
         h.on_train_start(state)
-    with RunLog(run_dir, total_steps, accelerator, console, start_step=state.step) as log:
+    with RunLog(run_dir, total_steps, accelerator, console, start_step=state.step, flops_per_token=flops) as log:
         while state.step < total_steps and state.stop_reason is None:
             for h in hooks:
                 h.on_step_start(state)
             micro = [next(batches) for _ in range(ga)]
             n_targets = _global_count(accelerator, sum(count_targets(b["labels"]) for b in micro))
-            for i, batch in enumerate(micro):
-                sync = i == ga - 1
-                with nullcontext() if sync else accelerator.no_sync(model):
-                    out = model(input_ids=batch["input_ids"].to(accelerator.device),
-                                attention_mask=batch["attention_mask"].to(accelerator.device),
-                                labels=batch["labels"].to(accelerator.device), num_items_in_batch=n_targets)
-                    # DDP averages gradients over processes; the loss is already a share of the global token count.
-                    loss = out.loss * world
-                    extra = [t for t in (h.extra_loss(state) for h in hooks) if t is not None]
-                    if extra:
-                        loss = loss + sum(extra) / ga
-                    accelerator.backward(loss)
-                pending_loss += out.loss.detach().float().cpu()  # the logged loss excludes regularisers
-                state.tokens += int(batch["attention_mask"].sum()) * world
-                state.target_tokens += count_targets(batch["labels"]) * world
-                log.count(int(batch["attention_mask"].sum()) * world)
-            for h in hooks:
-                h.after_backward(state)
-            if cfg.train.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                        cfg.train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            state.step += 1
-            for h in hooks:
-                h.after_optimizer_step(state)
-            optimizer.zero_grad(set_to_none=True)
+            result = train_step(state, hooks, micro, n_targets)
+            pending_loss += result.loss
+            log.count(result.tokens)
+            grad_norm = result.grad_norm
             logged_steps += 1
             log.step(state.step)
             last_step = state.step == total_steps or state.stop_reason is not None
@@ -164,7 +157,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, console
                 if cfg.train.max_grad_norm is not None:
                     metrics["grad_norm"] = float(grad_norm)
                 log.log(state.step, metrics)
-                pending_loss, logged_steps, state.log = torch.zeros(()), 0, {}
+                pending_loss, logged_steps, state.log = torch.zeros((), device=accelerator.device), 0, {}
             if eval_split and cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and not last_step:
                 _evaluate(state, hooks, log, tokenizer, eval_split, labels)
             if cfg.train.save_every and state.step % cfg.train.save_every == 0 and accelerator.is_main_process:
@@ -191,6 +184,18 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, console
         console.print(f"[green]saved[/] {artifact}  ({state.step} steps, {state.tokens:,} tokens, {state.seconds():.0f}s)")
     accelerator.end_training()
     return summary
+
+
+def _flops_per_token(model, trainable: int, total: int, split: Split) -> float | None:
+    """Model FLOPs per trained token for MFU, at the data's mean example length; None for unknown shapes."""
+    from ftune.perf import arch_from_config, flops_per_token
+
+    try:
+        arch = arch_from_config(model.config)
+    except (TypeError, AttributeError):
+        return None
+    full = trainable > 0.5 * total  # full fine-tuning (or LISA's share, close enough) vs adapters
+    return flops_per_token(arch, split.stats.tokens / max(1, split.stats.examples), full, 0 if full else trainable)
 
 
 def _global_count(accelerator, n: int) -> int:

@@ -10,6 +10,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ftune.perf import gpu_spec
+
 
 def gpu_memory_gib() -> float | None:
     if torch.cuda.is_available():
@@ -21,8 +23,14 @@ class RunLog:
     """Appends one JSON line per log step / eval to RUN_DIR/metrics.jsonl (flushed each line, so a crash
     keeps what was logged), mirrors to accelerate's trackers, and drives the progress bar."""
 
-    def __init__(self, run_dir: Path, total_steps: int, accelerator, console: Console, start_step: int = 0):
+    def __init__(self, run_dir: Path, total_steps: int, accelerator, console: Console, start_step: int = 0,
+                 flops_per_token: float | None = None):
         self.accelerator, self.console = accelerator, console
+        # MFU = achieved model FLOP/s over the GPU's bf16 dense peak (ftune.perf); only on a known GPU
+        spec = gpu_spec() if accelerator.device.type == "cuda" else None
+        peak = spec[2] if spec else None
+        self.flops_per_s_peak = peak * 1e12 * accelerator.num_processes if peak and flops_per_token else None
+        self.flops_per_token = flops_per_token
         self.main = accelerator.is_main_process
         self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if self.main else None
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -52,6 +60,8 @@ class RunLog:
         now = time.monotonic()
         if throughput and self.window_tokens:
             metrics["tokens_per_s"] = round(self.window_tokens / max(now - self.window_start, 1e-9), 1)
+            if self.flops_per_s_peak:
+                metrics["mfu"] = round(metrics["tokens_per_s"] * self.flops_per_token / self.flops_per_s_peak, 4)
         self.window_start, self.window_tokens = now, 0
         mem = gpu_memory_gib()
         if mem is not None:
@@ -63,6 +73,7 @@ class RunLog:
         self.accelerator.log({k: v for k, v in line.items() if isinstance(v, (int, float))}, step=step)
         if "loss" in metrics:
             info = f"loss {metrics['loss']:.4f}  lr {metrics.get('lr', 0):.2e}  {metrics.get('tokens_per_s', 0):,.0f} tok/s"
+            info += f"  MFU {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else ""
             info += f"  {mem:.1f} GiB" if mem is not None else ""
             self.progress.update(self.task, info=info)
         if echo and self.main:

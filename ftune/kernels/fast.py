@@ -1,0 +1,148 @@
+"""ftune's training forward for Llama-family decoders (Llama, Qwen2, Mistral), installed per model instance.
+
+Each decoder layer's `forward` and the causal LM's `forward` are replaced on the instance (no global
+monkey-patching: another model in the same process is untouched). The replacement runs only while
+training with gradients on; eval, generation (KV cache) and no-grad calls take the original forward.
+
+    h_mid = h + o_proj(attention(rope(q, k), v))     q, k, v = one LoraGroupFn over rmsnorm(h)
+    h_out = h_mid + LoraMLPFn(h_mid)                 norm + gate/up + SwiGLU + down in one Function
+    loss  = fused linear cross-entropy(final hidden, head)         (no logits tensor)
+
+Activation checkpointing is per layer (`checkpointed` flag): the attention block is recomputed with
+torch's non-reentrant checkpoint and the MLP block saves only its input (recomputing gate/up, never
+down); with offload those saved inputs go to pinned CPU memory (offload.py).
+Modules the fused Functions cannot take (DoRA, dropout, AdaLoRA/SoRA layers, trainable base weights
+as in full fine-tuning) are called as they are, with the same norm/RoPE/SwiGLU/attention kernels.
+"""
+
+from __future__ import annotations
+
+import types
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ftune.kernels.attention import core_attention
+from ftune.kernels.lora import project
+from ftune.kernels.loss import lm_loss
+from ftune.kernels.mlp import fused_mlp, mlp_fusable
+from ftune.kernels.ops import Ops
+
+SUPPORTED = {"llama", "qwen2", "mistral"}
+
+
+@dataclass
+class Plan:
+    """What the patched forwards share: the kernels, and the current step's activation offloader."""
+
+    ops: Ops
+    offload: bool = False
+    _offloader: object = field(default=None, repr=False)
+
+    def new_step(self) -> None:
+        if self.offload:
+            from ftune.kernels.offload import ActivationOffload
+
+            self._offloader = ActivationOffload()
+
+    def offload_context(self):
+        if not self.offload:
+            return nullcontext()
+        if self._offloader is None:
+            self.new_step()
+        return self._offloader.hooks()
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the fast forward cannot run this model (None when it can)."""
+    cfg = model.config
+    if cfg.model_type not in SUPPORTED:
+        return f"model type {cfg.model_type!r} (fast path: {', '.join(sorted(SUPPORTED))})"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r}"
+    if getattr(cfg, "attention_dropout", 0.0):
+        return "attention dropout"
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        return "an output head with a bias"
+    layer = model.model.layers[0]
+    if not all(hasattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) or \
+            not all(hasattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        return "an unexpected layer structure"
+    return None
+
+
+def _eps(norm) -> float:
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+
+
+def _attention_block(layer, plan: Plan, position_embeddings, attention_mask, kwargs, h):
+    attn = layer.self_attn
+    n = plan.ops.rms_norm(h, layer.input_layernorm.weight, _eps(layer.input_layernorm))
+    q, k, v = project(n, (attn.q_proj, attn.k_proj, attn.v_proj))
+    b, s = h.shape[:2]
+    q, k, v = (t.view(b, s, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
+    cos, sin = position_embeddings
+    q, k = plan.ops.rope(q, k, cos.to(q.dtype), sin.to(q.dtype))
+    (out,) = project(core_attention(attn, q, k, v, attention_mask, kwargs), (attn.o_proj,))
+    return out
+
+
+def _mlp_block(layer, plan: Plan, h):
+    """The MLP through modules (full fine-tuning, DoRA, …), with the fast norm and SwiGLU."""
+    norm, mlp = layer.post_attention_layernorm, layer.mlp
+    n = plan.ops.rms_norm(h, norm.weight, _eps(norm))
+    gate, up = project(n, (mlp.gate_proj, mlp.up_proj))
+    return project(plan.ops.swiglu(gate, up), (mlp.down_proj,))[0]
+
+
+def layer_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                  use_cache=False, position_embeddings=None, **kwargs):
+    if not (self.training and torch.is_grad_enabled()) or past_key_values is not None:
+        return self._ftune_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                   past_key_values=past_key_values, use_cache=use_cache,
+                                   position_embeddings=position_embeddings, **kwargs)
+    plan, ckpt = self._ftune_plan, self._ftune_checkpointed
+    block = lambda h: _attention_block(self, plan, position_embeddings, attention_mask, kwargs, h)  # noqa: E731
+    with plan.offload_context() if ckpt else nullcontext():
+        a = checkpoint(block, hidden_states, use_reentrant=False) if ckpt else block(hidden_states)
+        h = hidden_states + a
+        if mlp_fusable(self.mlp, self.post_attention_layernorm):
+            m = fused_mlp(h, self.mlp, self.post_attention_layernorm, plan.ops, save_acts=not ckpt)
+        elif ckpt:
+            m = checkpoint(lambda x: _mlp_block(self, plan, x), h, use_reentrant=False)
+        else:
+            m = _mlp_block(self, plan, h)
+    return h + m
+
+
+def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
+                      num_items_in_batch=None, **kwargs):
+    if labels is None or not (self.training and torch.is_grad_enabled()) or kwargs.get("past_key_values") is not None:
+        return self._ftune_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    plan = self._ftune_plan
+    plan.new_step()
+    kwargs["use_cache"] = False
+    out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+    head = self.get_output_embeddings()
+    loss = lm_loss(out.last_hidden_state, head.weight, labels, num_items_in_batch, fused=plan.ops.fused_loss)
+    return CausalLMOutputWithPast(loss=loss)
+
+
+def install(model, ops: Ops, checkpointed: list[bool], offload: bool) -> Plan:
+    """Patch `model` (in place) to train through the fast forward; checkpointed[i] for decoder layer i."""
+    plan = Plan(ops=ops, offload=offload)
+    for layer, ckpt in zip(model.model.layers, checkpointed):
+        layer._ftune_forward = layer.forward
+        layer._ftune_plan, layer._ftune_checkpointed = plan, ckpt
+        layer.forward = types.MethodType(layer_forward, layer)
+    final = model.model.norm
+    final.forward = lambda x, w=final.weight, eps=_eps(final): ops.rms_norm(x, w, eps)
+    model._ftune_forward, model._ftune_plan = model.forward, plan
+    model.forward = types.MethodType(causal_lm_forward, model)
+    return plan

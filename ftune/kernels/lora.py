@@ -1,0 +1,159 @@
+"""Fused LoRA projections: y_i = x W_iᵀ + b_i + s_i (x A_iᵀ) B_iᵀ for modules that share their input x.
+
+Why a custom autograd Function instead of the module-by-module graph (PEFT's, or `LoraLinear.forward`):
+- the A projections of all modules reading x (q/k/v; gate/up) run as one skinny matmul (x is read once);
+- the low-rank term is added into the base output by cuBLAS's accumulate (addmm_, beta=1): no separate
+  lora tensor, scale and add passes over the (tokens × out) output;
+- backward saves only x (shared by the group) and the tiny x Aᵀ; the frozen base weight needs no saved
+  activation at all; the A gradients of the group are one matmul again.
+The base weight is frozen (LoRA) and may be 4-bit: it is dequantized to the compute dtype when used
+(forward and backward), never kept. The reference the tests compare with is the modules' own forward
+(`LoraLinear.forward`, PEFT's math), module by module.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ftune.layers.lora import LoraLinear
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's when it is on for x's device, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def base_of(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, LoraLinear) else module
+
+
+def frozen_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The base layer's weight in `dtype`; a bitsandbytes 4-bit weight is dequantized (a transient copy)."""
+    w = layer.weight
+    if getattr(w, "quant_state", None) is not None:
+        import bitsandbytes.functional as bnbf
+
+        w = bnbf.dequantize_4bit(w.data, w.quant_state)
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+def fusable(module: nn.Module) -> bool:
+    """A plain LoRA layer (no DoRA, no dropout) or a bare linear, whose base weight is frozen."""
+    if type(module) is LoraLinear:
+        if module.use_dora or not isinstance(module.lora_dropout, nn.Identity):
+            return False
+        base = module.base_layer
+    else:
+        base = module
+    return isinstance(base, nn.Linear) and not base.weight.requires_grad and (
+        base.bias is None or not base.bias.requires_grad)
+
+
+def lora_params(modules) -> list[torch.Tensor]:
+    """(A, B) weights of the LoRA modules among `modules`, in order: the autograd inputs of a group."""
+    out = []
+    for m in modules:
+        if isinstance(m, LoraLinear):
+            out += [m.lora_A.weight, m.lora_B.weight]
+    return out
+
+
+def group_weights(modules, dt: torch.dtype) -> list[torch.Tensor]:
+    """The modules' frozen base weights in the compute dtype (4-bit ones dequantized: a transient copy, never
+    kept between forward and backward)."""
+    return [frozen_weight(base_of(m), dt) for m in modules]
+
+
+def _adapted(modules) -> list[LoraLinear]:
+    return [m for m in modules if isinstance(m, LoraLinear)]
+
+
+class Adapters:
+    """The group's LoRA weights cast once per forward to the compute dtype (kept for backward: tiny):
+    A of every adapted module stacked (one matmul for all), and each s·B."""
+
+    def __init__(self, modules, dt: torch.dtype):
+        self.modules = _adapted(modules)
+        self.a = torch.cat([m.lora_A.weight for m in self.modules]).to(dt) if self.modules else None
+        self.sb = [(m.lora_B.weight * m.scaling).to(dt) for m in self.modules]
+        self.ranks = [m.r for m in self.modules]
+
+
+def group_forward(x2: torch.Tensor, modules, dt: torch.dtype, weights, ad: Adapters):
+    """(outputs, u): y_i = x W_iᵀ + b_i + u_i (s_i B_i)ᵀ with u = x [A_1; A_2; …]ᵀ (None when nothing is adapted)."""
+    u = x2 @ ad.a.t() if ad.a is not None else None
+    outs, col, j = [], 0, 0
+    for m, w in zip(modules, weights):
+        bias = base_of(m).bias
+        y = torch.addmm(bias.to(dt), x2, w.t()) if bias is not None else x2 @ w.t()
+        if isinstance(m, LoraLinear):
+            # cuBLAS accumulates the low-rank term into y (beta=1): no lora-sized temporary, no extra add pass
+            y.addmm_(u[:, col:col + m.r], ad.sb[j].t())
+            col, j = col + m.r, j + 1
+        outs.append(y)
+    return outs, u
+
+
+def group_backward(x2: torch.Tensor, u, modules, dys, dt: torch.dtype, weights, ad: Adapters):
+    """(dx, grads): dx = Σ dy_i W_i + [dy_i s_i B_i] [A_i]; grads = [dA, dB per adapted module] (param dtype)."""
+    dx, gs, grads, col, j = None, [], [], 0, 0
+    for m, dy, w in zip(modules, dys, weights):
+        dy = dy.reshape(-1, dy.shape[-1])
+        dy = dy if dy.dtype == dt else dy.to(dt)
+        if dx is None:
+            dx = dy @ w
+        else:
+            dx.addmm_(dy, w)
+        if isinstance(m, LoraLinear):
+            gs.append(dy @ ad.sb[j])  # dL/du_i, tokens × r
+            b = m.lora_B.weight
+            grads.append([None, (dy.t() @ u[:, col:col + m.r]).mul_(m.scaling).to(b.dtype)])  # dB = s dyᵀ u_i
+            col, j = col + m.r, j + 1
+    if gs:
+        g = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]
+        dx.addmm_(g, ad.a)
+        da = g.t() @ x2  # every A gradient of the group in one matmul
+        row = 0
+        for pair, m in zip(grads, ad.modules):
+            pair[0] = da[row:row + m.r].to(m.lora_A.weight.dtype)
+            row += m.r
+    return dx, [t for pair in grads for t in pair]
+
+
+class LoraGroupFn(torch.autograd.Function):
+    """Outputs y_i (tokens × out_i) of `modules` for the 2-D input x2; params = lora_params(modules)."""
+
+    @staticmethod
+    def forward(ctx, x2, modules, dt, *params):
+        ctx.modules, ctx.dt = modules, dt
+        ctx.adapters = Adapters(modules, dt)
+        outs, u = group_forward(x2, modules, dt, group_weights(modules, dt), ctx.adapters)
+        ctx.save_for_backward(x2, u)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        x2, u = ctx.saved_tensors
+        dx, grads = group_backward(x2, u, ctx.modules, dys, ctx.dt, group_weights(ctx.modules, ctx.dt), ctx.adapters)
+        return (dx, None, None, *grads)
+
+
+def project_group(x: torch.Tensor, modules) -> list[torch.Tensor]:
+    """Outputs of `modules` (all `fusable`) on their shared input x (..., in), shaped (..., out_i)."""
+    dt = compute_dtype(x)
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x2 if x2.dtype == dt else x2.to(dt)
+    outs = LoraGroupFn.apply(x2, tuple(modules), dt, *lora_params(modules))
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in outs]
+
+
+def project(x: torch.Tensor, modules) -> list[torch.Tensor]:
+    """Every module's output on x: the fusable ones through one LoraGroupFn, the rest called as they are
+    (DoRA, dropout, AdaLoRA/SoRA layers, trainable base weights)."""
+    fast = [m for m in modules if fusable(m)]
+    fused = dict(zip(map(id, fast), project_group(x, fast))) if fast else {}
+    return [fused[id(m)] if id(m) in fused else m(x) for m in modules]
+

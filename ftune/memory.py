@@ -1,0 +1,114 @@
+"""Up-front GPU memory estimate for a run config (`ftune validate`): weights, trainable state, optimizer,
+activations. A pure function of the config and the model's architecture; nothing is loaded.
+
+Activation bytes per token per decoder layer follow what each path saves for backward (bf16):
+  fast path, frozen base (LoRA/QLoRA):  h, normed h, q, attention out, k, v, MLP input, gate, up
+                                        = 5·hidden + 2·kv + 2·intermediate   (see kernels/mlp.py)
+  fast path, trained base (full):       6·hidden + 2·kv + 3·intermediate   (every linear keeps its input)
+  transformers' own forward:            as the full path, plus the fp32 norm and SwiGLU temporaries
+  checkpointed layer:                   2·hidden on the fast path (layer and MLP inputs; 0 if offloaded),
+                                        hidden with transformers' forward
+plus one layer's working set during backward, and the loss: chunked on the fast path, the full
+tokens × vocab logits in bf16 + their fp32 copy and gradient otherwise. Expect ±15%: the allocator's
+fragmentation and library workspaces are not modelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ftune.errors import FtuneError
+from ftune.perf import GIB, GPUS, Arch, adapter_params, arch_from_config, gpu_spec, read_model_config
+
+ADAPTER_METHODS = {"lora", "qlora", "adalora", "sora"}
+
+
+@dataclass
+class MemoryEstimate:
+    weights: float  # GiB, the base model as loaded
+    trainable: float  # GiB, trainable parameters' extra copies + gradients
+    optimizer: float  # GiB
+    activations: float  # GiB at micro_batch_size × max_length tokens
+    tokens: int
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.trainable + self.optimizer + self.activations
+
+
+def _weight_bytes(arch: Arch, quantization: str, double_quant: bool, dtype_bytes: int) -> float:
+    linear = arch.layers * arch.layer_linear_params
+    other = arch.params - linear
+    if quantization == "none":
+        return arch.params * dtype_bytes
+    per_block = (1 + 4 / 256) if double_quant else 4  # absmax per 64 weights: 8-bit (+fp32 per 256) or fp32
+    return linear * (0.5 + per_block / 64) + other * 2
+
+
+def _fast_path(run, on_cuda: bool) -> bool:
+    k = run.model.kernels
+    return k in ("liger", "torch") or (k == "auto" and on_cuda)
+
+
+def estimate_memory(run, arch: Arch, on_cuda: bool = True) -> MemoryEstimate:
+    m, t = run.model, run.train
+    dtype_bytes = 4 if m.dtype == "fp32" or (m.dtype == "auto" and not on_cuda) else 2
+    weights = _weight_bytes(arch, m.quantization, m.double_quant, dtype_bytes)
+    method = run.method.name
+    if method in ADAPTER_METHODS:  # fp32 adapters: parameters + gradients (the base is in `weights`)
+        r = getattr(run.method, "r", None) or getattr(run.method, "init_r", 8)
+        n_train, param_bytes = adapter_params(arch, r, getattr(run.method, "target_modules", "all-linear")), 4
+        trainable = n_train * param_bytes * 2
+    else:  # full / LISA: gradients in the weights' dtype
+        n_train, param_bytes = arch.params, dtype_bytes
+        if method == "lisa":  # embeddings, head and n_layers decoder layers at a time
+            n_train = arch.vocab * arch.hidden * (1 if arch.tied else 2) + \
+                getattr(run.method, "n_layers", 2) * arch.layer_linear_params
+        trainable = n_train * param_bytes
+    opt_bytes = {"adamw": 2 * param_bytes, "sgd": param_bytes}.get(t.optimizer, 2)  # 8-bit Adam: 2 bytes
+    optimizer = n_train * opt_bytes
+
+    tokens = t.micro_batch_size * run.data.max_length
+    h, kv, i = arch.hidden, arch.kv_heads * arch.head_dim, arch.intermediate
+    fast = _fast_path(run, on_cuda)
+    frozen = method in ADAPTER_METHODS
+    if fast:
+        keep = (5 * h + 2 * kv + 2 * i) * 2 if frozen else (6 * h + 2 * kv + 3 * i) * 2
+        ckpt_keep = 0 if m.offload_activations else 2 * h * 2
+    else:
+        keep = (6 * h + 2 * kv + 3 * i) * 2 + (2 * h + 2 * i) * 4
+        ckpt_keep = h * 2
+    n_ckpt = round(m.checkpoint_fraction * arch.layers) if m.gradient_checkpointing else 0
+    layers = (arch.layers - n_ckpt) * keep + n_ckpt * ckpt_keep
+    # one layer's working set in backward: a whole layer when recomputing, else the MLP's chunked temporaries
+    working = keep if n_ckpt else 4 * min(tokens, 2048) * i * 2 / tokens
+    # loss: the fused kernel's chunk (~hidden-sized per token) and input gradient; else the full logits
+    loss = 3 * h * 2 if fast else arch.vocab * (2 + 4 + 4)
+    activations = tokens * (layers + working + loss)
+    return MemoryEstimate(weights / GIB, trainable / GIB, optimizer / GIB, activations / GIB, tokens)
+
+
+def describe(est: MemoryEstimate, gpu: tuple | None) -> str:
+    line = (f"memory estimate: weights {est.weights:.1f} GiB + trainable/grads {est.trainable:.1f} + optimizer "
+            f"{est.optimizer:.1f} + activations {est.activations:.1f} ({est.tokens:,} tokens per micro-batch) "
+            f"= {est.total:.1f} GiB")
+    if gpu is None:
+        return line + " (no GPU detected; name one with --gpu)"
+    name, mem, _ = gpu
+    verdict = "fits" if est.total <= mem * 0.95 else "does NOT fit"
+    return f"{line}; {name} has {mem:.0f} GiB: {verdict}"
+
+
+def memory_report(run, gpu_name: str | None = None) -> str:
+    """The `ftune validate` line: the estimate for `run` on the named GPU, else the detected one."""
+    gpu = gpu_spec(gpu_name)
+    if gpu_name is not None and gpu is None:
+        raise FtuneError(f"--gpu: unknown GPU {gpu_name!r}; known: {', '.join(GPUS)}")
+    hf = read_model_config(run.model.path)
+    if hf is None:
+        return "memory estimate: skipped (model.path has no local config.json to read the architecture from)"
+    try:
+        arch = arch_from_config(hf)
+    except (TypeError, KeyError):
+        return "memory estimate: skipped (config.json is not a Llama-style decoder)"
+    return describe(estimate_memory(run, arch, on_cuda=True), gpu)
