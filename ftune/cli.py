@@ -62,7 +62,14 @@ def train(
         return
     from ftune.train.loop import train as run_train
 
-    run_train(cfg, resume=resume, overwrite=overwrite, console=err)
+    summary = run_train(cfg, resume=resume, overwrite=overwrite, console=err)
+    failed = [g for g in summary.get("quality_gates", []) if not g["passed"]]
+    if failed:
+        for g in failed:
+            bound = f">= {g['min']}" if g["min"] is not None and (g["value"] is None or g["value"] < g["min"]) else f"<= {g['max']}"
+            err.print(f"[bold red]quality gate failed:[/] {g['metric']} = {g['value']} (needs {bound})", highlight=False)
+        err.print(f"the artifact is saved in {cfg.run_dir}; run.json has status: failed")
+        raise typer.Exit(1)
 
 
 @app.command()

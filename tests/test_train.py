@@ -157,3 +157,33 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_fails_before_starting(make
     assert run(good, overwrite=True)["steps"] == 2
     assert json.loads((out / "run.json").read_text())["steps"] == 2
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "ftune.yaml", "metrics.jsonl", "run.json"]
+
+
+def test_quality_gates_mark_a_run_failed_but_keep_its_artifact(make_config, data_dir, tmp_path):
+    """A gate no tiny model can pass (macro-F1 ≥ 1.01) fails the run with exit code 1; one it passes does not."""
+    run = tmp_path / "gated"
+    gates = [{"metric": "eval_macro_f1", "min": 1.01}, {"metric": "eval_accuracy", "min": 0.0}]
+    config = make_config({"data": {"eval": str(data_dir / "cls_test.jsonl")}, "train": {"quality_gates": gates}}, out_dir=run)
+    result = invoke("train", config)
+    assert result.exit_code == 1, result.output
+    assert "quality gate failed: eval_macro_f1 =" in result.output and "needs >= 1.01" in result.output
+    summary = json.loads((run / "run.json").read_text())
+    assert summary["status"] == "failed"
+    assert [g["passed"] for g in summary["quality_gates"]] == [False, True]
+    assert summary["quality_gates"][0]["value"] == summary["final_eval"]["eval_macro_f1"]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+    passing = make_config({"data": {"eval": str(data_dir / "cls_test.jsonl")},
+                           "train": {"quality_gates": gates[1:]}},
+                          out_dir=tmp_path / "ok", name="ok.yaml")
+    assert invoke("train", passing).exit_code == 0
+    assert json.loads((tmp_path / "ok" / "run.json").read_text())["status"] == "passed"
+
+
+def test_quality_gates_are_checked_up_front(make_config, tmp_path):
+    config = make_config({"train": {"quality_gates": [{"metric": "eval_f1"}]}})
+    result = invoke("validate", config)
+    assert result.exit_code == 2
+    assert "train.quality_gates: need data.eval" in result.output
+    assert "train.quality_gates[0].metric: 'eval_f1' is not logged for this run (known: eval_accuracy" in result.output
+    assert "train.quality_gates[0]: set min or max" in result.output

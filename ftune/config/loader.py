@@ -196,10 +196,31 @@ def check_rules(cfg: RunConfig, check_files: bool = True, training: bool = True)
             problems.append(f"data.prompt_template: not used with format: {cfg.data.format}")
         else:
             problems += _check_template(cfg.data.prompt_template, fields)
+    problems += _check_gates(cfg) if training else []
     for key in ("train", "eval", "test") if check_files else ():
         path = getattr(cfg.data, key)
         if path is not None and not Path(path).is_file():
             problems.append(f"data.{key}: file not found: {path}")
+    return problems
+
+
+CLASSIFICATION_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_micro_f1", "eval_weighted_f1")
+REJECT_METRICS = ("eval_in_scope_macro_f1", "eval_reject_f1")
+LM_METRICS = ("eval_loss", "eval_perplexity")
+
+
+def _check_gates(cfg: RunConfig) -> list[str]:
+    if not cfg.train.quality_gates:
+        return []
+    problems = [] if cfg.data.eval else ["train.quality_gates: need data.eval (gates are checked on the final evaluation)"]
+    known = (CLASSIFICATION_METRICS + (REJECT_METRICS if cfg.eval.reject_label else ())
+             if cfg.data.format == "classification" else LM_METRICS)
+    for i, gate in enumerate(cfg.train.quality_gates):
+        if gate.metric not in known:
+            problems.append(f"train.quality_gates[{i}].metric: {gate.metric!r} is not logged for this run "
+                            f"(known: {', '.join(known)})")
+        if gate.min is None and gate.max is None:
+            problems.append(f"train.quality_gates[{i}]: set min or max")
     return problems
 
 

@@ -74,7 +74,13 @@ class DataConfig(Section):
 
 class BudgetConfig(Section):
     max_minutes: float | None = Field(None, gt=0, description="Wall-clock budget: when spent the run saves, evaluates and ends cleanly.")
-    max_tokens: int | None = Field(None, gt=0, description="Token budget (target-bearing input tokens seen): ends the run cleanly when reached.")
+    max_tokens: int | None = Field(None, gt=0, description="Token budget (non-padding input tokens trained on): ends the run cleanly when reached.")
+
+
+class QualityGate(Section):
+    metric: str = Field(description="An eval metric as logged: eval_macro_f1, eval_accuracy, eval_reject_f1, eval_loss, …")
+    min: float | None = Field(None, description="The run fails when the final value is below this.")
+    max: float | None = Field(None, description="The run fails when the final value is above this.")
 
 
 class TrainConfig(Section):
@@ -99,6 +105,9 @@ class TrainConfig(Section):
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted after a new one is complete.")
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Budgets that end the run cleanly.")
     tensorboard: bool = Field(False, description="Also log to TensorBoard (RUN_DIR/tensorboard) through accelerate.")
+    quality_gates: list[QualityGate] = Field(
+        default_factory=list, description="Bounds on the final evaluation; a run that misses one is marked failed "
+                                          "(run.json status, exit code 1) with its artifact still saved.")
 
 
 class EvalConfig(Section):

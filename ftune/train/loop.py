@@ -23,7 +23,7 @@ from ftune.io import atomic_dir, write_text_atomic
 from ftune.methods import PrepareContext, get_method
 from ftune.models import count_parameters, load_model, load_tokenizer
 from ftune.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
-from ftune.train.hooks import BudgetHook, TrainState
+from ftune.train.hooks import BudgetHook, QualityGateHook, TrainState
 from ftune.train.optim import build_optimizer, build_scheduler, default_param_groups
 from ftune.train.progress import RunLog, gpu_memory_gib
 from ftune.train.step import train_step
@@ -72,7 +72,7 @@ def build_training(cfg: RunConfig, accelerator, total_steps: int):
     method = get_method(cfg.method.name)
     model = load_model(cfg.model, accelerator.device)
     hooks = method.prepare(model, cfg.method, PrepareContext(run=cfg, total_steps=total_steps)) or []
-    hooks.append(BudgetHook(cfg.train.budget.max_minutes, cfg.train.budget.max_tokens))
+    hooks += [BudgetHook(cfg.train.budget.max_minutes, cfg.train.budget.max_tokens), QualityGateHook(cfg.train.quality_gates)]
     groups = method.param_groups(model, cfg.method, cfg.train) if method.param_groups else default_param_groups(model, cfg.train)
     optimizer = build_optimizer(groups, cfg.train, accelerator.device)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
@@ -173,6 +173,10 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, console
                "total_steps": total_steps, "tokens": state.tokens, "target_tokens": state.target_tokens,
                "train_seconds": round(state.seconds(), 2), "peak_mem_gib": gpu_memory_gib(),
                "stop_reason": state.stop_reason, "final_eval": final_eval, "device": str(accelerator.device)}
+    gates = next(h for h in hooks if isinstance(h, QualityGateHook)).verdict()
+    if gates:
+        summary["quality_gates"] = gates
+        summary["status"] = "failed" if any(not g["passed"] for g in gates) else "passed"
     if accelerator.is_main_process:
         artifact = run_dir / method.artifact
         with atomic_dir(artifact) as tmp:
