@@ -106,7 +106,8 @@ def memory_report(run, gpu_name: str | None = None) -> str:
         raise FtuneError(f"--gpu: unknown GPU {gpu_name!r}; known: {', '.join(GPUS)}")
     hf = read_model_config(run.model.path)
     if hf is None:
-        return "memory estimate: skipped (model.path has no local config.json to read the architecture from)"
+        return (f"memory estimate: skipped (no config.json for {run.model.path} locally or in the Hugging Face cache "
+                f"to read the architecture from)")
     try:
         arch = arch_from_config(hf)
     except (TypeError, KeyError):
