@@ -41,7 +41,7 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]
 def method_rows() -> dict[str, list[tuple[str, str, str]]]:
     from ftune.methods import REGISTRY
 
-    return {name: [r for r in rows(m.config_cls, "method.")] for name, m in REGISTRY.items()}
+    return {name: rows(m.config_cls, "method.") for name, m in sorted(REGISTRY.items())}
 
 
 def markdown() -> str:

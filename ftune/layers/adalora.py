@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ftune.layers.lora import dense_weight
+from ftune.layers.lora import adapter_input, dense_weight
 
 RANKNUM_EPS = 1e-5  # PEFT adds this to ranknum before dividing; kept so PEFT and ftune agree exactly
 
@@ -59,7 +59,7 @@ class AdaLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        dropped = self.lora_dropout(x).to(self.lora_A.dtype)
+        dropped = adapter_input(self.lora_dropout(x), self.lora_A.dtype)
         # Same association as PEFT: x (A⊙E)ᵀ Bᵀ, then · alpha / (ranknum + eps).
         lora = dropped @ (self.lora_A * self.lora_E).T @ self.lora_B.T
         return out + (lora * self.scaling).to(out.dtype)

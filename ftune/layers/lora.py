@@ -32,6 +32,13 @@ def dense_weight(layer: nn.Linear) -> torch.Tensor:
     return weight
 
 
+def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The adapter's input: cast to the adapter's dtype only outside autocast. Under autocast x stays in the
+    compute dtype (autocast casts the small A, B instead): an fp32 copy of x would be a full extra
+    activation per adapted module, kept for backward."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(dtype)
+
+
 class LoraLinear(nn.Module):
     """y = W x + b + s · B A dropout(x), s = alpha/r (or alpha/√r with rsLoRA).
 
@@ -72,11 +79,7 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        dropped = self.lora_dropout(x)
-        if not torch.is_autocast_enabled(x.device.type):
-            dropped = dropped.to(self.lora_A.weight.dtype)
-        # Under autocast x stays in the compute dtype (autocast casts the small A, B instead): an fp32 copy
-        # of x here would be a full extra activation per adapted module, kept for backward.
+        dropped = adapter_input(self.lora_dropout(x), self.lora_A.weight.dtype)
         lora = self.lora_B(self.lora_A(dropped)) * self.scaling
         if not self.use_dora:
             return out + lora.to(out.dtype)

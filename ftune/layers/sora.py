@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from ftune.layers.lora import dense_weight, merge_lora_weight
+from ftune.layers.lora import adapter_input, dense_weight, merge_lora_weight
 
 
 class SoraLinear(nn.Module):
@@ -45,7 +45,7 @@ class SoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        hidden = self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype)) * self.lora_gate
+        hidden = self.lora_A(adapter_input(self.lora_dropout(x), self.lora_A.weight.dtype)) * self.lora_gate
         return out + (self.lora_B(hidden) * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:

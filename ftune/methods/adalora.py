@@ -31,10 +31,16 @@ from ftune.config.schema import MethodConfig
 from ftune.errors import ConfigError
 from ftune.export.peft_io import read_adapter, save_adapter
 from ftune.io import write_text_atomic
-from ftune.layers.adalora import (AdaLoraLinear, adalora_modules, adalora_scaling, merge_adalora_weight,
-                                  orthogonal_regularizer)
-from ftune.layers.lora import inject_lora, match_targets
+from ftune.layers.adalora import (
+    AdaLoraLinear,
+    adalora_modules,
+    adalora_scaling,
+    merge_adalora_weight,
+    orthogonal_regularizer,
+)
+from ftune.layers.lora import inject_lora
 from ftune.methods import Method, register
+from ftune.methods import lora as lora_method
 from ftune.train.hooks import Hook, TrainState
 
 TRIPLET = ("lora_A", "lora_E", "lora_B")
@@ -211,14 +217,7 @@ def rank_table(ranks: dict[str, int], init_budget: int) -> Table:
 
 def inject(model, cfg: AdaLoraConfig, seed: int) -> dict[str, AdaLoraLinear]:
     """Freeze the model and wrap the target linears; seeded so P and Q's init is reproducible."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        names = match_targets(model, cfg.target_modules)
-    except ValueError as e:
-        raise ConfigError([f"method.target_modules: {e}"]) from None
-    torch.manual_seed(seed)
-    return inject_lora(model, names, lambda name, linear: AdaLoraLinear(linear, cfg.init_r, cfg.lora_alpha, cfg.lora_dropout))
+    return lora_method.wrap_targets(model, cfg.target_modules, seed, lambda name, linear: AdaLoraLinear(linear, cfg.init_r, cfg.lora_alpha, cfg.lora_dropout))
 
 
 def prepare(model, cfg: AdaLoraConfig, ctx) -> list:

@@ -36,16 +36,21 @@ class LoraConfig(MethodConfig):
     loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: B's learning rate is lr × this ratio (16 is typical).")
 
 
-def inject(model, cfg: LoraConfig, seed: int) -> None:
-    """Freeze the model and wrap the target linears; seeded so A's init is reproducible."""
+def wrap_targets(model, target_modules, seed: int, make) -> dict:
+    """Freeze the model and replace each target linear with `make(name, linear)`; seeded so the adapters'
+    init is reproducible. Shared by every adapter method (LoRA, QLoRA, AdaLoRA, SoRA)."""
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        names = match_targets(model, cfg.target_modules)
+        names = match_targets(model, target_modules)
     except ValueError as e:
         raise ConfigError([f"method.target_modules: {e}"]) from None
     torch.manual_seed(seed)
-    inject_lora(model, names, lambda name, linear: LoraLinear(
+    return inject_lora(model, names, make)
+
+
+def inject(model, cfg: LoraConfig, seed: int) -> None:
+    wrap_targets(model, cfg.target_modules, seed, lambda name, linear: LoraLinear(
         linear, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora, cfg.use_dora))
 
 

@@ -37,9 +37,9 @@ import torch
 from pydantic import Field, model_validator
 
 from ftune.config.schema import MethodConfig
-from ftune.errors import ConfigError, FtuneError
+from ftune.errors import FtuneError
 from ftune.export.peft_io import load_lora_adapter, lora_adapter_config, lora_merge_fn, save_adapter
-from ftune.layers.lora import inject_lora, match_targets
+from ftune.methods import lora as lora_method
 from ftune.layers.sora import SoraLinear, pruned_lora, soft_threshold_
 from ftune.methods import Method, register
 from ftune.train.hooks import Hook, TrainState
@@ -103,14 +103,7 @@ def anchored(name: str) -> str:
 
 def inject(model, cfg: SoraConfig, seed: int) -> dict[str, SoraLinear]:
     """Freeze the model and wrap the target linears; seeded so A's init is reproducible."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        names = match_targets(model, cfg.target_modules)
-    except ValueError as e:
-        raise ConfigError([f"method.target_modules: {e}"]) from None
-    torch.manual_seed(seed)
-    return inject_lora(model, names, lambda name, linear: SoraLinear(linear, cfg.r, cfg.lora_alpha, cfg.lora_dropout))
+    return lora_method.wrap_targets(model, cfg.target_modules, seed, lambda name, linear: SoraLinear(linear, cfg.r, cfg.lora_alpha, cfg.lora_dropout))
 
 
 class SoraHook(Hook):
