@@ -72,6 +72,17 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[Any]) -> Path:
     return write_text_atomic(path, "".join(lines))
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 @contextmanager
 def atomic_dir(path: str | Path, replace: bool = True):
     """Yield a temp dir next to `path`; on success it is renamed to `path` (an old `path` is replaced

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ftune.config.schema import DataConfig
 from ftune.data.formats import Example
+from ftune.io import file_sha256
 
 IGNORE = -100
 CACHE_VERSION = "1"  # bump when the tokenized layout changes
@@ -79,10 +80,7 @@ def encode(tokenizer, ex: Example, cfg: DataConfig) -> tuple[list[int], list[int
 
 
 def _fingerprint(tokenizer, cfg: DataConfig, path: str, examples_sig: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    h = hashlib.sha256(file_sha256(path).encode())
     # A fast tokenizer's whole definition: a vocabulary sample would miss a changed normalizer, merges or
     # BOS rule (post-processor), and a rerun would silently train on ids the new tokenizer never makes.
     backend = getattr(tokenizer, "backend_tokenizer", None)

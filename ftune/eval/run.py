@@ -10,7 +10,6 @@ Targets:
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from ftune.errors import FtuneError
 from ftune.eval import metrics as M
 from ftune.eval import report as R
 from ftune.eval.scoring import label_logprobs, label_token_ids, lm_loss, predict_labels
-from ftune.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from ftune.io import file_sha256, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from ftune.methods import get_method
 from ftune.models import load_model, load_tokenizer
 
@@ -144,7 +143,7 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
             result = evaluate_model(model, tokenizer, split, cfg, labels, lambda k: bar.advance(task, k))
     out_dir = Path(out) if out else root / "eval" / Path(data).stem
     meta = {"target": str(Path(target).resolve()), "kind": kind, "model": cfg.model.path, "method": cfg.method.name if kind in ("run", "merged") else "base",
-            "dataset": str(Path(data).resolve()), "dataset_sha256": _sha256(data), "examples": n, "mode": cfg.eval.mode,
+            "dataset": str(Path(data).resolve()), "dataset_sha256": file_sha256(data), "examples": n, "mode": cfg.eval.mode,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     if run_dir is not None and (run_dir / "run.json").is_file():
         meta["run"] = json.loads((run_dir / "run.json").read_text())
@@ -181,11 +180,3 @@ def _write_report(out_dir: Path, result: dict, meta: dict, cfg: RunConfig, label
     write_jsonl_atomic(out_dir / "predictions.jsonl", result["predictions"])
     write_json_atomic(out_dir / "report.json", body)
     console.print(f"report: {out_dir}/report.json, report.md" + (", predictions.jsonl, confusion.png" if cfg.data.format == "classification" else ""))
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -42,9 +42,12 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                          f"replace it, or set name=/output_dir= to write elsewhere")
 
 
+def micro_batches_per_epoch(n_examples: int, cfg: RunConfig, world: int) -> int:
+    return math.ceil(n_examples / (cfg.train.micro_batch_size * world))
+
+
 def steps_per_epoch(n_examples: int, cfg: RunConfig, world: int) -> int:
-    micro_batches = math.ceil(n_examples / (cfg.train.micro_batch_size * world))
-    return math.ceil(micro_batches / cfg.train.gradient_accumulation_steps)
+    return math.ceil(micro_batches_per_epoch(n_examples, cfg, world) / cfg.train.gradient_accumulation_steps)
 
 
 def packing_on(cfg: RunConfig, device: torch.device) -> bool:
@@ -55,7 +58,7 @@ def micro_batches(state: TrainState, dataset, cfg: RunConfig, world: int, rank: 
     """Endless micro-batches in a (seed, epoch)-determined order, starting at state's data position.
     Each process takes its slice of every global micro-batch; `packed`: one padding-free row each."""
     mbs, n = cfg.train.micro_batch_size, len(dataset)
-    per_epoch = math.ceil(n / (mbs * world))
+    per_epoch = micro_batches_per_epoch(n, cfg, world)
     while True:
         order = epoch_order(n, cfg.train.seed, state.epoch)
         while state.batch_in_epoch < per_epoch:
@@ -108,6 +111,10 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, console
     _report_data(console, "train", train_split, cfg)
     if eval_split:
         _report_data(console, "eval", eval_split, cfg)
+    if len(train_split.dataset) == 0:
+        raise FtuneError(f"{cfg.data.train}: no example has a target token left within data.max_length "
+                         f"{cfg.data.max_length}; raise max_length or shorten the prompts")
+    batches_per_epoch = micro_batches_per_epoch(len(train_split.dataset), cfg, world)
     per_epoch = steps_per_epoch(len(train_split.dataset), cfg, world)
     total_steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
 
@@ -152,7 +159,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, console
             last_step = state.step == total_steps or state.stop_reason is not None
             if state.step % cfg.train.log_every == 0 or last_step:
                 metrics = {"loss": float(pending_loss) / logged_steps, "lr": scheduler.get_last_lr()[0],
-                           "epoch": round(state.epoch + state.batch_in_epoch / max(1, math.ceil(len(train_split.dataset) / (cfg.train.micro_batch_size * world))), 3),
+                           "epoch": round(state.epoch + state.batch_in_epoch / batches_per_epoch, 3),
                            "tokens": state.tokens, **state.log}
                 if cfg.train.max_grad_norm is not None:
                     metrics["grad_norm"] = float(grad_norm)
