@@ -6,8 +6,9 @@ Activation bytes per token per decoder layer follow what each path saves for bac
                                         = 5·hidden + 2·kv + 2·intermediate   (see kernels/mlp.py)
   fast path, trained base (full):       6·hidden + 2·kv + 3·intermediate   (every linear keeps its input)
   transformers' own forward:            as the full path, plus the fp32 norm and SwiGLU temporaries
-  checkpointed layer:                   2·hidden on the fast path (layer and MLP inputs; 0 if offloaded),
-                                        hidden with transformers' forward
+  per `model.layer_plan` letter (fast path): K all of the above; A without the attention block (normed
+                                        h, q, k, v, out); M without gate and up; C only the layer and MLP
+                                        inputs (2·hidden); lower case (offloaded) 0. transformers' forward: C = hidden
 plus one layer's working set during backward, and the loss: chunked on the fast path, the full
 tokens × vocab logits in bf16 + their fp32 copy and gradient otherwise. Expect ±15%: the allocator's
 fragmentation and library workspaces are not modelled.
@@ -15,6 +16,7 @@ fragmentation and library workspaces are not modelled.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ftune.errors import FtuneError
@@ -43,6 +45,21 @@ def _weight_bytes(arch: Arch, quantization: str, double_quant: bool, dtype_bytes
         return arch.params * dtype_bytes
     per_block = (1 + 4 / 256) if double_quant else 4  # absmax per 64 weights: 8-bit (+fp32 per 256) or fp32
     return linear * (0.5 + per_block / 64) + other * 2
+
+
+def expand_plan(text: str) -> list[str]:
+    """`model.layer_plan` ("14a8c6K") as one code letter per decoder layer (["a", …, "K"])."""
+    return [code for count, code in re.findall(r"(\d+)\s*([KAMCkamc])", text) for _ in range(int(count))]
+
+
+def layer_codes(m, n_layers: int, on_cuda: bool = True) -> list[str]:
+    """Each decoder layer's plan letter for model config `m` (see kernels.layer_plans, which builds the same)."""
+    if m.layer_plan:
+        codes = expand_plan(m.layer_plan)
+    else:
+        k = round(m.checkpoint_fraction * n_layers) if m.gradient_checkpointing else 0
+        codes = ["c" if m.offload_activations else "C"] * k + ["K"] * (n_layers - k)
+    return codes if on_cuda else [c.upper() for c in codes]
 
 
 def _fast_path(run, on_cuda: bool) -> bool:
@@ -74,14 +91,18 @@ def estimate_memory(run, arch: Arch, on_cuda: bool = True) -> MemoryEstimate:
     frozen = method in ADAPTER_METHODS
     if fast:
         keep = (5 * h + 2 * kv + 2 * i) * 2 if frozen else (6 * h + 2 * kv + 3 * i) * 2
-        ckpt_keep = 0 if m.offload_activations else 2 * h * 2
+        # per plan letter: the layer input, the attention block (normed h, q, k, v, out), the MLP (input, gate, up)
+        attn, mlp = (3 * h + 2 * kv) * 2, (h + 2 * i) * 2
+        per = {"K": keep, "A": keep - attn, "M": keep - mlp + h * 2, "C": 2 * h * 2}
     else:
         keep = (6 * h + 2 * kv + 3 * i) * 2 + (2 * h + 2 * i) * 4
-        ckpt_keep = h * 2
-    n_ckpt = round(m.checkpoint_fraction * arch.layers) if m.gradient_checkpointing else 0
-    layers = (arch.layers - n_ckpt) * keep + n_ckpt * ckpt_keep
+        per = {"K": keep, "C": h * 2, "A": h * 2, "M": keep}
+    codes = layer_codes(m, arch.layers, on_cuda)
+    # offloaded layers (lower case) hold nothing on the GPU once their copies are done; the backlog of a
+    # forward that outruns PCIe is not modelled (docs/BENCHMARKS.md: keep the offloaded layers first)
+    layers = sum(0 if c.islower() else per[c] for c in codes)
     # one layer's working set in backward: a whole layer when recomputing, else the MLP's chunked temporaries
-    working = keep if n_ckpt else 4 * min(tokens, 2048) * i * 2 / tokens
+    working = keep if any(c.upper() != "K" for c in codes) else 4 * min(tokens, 2048) * i * 2 / tokens
     # loss: the fused kernel's chunk (~hidden-sized per token) and input gradient; else the full logits
     loss = 3 * h * 2 if fast else arch.vocab * (2 + 4 + 4)
     activations = tokens * (layers + working + loss)

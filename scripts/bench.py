@@ -54,9 +54,9 @@ CASES = {
     "lora_mem": Case("7b", "lora", ref="lora7b", target="≤ 16 GiB at ≥ 1.2×",
                      ftune={"model.gradient_checkpointing": True, "model.offload_activations": True}),
     "qlora": Case("7b", "qlora", target="≥ 2.5× at ≤ 0.5× memory",
-                  ftune={"model.quantization": "nf4", "model.gradient_checkpointing": True,
-                         "model.checkpoint_fraction": 0.79, "model.offload_activations": True}, ablations={
-                      "86% of layers checkpointed, no offload": {"model.checkpoint_fraction": 0.86, "model.offload_activations": False}}),
+                  ftune={"model.quantization": "nf4", "model.layer_plan": "14a8c6K"}, ablations={
+                      "22 layers fully recomputed, their inputs offloaded (layer_plan 22c6K)": {"model.layer_plan": "22c6K"},
+                      "24 layers fully recomputed, no offload (layer_plan 24C4K)": {"model.layer_plan": "24C4K"}}),
     "full": Case("0.5b", "full", lr=2e-5, target="≥ 1.3×", ablations={
         "transformers forward, no checkpointing (kernels=none)": {"model.kernels": "none"},
         "full checkpointing": {"model.gradient_checkpointing": True}}),

@@ -186,6 +186,36 @@ def test_fast_forward_equals_transformers_forward(ckpt, packed):
                                    base(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits)
 
 
+def test_layer_plan_config_sets_each_layer_and_checks_its_length():
+    model = tiny_qwen2()
+    note = apply_kernels(model, ModelConfig(path="-", kernels="torch", layer_plan="1A 1k"), "cpu")
+    assert "layer plan 1A1K" in note  # offload needs CUDA: on CPU the k layer keeps its activations
+    assert [layer._ftune_layer.code for layer in model.model.layers] == ["A", "K"]
+    with pytest.raises(FtuneError, match="covers 3 decoder layers; the model has 2"):
+        apply_kernels(tiny_qwen2(), ModelConfig(path="-", kernels="torch", layer_plan="3C"), "cpu")
+    with pytest.raises(FtuneError, match="codes A and M need ftune's fast path"):
+        apply_kernels(tiny_qwen2(), ModelConfig(path="-", kernels="none", layer_plan="1A1K"), "cpu")
+    base = tiny_qwen2()
+    assert "1 layers checkpointed" in apply_kernels(base, ModelConfig(path="-", kernels="none", layer_plan="1C1K"), "cpu")
+    assert [layer.gradient_checkpointing for layer in base.model.layers] == [True, False]
+
+
+@pytest.mark.parametrize("codes", ["KA", "AM", "MC", "CK"])
+def test_layer_plans_change_memory_not_math(codes):
+    """Recomputing the attention block, the MLP's gate/up, or both, per layer: same loss and gradients as
+    keeping everything (plans only move work between forward and backward)."""
+    from ftune.kernels.fast import LayerPlan
+
+    letters = {"K": (False, False), "A": (True, False), "M": (False, True), "C": (True, True)}
+    keep, planned = tiny_qwen2(seed=2), tiny_qwen2(seed=2)
+    apply_kernels(keep, ModelConfig(path="-", kernels="torch"), "cpu")
+    apply_kernels(planned, ModelConfig(path="-", kernels="torch"), "cpu")
+    for layer, code in zip(planned.model.layers, codes):
+        layer._ftune_layer = LayerPlan(*letters[code])
+    batch = collate(rows([6, 9, 4]), 0)
+    assert_all_close(loss_and_grads(planned, batch), loss_and_grads(keep, batch), tol=1e-5)
+
+
 def test_packed_loss_equals_unpacked_loss():
     """Same examples, one padding-free row: same summed loss and gradients (no attention across examples)."""
     model = tiny_qwen2(seed=1)
@@ -275,6 +305,31 @@ def test_fast_forward_on_gpu_matches_transformers(kernels, ckpt, offload, packed
         got, want = loss_and_grads(fast, batch), loss_and_grads(base, batch)
     assert abs(float(got[0]) - float(want[0])) < 2e-2 * float(want[0])
     assert max(_rel(a, b) for a, b in zip(got[1:], want[1:])) < 5e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("codes,prefetch", [("kc", 0), ("ac", 2), ("mK", 2), ("kk", 100)])
+def test_offloaded_layer_plans_on_gpu_match_keeping_everything(codes, prefetch, monkeypatch):
+    """Offloading what a layer saves (with or without recompute), each tensor fetched on demand (0) or
+    prefetched: same loss and gradients as keeping everything on the GPU."""
+    import ftune.kernels.offload as off
+    from ftune.kernels.fast import LayerPlan
+
+    monkeypatch.setattr(off, "MIN_NUMEL", 1)
+    monkeypatch.setattr(off, "PREFETCH_LAYERS", prefetch)
+    monkeypatch.setattr(off, "MIN_PREFETCH_BYTES", 0)
+    letters = {"K": (False, False), "A": (True, False), "M": (False, True), "C": (True, True)}
+    keep, planned = tiny_qwen2(seed=3).cuda(), tiny_qwen2(seed=3).cuda()
+    apply_kernels(keep, ModelConfig(path="-", kernels="liger"), "cuda")
+    apply_kernels(planned, ModelConfig(path="-", kernels="liger"), "cuda")
+    for layer, code in zip(planned.model.layers, codes):
+        layer._ftune_layer = LayerPlan(*letters[code.upper()], offload=code.islower())
+    planned.model.layers[0]._ftune_plan.offload = True
+    batch = {k: v.cuda() for k, v in collate(rows([70, 33, 110]), 0).items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got, want = loss_and_grads(planned, batch), loss_and_grads(keep, batch)
+    assert_all_close(got, want, tol=2e-3)  # bf16; cuDNN's attention backward is not bitwise deterministic
 
 
 def test_collate_batch_packs_only_rows_of_different_lengths():

@@ -60,6 +60,25 @@ def test_memory_estimate_tracks_the_modes():
     assert full.optimizer == pytest.approx(2 * full.weights)  # bf16 AdamW moments
 
 
+def test_memory_estimate_follows_the_layer_plan():
+    """A plan's letters move activations off the GPU in the estimate: K > A, M > C > offloaded; the same
+    plan written out per layer equals checkpoint_fraction's; QLoRA's benchmark plan fits its 12.9 GiB."""
+    arch = arch_from_config(QWEN7B)
+    acts = {p: estimate_memory(run_cfg(layer_plan=p), arch).activations for p in ("28K", "28A", "28M", "28C", "28c")}
+    assert acts["28K"] > acts["28A"] > acts["28C"] > acts["28c"] and acts["28K"] > acts["28M"] > acts["28C"]
+    assert estimate_memory(run_cfg(layer_plan="21C7K"), arch).total == pytest.approx(
+        estimate_memory(run_cfg(gradient_checkpointing=True, checkpoint_fraction=0.75), arch).total)
+    qlora = estimate_memory(run_cfg("qlora", quantization="nf4", layer_plan="14a8c6K"), arch)
+    assert qlora.total == pytest.approx(12.4, abs=0.6)  # measured 12.4 GiB on an H100 (docs/BENCHMARKS.md)
+    on_cpu = estimate_memory(run_cfg(layer_plan="28c"), arch, on_cuda=False)  # no offload without CUDA
+    assert on_cpu.activations == pytest.approx(estimate_memory(run_cfg(layer_plan="28C"), arch, on_cuda=False).activations)
+
+
+def test_a_bad_layer_plan_is_a_clear_config_error(make_config):
+    result = invoke("validate", make_config({"model": {"layer_plan": "3x"}}))
+    assert result.exit_code == 2 and "model.layer_plan" in result.output and "Traceback" not in result.output
+
+
 def test_validate_prints_a_memory_estimate(make_config):
     result = invoke("validate", make_config(), "--gpu", "h100")
     assert result.exit_code == 0, result.output

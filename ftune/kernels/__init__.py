@@ -33,6 +33,34 @@ def checkpointed_layers(n_layers: int, enabled: bool, fraction: float) -> list[b
     return [i < k for i in range(n_layers)]
 
 
+PLAN_CODES = {"K": (False, False), "A": (True, False), "M": (False, True), "C": (True, True)}
+
+
+def layer_plans(n_layers: int, cfg, on_cuda: bool) -> list:
+    """Each decoder layer's LayerPlan: `model.layer_plan` when given, else the first
+    round(checkpoint_fraction × n) layers recompute attention and MLP (their saved inputs offloaded to CPU
+    with offload_activations) and the rest keep their activations. Offloading needs CUDA."""
+    from ftune.kernels.fast import LayerPlan
+    from ftune.memory import layer_codes
+
+    codes = layer_codes(cfg, n_layers, on_cuda)
+    if len(codes) != n_layers:
+        raise FtuneError(f"model.layer_plan: {cfg.layer_plan!r} covers {len(codes)} decoder layers; the model has "
+                         f"{n_layers} (e.g. {n_layers // 2}a{n_layers - n_layers // 2}K)")
+    return [LayerPlan(*PLAN_CODES[c.upper()], offload=c.islower()) for c in codes]
+
+
+def plan_text(plans: list) -> str:
+    """The compact form of a plan list ("14a8c6K"), as `model.layer_plan` takes it."""
+    out, prev, count = [], None, 0
+    for code in [p.code for p in plans] + [None]:
+        if code != prev and prev is not None:
+            out.append(f"{count}{prev}")
+            count = 0
+        prev, count = code, count + 1
+    return "".join(out)
+
+
 def _decoder_layers(model):
     return getattr(getattr(model, "model", None), "layers", None)
 
@@ -45,7 +73,8 @@ def apply_kernels(model, cfg, device) -> str:
     kind = resolve_kernels(cfg.kernels, device)
     layers = _decoder_layers(model)
     n = len(layers) if layers is not None else 0
-    ckpt = checkpointed_layers(n, cfg.gradient_checkpointing, cfg.checkpoint_fraction)
+    on_cuda = torch.device(device).type == "cuda"
+    plans = layer_plans(n, cfg, on_cuda)
     note = ""
     if kind != "none":
         reason = unsupported_reason(model)
@@ -54,12 +83,20 @@ def apply_kernels(model, cfg, device) -> str:
                 raise FtuneError(f"model.kernels: {cfg.kernels} does not support {reason}; use auto or none")
             kind, note = "none", f" (fast path off: {reason})"
     if kind == "none":
-        if cfg.gradient_checkpointing:
+        if any(p.recompute_attn != p.recompute_mlp for p in plans):
+            raise FtuneError(f"model.layer_plan: codes A and M need ftune's fast path (model.kernels: auto on a CUDA "
+                             f"GPU, liger or torch); transformers' own forward{note} recomputes whole layers: use K and C")
+        if layers is None:  # not a decoder stack ftune knows: transformers' switch for the whole model
+            if cfg.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            return f"kernels: transformers' own forward{note}; checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
+        if any(p.recompute_attn for p in plans):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            for layer, on in zip(layers or [], ckpt):
-                layer.gradient_checkpointing = on
-        return f"kernels: transformers' own forward{note}; {sum(ckpt) if layers is not None else 'all'} layers checkpointed"
-    offload = cfg.offload_activations and torch.device(device).type == "cuda" and any(ckpt)
-    install(model, ops_for(kind), ckpt, offload)
-    return (f"kernels: ftune fast path ({kind}); {sum(ckpt)}/{n} layers checkpointed"
-            + (", their saved inputs offloaded to CPU" if offload else ""))
+            for layer, p in zip(layers, plans):
+                layer.gradient_checkpointing = p.recompute_attn
+        n_ckpt = sum(p.recompute_attn for p in plans)
+        return f"kernels: transformers' own forward{note}; {n_ckpt} layers checkpointed"
+    install(model, ops_for(kind), plans)
+    offloaded = sum(p.offload for p in plans)
+    return (f"kernels: ftune fast path ({kind}); layer plan {plan_text(plans)} (K keep, A/M/C recompute "
+            f"attention/MLP/both{', lower case offloaded to CPU' if offloaded else ''})")

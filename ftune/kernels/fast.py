@@ -8,9 +8,11 @@ training with gradients on; eval, generation (KV cache) and no-grad calls take t
     h_out = h_mid + LoraMLPFn(h_mid)                 norm + gate/up + SwiGLU + down in one Function
     loss  = fused linear cross-entropy(final hidden, head)         (no logits tensor)
 
-Activation checkpointing is per layer (`checkpointed` flag): the attention block is recomputed with
-torch's non-reentrant checkpoint and the MLP block saves only its input (recomputing gate/up, never
-down); with offload those saved inputs go to pinned CPU memory (offload.py).
+Memory is managed per layer (`LayerPlan`): the attention block can be recomputed in backward (torch's
+non-reentrant checkpoint), the MLP block can save only its input (recomputing gate/up, never down), and
+whatever a layer still saves can go to pinned CPU memory during forward and come back before backward
+needs it (offload.py). Recomputing costs GPU time; offloading costs PCIe bandwidth, which is free while
+the GPU computes, so the planner (kernels/__init__.py) mixes the two.
 Modules the fused Functions cannot take (DoRA, dropout, AdaLoRA/SoRA layers, trainable base weights
 as in full fine-tuning) are called as they are, with the same norm/RoPE/SwiGLU/attention kernels.
 """
@@ -31,6 +33,22 @@ from ftune.kernels.mlp import fused_mlp, mlp_fusable
 from ftune.kernels.ops import Ops
 
 SUPPORTED = {"llama", "qwen2", "mistral"}
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one decoder layer trades memory for time in training."""
+
+    recompute_attn: bool = False  # attention block recomputed in backward (keeps only its input)
+    recompute_mlp: bool = False  # MLP keeps its input, recomputes gate/up in backward
+    offload: bool = False  # what the layer saves goes to pinned CPU memory (needs CUDA)
+
+    @property
+    def code(self) -> str:
+        """One letter for logs: K keep, A attention recomputed, C both recomputed; lower case = offloaded."""
+        c = "C" if self.recompute_attn and self.recompute_mlp else "A" if self.recompute_attn else \
+            "M" if self.recompute_mlp else "K"
+        return c.lower() if self.offload else c
 
 
 @dataclass
@@ -104,14 +122,14 @@ def layer_forward(self, hidden_states, attention_mask=None, position_ids=None, p
         return self._ftune_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, use_cache=use_cache,
                                    position_embeddings=position_embeddings, **kwargs)
-    plan, ckpt = self._ftune_plan, self._ftune_checkpointed
+    plan, lp = self._ftune_plan, self._ftune_layer
     block = lambda h: _attention_block(self, plan, position_embeddings, attention_mask, kwargs, h)  # noqa: E731
-    with plan.offload_context() if ckpt else nullcontext():
-        a = checkpoint(block, hidden_states, use_reentrant=False) if ckpt else block(hidden_states)
+    with plan.offload_context() if lp.offload else nullcontext():
+        a = checkpoint(block, hidden_states, use_reentrant=False) if lp.recompute_attn else block(hidden_states)
         h = hidden_states + a
         if mlp_fusable(self.mlp, self.post_attention_layernorm):
-            m = fused_mlp(h, self.mlp, self.post_attention_layernorm, plan.ops, save_acts=not ckpt)
-        elif ckpt:
+            m = fused_mlp(h, self.mlp, self.post_attention_layernorm, plan.ops, save_acts=not lp.recompute_mlp)
+        elif lp.recompute_mlp:
             m = checkpoint(lambda x: _mlp_block(self, plan, x), h, use_reentrant=False)
         else:
             m = _mlp_block(self, plan, h)
@@ -134,12 +152,12 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     return CausalLMOutputWithPast(loss=loss)
 
 
-def install(model, ops: Ops, checkpointed: list[bool], offload: bool) -> Plan:
-    """Patch `model` (in place) to train through the fast forward; checkpointed[i] for decoder layer i."""
-    plan = Plan(ops=ops, offload=offload)
-    for layer, ckpt in zip(model.model.layers, checkpointed):
+def install(model, ops: Ops, layers: list[LayerPlan]) -> Plan:
+    """Patch `model` (in place) to train through the fast forward; layers[i] is decoder layer i's plan."""
+    plan = Plan(ops=ops, offload=any(lp.offload for lp in layers))
+    for layer, lp in zip(model.model.layers, layers):
         layer._ftune_forward = layer.forward
-        layer._ftune_plan, layer._ftune_checkpointed = plan, ckpt
+        layer._ftune_plan, layer._ftune_layer = plan, lp
         layer.forward = types.MethodType(layer_forward, layer)
     final = model.model.norm
     final.forward = lambda x, w=final.weight, eps=_eps(final): ops.rms_norm(x, w, eps)
