@@ -363,8 +363,9 @@ def test_ftune_train_with_packing_matches_padded_batches(make_config, data_dir, 
 
 @pytest.mark.parametrize("name", ["full", "lora", "qlora", "adalora", "sora", "lisa"])
 def test_every_method_trains_the_same_through_the_fast_forward(name, make_config, tmp_path):
-    """`model.kernels: torch` (the fast path, forced on CPU) against transformers' forward for every method of
-    the matrix: fused LoRA where it applies, modules (AdaLoRA, SoRA, trainable weights) routed as they are."""
+    """`model.kernels: torch` (the fast path, forced also on CPU) against transformers' forward for every method
+    of the matrix: fused LoRA where it applies, modules (AdaLoRA, SoRA, trainable weights) routed as they are.
+    fp32 (no autocast), so the comparison is as tight on a GPU machine as on CPU."""
     import io
 
     from conftest import read_metrics
@@ -377,7 +378,7 @@ def test_every_method_trains_the_same_through_the_fast_forward(name, make_config
     losses = {}
     for kernels in ("none", "torch"):
         cfg = config_for(name, make_config, tmp_path / kernels, steps=3)
-        cfg.model.kernels = kernels
+        cfg.model.kernels, cfg.train.mixed_precision = kernels, "no"
         train(cfg, console=Console(file=io.StringIO()))
         losses[kernels] = [m["loss"] for m in read_metrics(cfg.run_dir) if "loss" in m]
     assert len(losses["torch"]) == 3
