@@ -44,3 +44,21 @@ def test_method_trains_merges_and_evaluates_on_gpu(name, make_config, tmp_path):
         merged_preds = [json.loads(x)["pred"] for x in (out / "predictions.jsonl").read_text().splitlines()]
         agree = sum(a == b for a, b in zip(preds, merged_preds)) / len(preds)
         assert agree >= 0.8, (preds, merged_preds)  # bf16 autocast on both sides: near-ties may flip
+
+
+def test_layer_plan_through_the_cli_on_gpu(make_config, tmp_path, monkeypatch):
+    """`model.layer_plan` from the command line on CUDA: every layer kind, offloaded (every saved tensor,
+    however small) and not, trains the same steps as keeping everything (bf16 noise); the log names the plan."""
+    import ftune.kernels.offload as off
+
+    monkeypatch.setattr(off, "MIN_NUMEL", 1)
+    losses = {}
+    for plan in (None, "1a1c", "1k1M"):
+        run = tmp_path / f"plan-{plan}"
+        extra = {"train": {"max_steps": 4, "log_every": 1, "lr": 2e-2, "seed": 0}}
+        result = invoke("train", make_config(extra, out_dir=run), *([f"model.layer_plan={plan}"] if plan else []))
+        assert result.exit_code == 0, result.output
+        assert plan is None or f"layer plan {plan}" in result.output, result.output
+        losses[plan] = [m["loss"] for m in read_metrics(run) if "loss" in m]
+    for plan in ("1a1c", "1k1M"):
+        torch.testing.assert_close(losses[plan], losses[None], rtol=2e-2, atol=1e-3)

@@ -378,7 +378,7 @@ def test_every_method_trains_the_same_through_the_fast_forward(name, make_config
     losses = {}
     for kernels in ("none", "torch"):
         cfg = config_for(name, make_config, tmp_path / kernels, steps=3)
-        cfg.model.kernels, cfg.train.mixed_precision = kernels, "no"
+        cfg.model.kernels, cfg.model.dtype, cfg.train.mixed_precision = kernels, "fp32", "no"
         train(cfg, console=Console(file=io.StringIO()))
         losses[kernels] = [m["loss"] for m in read_metrics(cfg.run_dir) if "loss" in m]
     assert len(losses["torch"]) == 3
