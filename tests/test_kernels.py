@@ -13,7 +13,7 @@ from torch import nn
 from ftune.config.schema import ModelConfig
 from ftune.data.collate import collate, collate_packed, count_targets
 from ftune.errors import FtuneError
-from ftune.kernels import apply_kernels, checkpointed_layers
+from ftune.kernels import apply_kernels
 from ftune.kernels.lora import project, project_group
 from ftune.kernels.loss import lm_loss
 from ftune.kernels.mlp import fused_mlp, mlp_ref
@@ -126,9 +126,13 @@ def test_loss_without_logits_matches_transformers_normalisation():
 
 
 def test_checkpointed_layers_are_the_first_share():
-    assert checkpointed_layers(28, True, 1.0) == [True] * 28
-    assert checkpointed_layers(4, True, 0.5) == [True, True, False, False]
-    assert checkpointed_layers(4, False, 0.5) == [False] * 4
+    from ftune.memory import layer_codes
+
+    assert layer_codes(ModelConfig(path="-", gradient_checkpointing=True), 28) == ["C"] * 28
+    assert layer_codes(ModelConfig(path="-", gradient_checkpointing=True, checkpoint_fraction=0.5,
+                                   offload_activations=True), 4) == ["c", "c", "K", "K"]
+    assert layer_codes(ModelConfig(path="-", checkpoint_fraction=0.5), 4) == ["K"] * 4
+    assert layer_codes(ModelConfig(path="-", layer_plan="2a 1M1k"), 4, on_cuda=False) == ["A", "A", "M", "K"]
 
 
 # ---------------------------------------------------------------- the whole training forward

@@ -1,5 +1,5 @@
 """Fast training kernels and the choice between them (`model.kernels`, `model.gradient_checkpointing`,
-`model.checkpoint_fraction`, `model.offload_activations`).
+`model.checkpoint_fraction`, `model.offload_activations`, `model.layer_plan`).
 
 Every kernel has a pure-PyTorch reference it is tested against (tests/test_kernels.py):
 ops.py (RMSNorm, RoPE, SwiGLU: liger-kernel or PyTorch), lora.py (fused LoRA projections),
@@ -25,12 +25,6 @@ def resolve_kernels(name: str, device: torch.device | str) -> str:
         raise FtuneError("model.kernels: liger needs a CUDA GPU and the liger-kernel package "
                          "(pip install liger-kernel); use auto, torch or none")
     return name
-
-
-def checkpointed_layers(n_layers: int, enabled: bool, fraction: float) -> list[bool]:
-    """Which decoder layers recompute in backward: the first round(fraction × n) when enabled."""
-    k = round(fraction * n_layers) if enabled else 0
-    return [i < k for i in range(n_layers)]
 
 
 PLAN_CODES = {"K": (False, False), "A": (True, False), "M": (False, True), "C": (True, True)}

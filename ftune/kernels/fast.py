@@ -12,7 +12,7 @@ Memory is managed per layer (`LayerPlan`): the attention block can be recomputed
 non-reentrant checkpoint), the MLP block can save only its input (recomputing gate/up, never down), and
 whatever a layer still saves can go to pinned CPU memory during forward and come back before backward
 needs it (offload.py). Recomputing costs GPU time; offloading costs PCIe bandwidth, which is free while
-the GPU computes, so the planner (kernels/__init__.py) mixes the two.
+the GPU computes, so a plan (`model.layer_plan`, built in kernels/__init__.py) mixes the two.
 Modules the fused Functions cannot take (DoRA, dropout, AdaLoRA/SoRA layers, trainable base weights
 as in full fine-tuning) are called as they are, with the same norm/RoPE/SwiGLU/attention kernels.
 """
@@ -45,7 +45,8 @@ class LayerPlan:
 
     @property
     def code(self) -> str:
-        """One letter for logs: K keep, A attention recomputed, C both recomputed; lower case = offloaded."""
+        """The layer's letter in `model.layer_plan`: K keep, A attention / M MLP / C both recomputed; lower
+        case = offloaded."""
         c = "C" if self.recompute_attn and self.recompute_mlp else "A" if self.recompute_attn else \
             "M" if self.recompute_mlp else "K"
         return c.lower() if self.offload else c
