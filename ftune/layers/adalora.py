@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ftune.layers.lora import adapter_input, dense_weight
+from ftune.layers.lora import AdapterLayer, adapter_input, dense_weight
 
 RANKNUM_EPS = 1e-5  # PEFT adds this to ranknum before dividing; kept so PEFT and ftune agree exactly
 
@@ -21,7 +21,7 @@ def adalora_scaling(lora_alpha: float, ranknum: int) -> float:
     return lora_alpha / (ranknum + RANKNUM_EPS)
 
 
-class AdaLoraLinear(nn.Module):
+class AdaLoraLinear(AdapterLayer):
     """y = W x + b + s · P (Λ ⊙ Q) dropout(x), s = lora_alpha / init_r.
 
     Q and P start N(0, 0.02²) and Λ at zero (PEFT's init), so the output at init equals the base layer's.
@@ -44,14 +44,6 @@ class AdaLoraLinear(nn.Module):
         nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
         nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
         self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=device), persistent=False)
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     @property
     def scaling(self) -> float:

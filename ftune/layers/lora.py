@@ -39,7 +39,22 @@ def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if torch.is_autocast_enabled(x.device.type) else x.to(dtype)
 
 
-class LoraLinear(nn.Module):
+class AdapterLayer(nn.Module):
+    """Base of the adapter layers (LoRA, AdaLoRA, SoRA): they wrap `base_layer` and show its shape, as a
+    Linear would (callers and PEFT's tooling read in_features / out_features)."""
+
+    base_layer: nn.Linear
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+
+class LoraLinear(AdapterLayer):
     """y = W x + b + s · B A dropout(x), s = alpha/r (or alpha/√r with rsLoRA).
 
     DoRA (use_dora) re-normalises the adapted weight per output row and rescales it by a learned
@@ -64,14 +79,6 @@ class LoraLinear(nn.Module):
             with torch.no_grad():
                 norm = dense_weight(base).float().norm(p=2, dim=1)
             self.lora_magnitude_vector = nn.Parameter(norm)
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def delta_weight(self) -> torch.Tensor:
         """s · B A in fp32, shape (out, in)."""

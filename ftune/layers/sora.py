@@ -12,10 +12,10 @@ import math
 import torch
 from torch import nn
 
-from ftune.layers.lora import adapter_input, dense_weight, merge_lora_weight
+from ftune.layers.lora import AdapterLayer, adapter_input, dense_weight, merge_lora_weight
 
 
-class SoraLinear(nn.Module):
+class SoraLinear(AdapterLayer):
     """y = W x + b + s · B (g ⊙ A dropout(x)),  s = alpha / r,  g ∈ R^r the gate (one scalar per rank).
 
     A starts Kaiming-uniform, B at zero and g at ones: the output at init equals the base layer's, and the
@@ -34,14 +34,6 @@ class SoraLinear(nn.Module):
         self.lora_gate = nn.Parameter(torch.ones(r, device=device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
