@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import CASES, ftune_config, make_batches  # noqa: E402
-from bench_setup import free_gpu, make_checkpoint, qwen2_config, real_tokens  # noqa: E402
+from bench_setup import Run, free_gpu, make_checkpoint, qwen2_config, timed_steps  # noqa: E402
 
 def parse_plan(text: str, n: int) -> list:
     from types import SimpleNamespace
@@ -105,6 +105,7 @@ def main() -> None:
 
     from accelerate import Accelerator
 
+    import ftune.kernels.mlp as mlp_mod
     import ftune.kernels.offload as offload_mod
     from ftune.data.collate import collate_batch, count_targets
     from ftune.train.hooks import TrainState
@@ -134,23 +135,38 @@ def main() -> None:
         set_plan(inner, parse_plan(plan_text, n_layers))
         free_gpu()
         base_mem = torch.cuda.memory_allocated() / 2**30
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)]
         host = []
-        for i in range(args.steps):
-            events[i].record()
+
+        def host_timed(batch):  # how long the host takes to queue a step (≈ the step when the host is the limit)
             h0 = time.perf_counter()
-            step(mine[i % 2][1])
+            loss = step(batch)
             host.append(time.perf_counter() - h0)
-        events[-1].record()
-        torch.cuda.synchronize()
-        st = [events[i].elapsed_time(events[i + 1]) / 1000 for i in range(args.steps)]
-        med = statistics.median(st[args.warmup:])
-        r = {"label": label, "plan": plan_text, "step_s": round(med, 4),
-             "tokens_per_s": round(real_tokens(mine[0][0]) / med), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-             "static_gib": round(base_mem, 2), "host_s": round(statistics.median(host[args.warmup:]), 4),
-             "steps": [round(s, 4) for s in st]}
+            return loss
+
+        run = Run(label)
+        timed_steps(host_timed, mine, args.steps, args.warmup, run)
+        med = statistics.median(run.step_s[args.warmup:])
+        r = {"label": label, "plan": plan_text, "step_s": round(med, 4), "tokens_per_s": round(run.tokens_per_s),
+             "peak_gib": round(run.peak_gib, 2), "static_gib": round(base_mem, 2),
+             "host_s": round(statistics.median(host[args.warmup:]), 4), "steps": run.step_s}
         print(json.dumps({k: v for k, v in r.items() if k != "steps"}), flush=True)
         return r
+
+    def variant(label: str, plan_text: str, module=None, name: str = "", value=None) -> None:
+        """measure() into `results`, with module.name = value for this run only; an OOM in one run must not
+        lose the others."""
+        old = getattr(module, name) if module else None
+        if module:
+            setattr(module, name, value)
+        try:
+            results.append(measure(label, plan_text))
+        except Exception as e:
+            results.append({"label": label, "plan": plan_text, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            print(results[-1], flush=True)
+        finally:
+            if module:
+                setattr(module, name, old)
+            free_gpu()
 
     plans = args.plans.split(",")
     results, grads, ref_grad = [], {}, None
@@ -165,33 +181,12 @@ def main() -> None:
         print(f"  {text}: grads vs first plan: {grads[text]}", flush=True)
         free_gpu()
     for text in plans:
-        try:
-            results.append(measure(text, text))
-        except Exception as e:  # an OOM in one plan must not lose the others
-            results.append({"label": text, "plan": text, "error": f"{type(e).__name__}: {str(e)[:200]}"})
-            print(results[-1], flush=True)
-        free_gpu()
+        variant(text, text)
     first_off = next((t for t in plans if any(c.islower() for c in t)), None)
-    default_depth = offload_mod.PREFETCH_LAYERS
     for depth in filter(None, args.prefetch_layers.split(",")):
-        offload_mod.PREFETCH_LAYERS = float(depth)
-        try:
-            results.append(measure(f"{first_off} prefetch {depth} layers", first_off))
-        except Exception as e:
-            results.append({"label": f"{first_off} prefetch {depth}", "error": str(e)[:200]})
-        free_gpu()
-    offload_mod.PREFETCH_LAYERS = default_depth
-    import ftune.kernels.mlp as mlp_mod
-
-    default_chunk = mlp_mod.CHUNK_RECOMPUTE
+        variant(f"{first_off} prefetch {depth} layers", first_off, offload_mod, "PREFETCH_LAYERS", float(depth))
     for chunk in filter(None, args.chunk_recompute.split(",")):
-        mlp_mod.CHUNK_RECOMPUTE = int(chunk)
-        try:
-            results.append(measure(f"{plans[0]} recompute chunk {chunk}", plans[0]))
-        except Exception as e:
-            results.append({"label": f"{plans[0]} chunk {chunk}", "error": str(e)[:200]})
-        free_gpu()
-    mlp_mod.CHUNK_RECOMPUTE = default_chunk
+        variant(f"{plans[0]} recompute chunk {chunk}", plans[0], mlp_mod, "CHUNK_RECOMPUTE", int(chunk))
     gap = {}
     if args.gaps:
         ok = [r for r in results if "error" not in r and " " not in r["label"]]
