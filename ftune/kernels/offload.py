@@ -12,9 +12,10 @@ one layer offloaded in this step. Counting bytes rather than tensors or layers l
 through layers that offload little (checkpointed ones: their inputs) into layers that offload a lot
 (their MLP activations too), which need more time on the PCIe link than on the GPU; scaling with the
 largest layer keeps a plan that offloads only small inputs from holding gigabytes of prefetched tensors
-at the start of backward, where its memory peaks. Measured on Qwen2.5-7B (scripts/bench_plans.py): a fixed
-2 GiB raised the LoRA memory mode's peak from 15.7 to 17.8 GiB, two layers' volume to 16.1; for QLoRA's
-plan 14a8c6K one, two or three layers' volume ran within 0.5% of each other.
+at the start of backward, where its memory peaks. Measured on Qwen2.5-7B, 8k tokens per step
+(scripts/bench_plans.py, 2026-11-23): a fixed 2 GiB raised the LoRA memory mode's peak from 15.7 to
+17.8 GiB (H100), two layers' volume to 16.1 GiB (H200); for QLoRA's plan 14a8c6K one to five layers'
+volume ran within 0.7% of each other (H100; one to three within 0.5% on the H200).
 """
 
 from __future__ import annotations
