@@ -37,9 +37,9 @@ def user_errors(fn):
             # The message quotes user input (paths, labels, values): escaped, so `[v2]` prints as written
             # and a stray `[/x]` cannot raise a markup error in place of the message.
             err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(getattr(e, "exit_code", 2)) from None
         except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/] — completed checkpoints are kept; continue with --resume")
+            err.print("[yellow]interrupted[/]; files ftune writes are complete or absent, never half-written")
             raise typer.Exit(130) from None
     return wrapper
 
@@ -50,7 +50,9 @@ def train(
     config: str = typer.Argument(..., help="Run config YAML (configs/*.yaml)."),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in the run directory."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run directory of the same name first."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run of the same name; the old run is "
+                                   "kept until the new one has written a checkpoint or its artifact. Never replaces "
+                                   "a directory ftune did not write."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved config; load nothing."),
 ):
     """Fine-tune a model as the config says; writes RUN_DIR/{ftune.yaml, adapter|model, metrics.jsonl, run.json}."""
@@ -62,7 +64,11 @@ def train(
         return
     from ftune.train.loop import train as run_train
 
-    summary = run_train(cfg, resume=resume, overwrite=overwrite, console=err)
+    try:
+        summary = run_train(cfg, resume=resume, overwrite=overwrite, console=err)
+    except KeyboardInterrupt as e:
+        _say_how_to_continue(e, cfg.run_dir, ["ftune", "train", config, *(overrides or [])])
+        raise typer.Exit(130) from None
     failed = [g for g in summary.get("quality_gates", []) if not g["passed"]]
     if failed:
         for g in failed:
@@ -70,6 +76,25 @@ def train(
             err.print(f"[bold red]quality gate failed:[/] {g['metric']} = {g['value']} (needs {bound})", highlight=False)
         err.print(f"the artifact is saved in {cfg.run_dir}; run.json has status: failed")
         raise typer.Exit(1)
+
+
+def _say_how_to_continue(e: KeyboardInterrupt, run_dir: str, command: list[str]) -> None:
+    """One way forward after Ctrl-C: resume from the newest checkpoint, or run the same command again."""
+    import shlex
+    from pathlib import Path
+
+    from ftune.errors import Interrupted
+    from ftune.train.checkpoint import complete_checkpoints
+
+    shown = " ".join(shlex.quote(c) for c in command)
+    saved = complete_checkpoints(Path(run_dir)) if Path(run_dir).is_dir() else []
+    if isinstance(e, Interrupted):
+        err.print(f"[yellow]interrupted[/] after step {e.step}: checkpoint written to {e.checkpoint}", highlight=False)
+    if saved:
+        err.print(f"continue from {saved[-1].name} with:\n  {shown} --resume", highlight=False, soft_wrap=True)
+    else:
+        err.print(f"[yellow]interrupted[/] before any checkpoint was written; nothing to resume. Start over with the same "
+                  f"command:\n  {shown}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -26,3 +26,17 @@ class DataError(FtuneError):
         lines = "\n".join(f"  - {p}" for p in shown)
         tail = f"\n  … and {more} more" if more > 0 else ""
         super().__init__(f"bad data ({total or len(problems)} problem(s)):\n{lines}{tail}")
+
+
+class RunFailed(FtuneError):
+    """The run itself failed (diverged, stopped on a policy): not bad input, so exit code 1."""
+
+    exit_code = 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped training at a step boundary; `checkpoint` is where it was saved."""
+
+    def __init__(self, step: int, checkpoint):
+        super().__init__(step, checkpoint)
+        self.step, self.checkpoint = step, checkpoint

@@ -98,10 +98,15 @@ def test_resume_continues_exactly(make_config, data_dir, tmp_path):
         torch.testing.assert_close(again[k], final[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_resume_needs_a_checkpoint(make_config, tmp_path):
+def test_resume_with_nothing_saved_starts_over_and_a_finished_run_is_not_resumed(make_config, tmp_path):
     config = make_config()
-    with pytest.raises(FtuneError, match=r"--resume: no complete checkpoint in .*/checkpoints \(set train.save_every"):
-        run(config, resume=True)
+    result = invoke("train", config, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "--resume: nothing to resume in" in result.output and "starting from step 0" in result.output
+    # finished, no checkpoint: one way forward, named
+    result = invoke("train", config, "--resume")
+    assert result.exit_code == 2
+    assert "holds a finished run with no checkpoint to continue from; use --overwrite to train it again" in result.output
 
 
 # ---------------------------------------------------------------- budgets
@@ -124,11 +129,9 @@ def test_token_budget_ends_the_run_cleanly(make_config, tmp_path):
 
 def test_an_existing_run_is_refused_and_left_untouched(make_config, tmp_path):
     out = tmp_path / "existing"
-    (out / "adapter").mkdir(parents=True)
-    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    (out / "adapter" / "adapter_model.safetensors").write_bytes(b"precious")
-    before = snapshot(out)
     config = make_config(out_dir=out)
+    assert run(config)["steps"] == 2
+    before = snapshot(out)
 
     with pytest.raises(FtuneError, match=f"output directory {out} already holds a run; use --resume to continue it, "
                                          "--overwrite to replace it"):
@@ -143,8 +146,8 @@ def test_an_existing_run_is_refused_and_left_untouched(make_config, tmp_path):
 
 def test_overwrite_keeps_the_old_run_when_the_new_one_fails_before_starting(make_config, tmp_path):
     out = tmp_path / "existing"
-    out.mkdir()
-    (out / "run.json").write_text("{}\n")
+    good = make_config(out_dir=out, name="good.yaml")
+    assert run(good)["steps"] == 2
     before = snapshot(out)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "great movie"}\n')
@@ -153,10 +156,10 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_fails_before_starting(make
         run(config, overwrite=True)
     assert snapshot(out) == before
 
-    good = make_config(out_dir=out, name="good.yaml")
-    assert run(good, overwrite=True)["steps"] == 2
-    assert json.loads((out / "run.json").read_text())["steps"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "ftune.yaml", "metrics.jsonl", "run.json"]
+    assert run(good, ["train.max_steps=3"], overwrite=True)["steps"] == 3
+    assert json.loads((out / "run.json").read_text())["steps"] == 3
+    assert sorted(p.name for p in out.iterdir()) == [".ftune-run", "adapter", "ftune.yaml", "metrics.jsonl", "run.json"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging or old copy left
 
 
 def test_quality_gates_mark_a_run_failed_but_keep_its_artifact(make_config, data_dir, tmp_path):

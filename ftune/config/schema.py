@@ -6,9 +6,10 @@ so a LoRA key under a `full` run is an unknown key like any other.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
 
 
 class Section(BaseModel):
@@ -66,6 +67,14 @@ class DataConfig(Section):
     label_prefix: str = Field(" ", description="Classification: text put before the label in the target (a space after the prompt's colon).")
     labels: list[str] | str | None = Field(None, description="Classification label set: a list, or a file with one label per line; read from the train data when unset.")
     system_prompt: str | None = Field(None, description="Chat: system message prepended to conversations that have none.")
+
+    @field_validator("labels")
+    @classmethod
+    def _usable_labels(cls, v):
+        problems = label_set_problems(v) if isinstance(v, list) else []
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
     packing: Literal["auto"] | bool = Field(
         "auto", description="true: put a micro-batch's examples of different lengths end to end in one row, no padding (attention stays within each example); false: pad; auto = true with a CUDA GPU.")
     max_length: int = Field(1024, ge=8, description="Maximum tokens per example; longer examples are truncated and counted.")
@@ -73,6 +82,25 @@ class DataConfig(Section):
     add_eos: bool = Field(True, description="Append the tokenizer's EOS token to every target.")
     num_proc: int = Field(1, ge=1, description="Processes for tokenization.")
     cache_dir: str | None = Field(None, description="Where tokenized data is cached; default ~/.cache/ftune (or $FTUNE_CACHE).")
+
+
+def label_set_problems(labels: list) -> list[str]:
+    """What makes a label set unusable: empty, blank or repeated labels (two entries for one class tie in
+    every score, and the metrics cannot tell them apart)."""
+    if not labels:
+        return ["the label set is empty; list the class labels, or leave data.labels unset to read them from the train file"]
+    problems = []
+    blank = [i for i, lab in enumerate(labels) if not str(lab).strip()]
+    if blank:
+        problems.append(f"label {blank[0] + 1} is blank")
+    seen, dups = set(), []
+    for lab in (str(x).strip() for x in labels):
+        if lab in seen and lab not in dups:
+            dups.append(lab)
+        seen.add(lab)
+    if dups:
+        problems.append(f"labels listed more than once: {', '.join(repr(d) for d in dups)}; list each class once")
+    return problems
 
 
 class BudgetConfig(Section):
@@ -106,6 +134,9 @@ class TrainConfig(Section):
     eval_every: int | None = Field(None, ge=1, description="Evaluate on data.eval every N steps (and always at the end if data.eval is set).")
     save_every: int | None = Field(None, ge=1, description="Write a resumable checkpoint every N steps.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted after a new one is complete.")
+    nan_policy: Literal["stop", "skip"] = Field(
+        "stop", description="A non-finite loss or gradient norm: stop = end the run at once as failed (exit 1, last good "
+                            "checkpoint kept, no artifact); skip = skip that step's update (a GPU sync per step), failing after 5 in a row.")
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Budgets that end the run cleanly.")
     tensorboard: bool = Field(False, description="Also log to TensorBoard (RUN_DIR/tensorboard) through accelerate.")
     quality_gates: list[QualityGate] = Field(
@@ -125,13 +156,22 @@ class EvalConfig(Section):
 
 class RunConfig(Section):
     recipe: str | None = Field(None, description="Method preset: a name in recipes/ (lora, full, …) or a path to a YAML file.")
-    name: str = Field("run", description="Run name; the output directory defaults to runs/<name>.")
+    name: str = Field("run", description="Run name (letters, digits and _ . + = @ -); the output directory defaults to runs/<name>.")
     output_dir: str | None = Field(None, description="Where the run writes its files (default runs/<name>).")
     model: ModelConfig
     data: DataConfig
     method: SerializeAsAny[MethodConfig]
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        # runs/<name> must stay inside runs/: no separators, no "..", nothing hidden
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+=@-]*", v) or ".." in v:
+            raise ValueError("a run name is one plain folder name (letters, digits and _ . + = @ -, not starting with "
+                             "'.', no '/' or '..'); to write somewhere else set output_dir")
+        return v
 
     @property
     def run_dir(self) -> str:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ftune.config.schema import DataConfig
+from ftune.config.schema import DataConfig, label_set_problems
+from ftune.errors import FtuneError
 from ftune.data.formats import Example, infer_labels, read_labels, read_rows, render
 from ftune.data.tokenize import TokenStats, tokenize_split
 
@@ -24,7 +25,12 @@ def resolve_labels(cfg: DataConfig) -> list[str] | None:
     if cfg.format != "classification":
         return None
     labels = read_labels(cfg.labels)
-    return labels if labels is not None else infer_labels(read_rows(cfg.train), cfg.columns.label)
+    if labels is None:
+        return infer_labels(read_rows(cfg.train), cfg.columns.label)
+    problems = label_set_problems(labels)  # a list is checked with the config; a file only now, still before any model
+    if problems:
+        raise FtuneError(f"data.labels ({cfg.labels}): {'; '.join(problems)}")
+    return labels
 
 
 def load_examples(path: str, cfg: DataConfig, labels: list[str] | None) -> list[Example]:

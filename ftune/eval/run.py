@@ -36,6 +36,7 @@ def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[
     if cfg.data.format != "classification":
         dataset = split.dataset.select(range(min(len(split.dataset), len(examples))))
         result = lm_loss(model, dataset, tokenizer.pad_token_id, cfg.eval.batch_size, progress)
+        _require_finite(torch.tensor([result["loss"]]), "the loss")
         return {"summary": {"loss": result["loss"], "perplexity": result["perplexity"]}, "report": result, "predictions": []}
     prompts = [e.prompt for e in examples]
     gold = [e.label for e in examples]
@@ -45,6 +46,7 @@ def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[
     else:
         logprobs, lengths = label_logprobs(model, tokenizer, prompts, label_token_ids(tokenizer, labels, cfg.data),
                                            cfg.eval.batch_size, cfg.data.max_length, progress)
+        _require_finite(logprobs, "label scores")
         pred, probs = predict_labels(logprobs, lengths, labels, cfg.eval.length_normalize)
         conf = probs.max(-1).values.tolist()
         outputs = None
@@ -70,6 +72,14 @@ def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[
             row["output"] = outputs[i]
         predictions.append(row)
     return {"summary": summary, "report": report, "predictions": predictions, "confidence": conf}
+
+
+def _require_finite(scores: torch.Tensor, what: str) -> None:
+    """Metrics from NaN scores would be numbers that mean nothing: refuse them."""
+    bad = int((~torch.isfinite(scores)).reshape(scores.shape[0], -1).any(-1).sum())
+    if bad:
+        raise FtuneError(f"the model gives non-finite {what} (NaN/inf) for {bad} of {scores.shape[0]} examples, so no "
+                         f"metric can be computed: its weights are broken (a diverged run?); retrain with a lower train.lr")
 
 
 @torch.no_grad()

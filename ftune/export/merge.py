@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from ftune.config import load_resolved, resolved_yaml
 from ftune.errors import FtuneError
-from ftune.io import atomic_dir, write_text_atomic
+from ftune.io import atomic_dir, write_json_atomic, write_text_atomic
 from ftune.methods import get_method
 from ftune.models import DTYPES, load_model, load_tokenizer, resolve_source
 
@@ -41,11 +41,10 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | N
         console.print(f"nothing to merge: method {method.name!r} saves a complete checkpoint at {artifact}")
         return None
     out = Path(out) if out else run_dir / "merged"
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FtuneError(f"{out} already exists; pass --overwrite to replace it or --out to write elsewhere")
+    source, gguf = resolve_source(cfg.model)
+    check_output(out, {"the run": run_dir, "its adapter": artifact, "the base model": Path(source)}, overwrite)
     target_dtype = DTYPES[dtype] if dtype else None
     merge = method.merge_fn(artifact)
-    source, gguf = resolve_source(cfg.model)
     shards = sorted(Path(source).glob("*.safetensors")) if not gguf else []
     with atomic_dir(out) as tmp:
         if shards:
@@ -63,11 +62,34 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | N
         load_tokenizer(cfg.model).save_pretrained(str(tmp))
         merged_cfg = cfg.model_copy(deep=True)
         write_text_atomic(tmp / "ftune.yaml", resolved_yaml(merged_cfg))
+        write_json_atomic(tmp / MERGED_MARKER, {"merged_from": str(run_dir.resolve())})
     console.print(f"[green]merged[/] {len(touched)} weights of {method.name} into {out}")
     if verify:
         diff = verify_merge(cfg, method, artifact, out)
         console.print(f"max |logit diff| merged vs adapter: {diff:.3g}", highlight=False)
     return out
+
+
+MERGED_MARKER = ".ftune-merged"
+
+
+def check_output(out: Path, inputs: dict[str, Path], overwrite: bool) -> None:
+    """Refuse an output that is, contains or lies inside one of the inputs it is made from, and replace only
+    a merge ftune wrote. Inside the run is fine (RUN/merged is the default) as long as it is not inside its adapter."""
+    o = out.resolve()
+    for what, path in inputs.items():
+        p = path.resolve()
+        if o == p or p.is_relative_to(o) or (o.is_relative_to(p) and what != "the run"):
+            relation = "is" if o == p else "contains" if p.is_relative_to(o) else "lies inside"
+            raise FtuneError(f"--out {out}: {relation} {what} ({path}), which the merge reads; choose another directory")
+    if out.exists() and not out.is_dir():
+        raise FtuneError(f"--out {out}: is a file; choose a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MERGED_MARKER).is_file():
+            raise FtuneError(f"--out {out}: holds files that `ftune merge` did not write; ftune never replaces such a "
+                             f"directory, not even with --overwrite: choose a new or empty directory")
+        if not overwrite:
+            raise FtuneError(f"{out} already exists; pass --overwrite to replace it or --out to write elsewhere")
 
 
 VERIFY_TEXT = "The quick brown fox jumps over the lazy dog. 0123456789"

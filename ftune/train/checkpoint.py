@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from ftune.errors import FtuneError
 from ftune.io import atomic_dir
 
-STATE_FIELDS = ("step", "epoch", "batch_in_epoch", "tokens", "target_tokens")
+STATE_FIELDS = ("step", "epoch", "batch_in_epoch", "tokens", "target_tokens", "loss_sum", "loss_steps", "skipped_steps")
 
 
 def trainable_state(model, names: set[str] | None = None) -> dict[str, torch.Tensor]:
@@ -93,6 +93,6 @@ def load_checkpoint(state, hooks: list, directory: Path) -> None:
         h.load_state_dict(s)
     meta = json.loads((directory / "trainer_state.json").read_text())
     for k in STATE_FIELDS:
-        setattr(state, k, meta[k])
+        setattr(state, k, meta.get(k, 0))  # fields added later read as 0 from older checkpoints
     state.elapsed_s = meta["elapsed_s"]
     _set_rng_state(blob["rng"])

@@ -29,6 +29,9 @@ class TrainState:
     tokens: int = 0  # input tokens (non-pad) trained on
     target_tokens: int = 0  # tokens that carried loss
     elapsed_s: float = 0.0  # training time before this process (resume) + this process's
+    loss_sum: float = 0.0  # Σ loss of the steps since the last log line (kept in checkpoints: a resume logs the same)
+    loss_steps: int = 0  # how many steps that is
+    skipped_steps: int = 0  # updates skipped by train.nan_policy: skip
     log: dict = field(default_factory=dict)  # merged into this step's metrics line
     stop_reason: str | None = None  # set by a hook to end the run cleanly after this step
     started_at: float = field(default_factory=time.monotonic)

@@ -7,10 +7,10 @@ gradient as one big batch, however the tokens fall across micro-batches.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -18,28 +18,18 @@ from rich.console import Console
 from ftune.config import RunConfig, resolved_yaml
 from ftune.data import Split, load_split, resolve_labels
 from ftune.data.collate import collate_batch, count_targets, epoch_order
-from ftune.errors import FtuneError
-from ftune.io import atomic_dir, write_text_atomic
+from ftune.errors import FtuneError, Interrupted, RunFailed
+from ftune.io import atomic_dir, file_sha256, write_json_atomic, write_text_atomic
 from ftune.methods import PrepareContext, get_method
 from ftune.models import count_parameters, load_model, load_tokenizer
 from ftune.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from ftune.train.hooks import BudgetHook, QualityGateHook, TrainState
 from ftune.train.optim import build_optimizer, build_scheduler, default_param_groups
+from ftune.train.interrupt import StopRequest
 from ftune.train.progress import RunLog, gpu_memory_gib
+from ftune.train.rundir import (RunDir, check_resume, has_checkpoint, open_run_dir, plan, record_resume,
+                                remove_stale_temps, trim_metrics)
 from ftune.train.step import train_step
-
-
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Never clobber a previous run: refuse a non-empty directory unless resuming or --overwrite.
-    With --overwrite the old run is deleted only once the new one has loaded (see `train`)."""
-    if resume:
-        if not complete_checkpoints(run_dir):
-            raise FtuneError(f"--resume: no complete checkpoint in {run_dir}/checkpoints (set train.save_every to write them); "
-                             f"run without --resume to start over")
-        return
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise FtuneError(f"output directory {run_dir} already holds a run; use --resume to continue it, --overwrite to "
-                         f"replace it, or set name=/output_dir= to write elsewhere")
 
 
 def micro_batches_per_epoch(n_examples: int, cfg: RunConfig, world: int) -> int:
@@ -83,30 +73,62 @@ def build_training(cfg: RunConfig, accelerator, total_steps: int):
     return model, optimizer, scheduler, hooks
 
 
+@dataclass
+class Run:
+    """Everything a training run holds between set-up, the steps and the end."""
+
+    cfg: RunConfig
+    accelerator: Any
+    console: Console
+    dir: RunDir
+    method: Any
+    state: TrainState
+    hooks: list
+    tokenizer: Any
+    train_split: Split
+    eval_split: Split | None
+    labels: list[str] | None
+    trainable: int
+    total: int
+    flops: float | None
+
+
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> dict:
-    """Run training to completion (or to a budget); returns the run summary also written to run.json."""
+    """Run training to completion (or to a budget); returns the run summary also written to run.json.
+    Raises RunFailed when the run diverges, Interrupted after checkpointing on Ctrl-C."""
+    console = console or Console(stderr=True)
+    run = _set_up(cfg, resume, overwrite, console)
+    try:
+        with RunLog(run.dir.path, run.state.total_steps, run.accelerator, console, start_step=run.state.step,
+                    flops_per_token=run.flops) as log, StopRequest(console) as stop:
+            _steps(run, log, stop)
+            return _finish(run, log)
+    except BaseException:
+        run.dir.discard()  # a staged run that saved nothing: the old run is still there, untouched
+        raise
+    finally:
+        run.dir.close()
+        run.accelerator.end_training()
+
+
+def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> Run:
+    """Everything checkable is checked before the model loads: run directory, data, labels, resume fit."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    console = console or Console(stderr=True)
-    run_dir = Path(cfg.run_dir)
-    check_run_dir(run_dir, resume, overwrite)
     method = get_method(cfg.method.name)
-
-    # --- set up: accelerator, data (checked before the model is loaded), model, method, optimizer
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    mp = cfg.train.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(mixed_precision=mp, log_with="tensorboard" if cfg.train.tensorboard else None,
-                              project_dir=str(run_dir))
+    final = Path(cfg.run_dir)
+    mode = plan(final, resume, overwrite, method.artifact)
+    accelerator = Accelerator(mixed_precision=_precision(cfg), log_with="tensorboard" if cfg.train.tensorboard else None,
+                              project_dir=str(final))
     set_seed(cfg.train.seed)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     tokenizer = load_tokenizer(cfg.model)
     labels = resolve_labels(cfg.data)
+    train_split = load_split(cfg.data.train, cfg.data, tokenizer, labels)  # bad rows are reported here
     if labels is not None:
         cfg.data.labels = labels  # frozen into ftune.yaml so eval scores the same label set
-    train_split = load_split(cfg.data.train, cfg.data, tokenizer, labels)
+        _warn_label_collisions(console, tokenizer, labels, cfg)
     eval_split = load_split(cfg.data.eval, cfg.data, tokenizer, labels) if cfg.data.eval else None
     _report_data(console, "train", train_split, cfg)
     if eval_split:
@@ -114,87 +136,207 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, console
     if len(train_split.dataset) == 0:
         raise FtuneError(f"{cfg.data.train}: no example has a target token left within data.max_length "
                          f"{cfg.data.max_length}; raise max_length or shorten the prompts")
-    batches_per_epoch = micro_batches_per_epoch(len(train_split.dataset), cfg, world)
-    per_epoch = steps_per_epoch(len(train_split.dataset), cfg, world)
-    total_steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch(len(train_split.dataset), cfg, world)
+    data_sha = file_sha256(cfg.data.train)
+    config_text = resolved_yaml(cfg)
+    changes = check_resume(final, config_text, data_sha) if mode == "resume" else {}
+    _say_mode(console, mode, final, resume, changes)
 
     model, optimizer, scheduler, hooks = build_training(cfg, accelerator, total_steps)
+    # The directory is made (and locked) only now: a model or method that fails to load leaves nothing behind.
+    rundir = open_run_dir(final, mode, accelerator.is_main_process, data_sha)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for stale in remove_stale_temps(final.parent, final.name) + remove_stale_temps(final):
+            console.print(f"removed stale temporary folder {stale} (left by an interrupted ftune)")
     trainable, total = count_parameters(model)
     console.print(f"[bold]{cfg.method.name}[/]: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     console.print(getattr(accelerator.unwrap_model(model), "_ftune_kernels", ""), highlight=False)
-    flops = _flops_per_token(accelerator.unwrap_model(model), trainable, total, train_split)
     state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, cfg=cfg,
-                       run_dir=run_dir, total_steps=total_steps)
-    if resume:
-        last = complete_checkpoints(run_dir)[-1]
+                       run_dir=rundir.path, total_steps=total_steps)
+    if mode == "resume":
+        last = complete_checkpoints(final)[-1]
         load_checkpoint(state, hooks, last)
         console.print(f"resumed from {last} (step {state.step} of {total_steps})")
     if accelerator.is_main_process:
-        if overwrite and not resume and run_dir.exists():
-            shutil.rmtree(run_dir)  # only now: a bad data row or model path above leaves the old run as it was
-        write_text_atomic(run_dir / "ftune.yaml", resolved_yaml(cfg))
+        if mode == "resume":
+            trim_metrics(final, state.step)
+            record_resume(final, state.step, changes, config_text)
+        else:
+            write_text_atomic(rundir.path / "ftune.yaml", config_text)
     if cfg.train.tensorboard:
+        accelerator.project_configuration.set_directories(str(rundir.path))
         accelerator.init_trackers("tensorboard")
+    flops = _flops_per_token(accelerator.unwrap_model(model), trainable, total, train_split)
+    return Run(cfg, accelerator, console, rundir, method, state, hooks, tokenizer, train_split, eval_split, labels,
+               trainable, total, flops)
 
-    # --- the steps
-    model.train()
+
+def _steps(run: Run, log: RunLog, stop: StopRequest) -> None:
+    """Optimizer steps until the schedule ends, a hook stops the run, it diverges, or Ctrl-C."""
+    cfg, state, hooks, accelerator = run.cfg, run.state, run.hooks, run.accelerator
+    world, rank = accelerator.num_processes, accelerator.process_index
+    batches_per_epoch = micro_batches_per_epoch(len(run.train_split.dataset), cfg, world)
     packed = packing_on(cfg, accelerator.device)
-    batches = micro_batches(state, train_split.dataset, cfg, world, rank, tokenizer.pad_token_id, packed)
-    ga, logged_steps = cfg.train.gradient_accumulation_steps, 0
-    pending_loss = torch.zeros((), device=accelerator.device)  # read (a GPU sync) only at log steps
+    batches = micro_batches(state, run.train_split.dataset, cfg, world, rank, run.tokenizer.pad_token_id, packed)
+    ga, skipped_in_row = cfg.train.gradient_accumulation_steps, 0
+    # Read (a GPU sync) only at log and save steps: the loss since the last log line, and the first step
+    # whose loss or gradient norm was not finite (0 = none yet).
+    pending = torch.tensor(state.loss_sum, device=accelerator.device)
+    first_bad = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    state.model.train()
     for h in hooks:
         h.on_train_start(state)
-    with RunLog(run_dir, total_steps, accelerator, console, start_step=state.step, flops_per_token=flops) as log:
-        while state.step < total_steps and state.stop_reason is None:
-            for h in hooks:
-                h.on_step_start(state)
-            micro = [next(batches) for _ in range(ga)]
-            n_targets = _global_count(accelerator, sum(count_targets(b["labels"]) for b in micro))
-            result = train_step(state, hooks, micro, n_targets)
-            pending_loss += result.loss
-            log.count(result.tokens)
-            grad_norm = result.grad_norm
-            logged_steps += 1
-            log.step(state.step)
-            last_step = state.step == total_steps or state.stop_reason is not None
-            if state.step % cfg.train.log_every == 0 or last_step:
-                metrics = {"loss": float(pending_loss) / logged_steps, "lr": scheduler.get_last_lr()[0],
-                           "epoch": round(state.epoch + state.batch_in_epoch / batches_per_epoch, 3),
-                           "tokens": state.tokens, **state.log}
-                if cfg.train.max_grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
-                log.log(state.step, metrics)
-                pending_loss, logged_steps, state.log = torch.zeros((), device=accelerator.device), 0, {}
-            if eval_split and cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and not last_step:
-                _evaluate(state, hooks, log, tokenizer, eval_split, labels)
-            if cfg.train.save_every and state.step % cfg.train.save_every == 0 and accelerator.is_main_process:
-                save_checkpoint(state, hooks, cfg.train.save_total_limit)
-
-        # --- the end: final eval, artifact, summary
-        if state.stop_reason:
-            console.print(f"[yellow]stopping early:[/] {state.stop_reason}")
+    while state.step < state.total_steps and state.stop_reason is None:
         for h in hooks:
-            h.on_train_end(state)
-        final_eval = _evaluate(state, hooks, log, tokenizer, eval_split, labels) if eval_split else {}
-    summary = {"method": cfg.method.name, "trainable_params": trainable, "total_params": total, "steps": state.step,
-               "total_steps": total_steps, "tokens": state.tokens, "target_tokens": state.target_tokens,
-               "train_seconds": round(state.seconds(), 2), "peak_mem_gib": gpu_memory_gib(),
-               "stop_reason": state.stop_reason, "final_eval": final_eval, "device": str(accelerator.device)}
-    gates = next(h for h in hooks if isinstance(h, QualityGateHook)).verdict()
+            h.on_step_start(state)
+        micro = [next(batches) for _ in range(ga)]
+        n_targets = _global_count(accelerator, sum(count_targets(b["labels"]) for b in micro))
+        result = train_step(state, hooks, micro, n_targets)
+        skipped_in_row = skipped_in_row + 1 if result.skipped else 0
+        if skipped_in_row >= MAX_SKIPS_IN_ROW:
+            _fail(run, f"{MAX_SKIPS_IN_ROW} steps in a row had a non-finite loss or gradient (last: step {state.step})")
+        pending += torch.nan_to_num(result.loss, nan=0.0) if result.skipped else result.loss
+        first_bad = torch.where((first_bad == 0) & ~_finite(result), state.step, first_bad)
+        state.loss_steps += 1
+        log.count(result.tokens)
+        log.step(state.step)
+        last_step = state.step == state.total_steps or state.stop_reason is not None
+        if state.step % cfg.train.log_every == 0 or last_step:
+            metrics = {"loss": float(pending) / state.loss_steps, "lr": state.scheduler.get_last_lr()[0],
+                       "epoch": round(state.epoch + state.batch_in_epoch / batches_per_epoch, 3),
+                       "tokens": state.tokens, **state.log}
+            if result.grad_norm is not None:
+                metrics["grad_norm"] = float(result.grad_norm)
+            if state.skipped_steps:
+                metrics["skipped_steps"] = state.skipped_steps
+            log.log(state.step, metrics)
+            pending.zero_()
+            state.loss_steps, state.log = 0, {}
+            _check_finite(run, first_bad)
+        if run.eval_split and cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and not last_step:
+            _evaluate(run, log)
+        interrupted = stop.requested(accelerator, state.step % cfg.train.log_every == 0)
+        if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or interrupted:
+            _check_finite(run, first_bad)
+            _save(run, pending)
+        if interrupted:
+            raise Interrupted(state.step, complete_checkpoints(run.dir.final)[-1] if run.dir.final.is_dir() else None)
+    _check_finite(run, first_bad)
+
+
+MAX_SKIPS_IN_ROW = 5
+
+
+def _finite(result) -> torch.Tensor:
+    ok = torch.isfinite(result.loss)
+    return ok & torch.isfinite(result.grad_norm) if result.grad_norm is not None else ok
+
+
+def _check_finite(run: Run, first_bad: torch.Tensor) -> None:
+    step = int(first_bad)  # a GPU sync: only at log, save and end steps
+    if step and run.cfg.train.nan_policy == "stop":
+        _fail(run, f"the loss or the gradient norm became non-finite (NaN/inf) at step {step}")
+
+
+def _fail(run: Run, what: str) -> None:
+    """End a diverged run: no artifact, run.json says failed, the last good checkpoint stays."""
+    lr = run.cfg.train.lr
+    kept = complete_checkpoints(run.dir.path) if run.dir.path.is_dir() else []
+    where = (f"the last good checkpoint is {kept[-1]} (resume from it with a lower lr)" if kept else
+             "no checkpoint was written" + (f"; the previous run in {run.dir.final} is kept as it was" if run.dir.staged else ""))
+    message = (f"training diverged: {what}. No artifact was saved; {where}. Try a lower train.lr (now {lr:g}, e.g. "
+               f"train.lr={lr / 4:g}), warmup (train.warmup_ratio=0.05), gradient clipping (train.max_grad_norm=1.0), "
+               f"or bf16 instead of fp16")
+    if run.accelerator.is_main_process and not run.dir.staged:
+        write_json_atomic(run.dir.path / "run.json", _summary(run) | {"status": "failed", "failure": message})
+    raise RunFailed(message)
+
+
+def _save(run: Run, pending: torch.Tensor) -> None:
+    """A resumable checkpoint (main process); the first one also makes a staged run the run."""
+    run.state.loss_sum = float(pending)  # the loss of steps since the last log line, so a resume logs the same
+    if run.accelerator.is_main_process:
+        save_checkpoint(run.state, run.hooks, run.cfg.train.save_total_limit)
+        run.state.run_dir = run.dir.promote()
+    run.accelerator.wait_for_everyone()
+
+
+def _finish(run: Run, log: RunLog) -> dict:
+    """The artifact first, then the final evaluation: an evaluation failure never costs the artifact."""
+    cfg, state, accelerator = run.cfg, run.state, run.accelerator
+    if state.stop_reason:
+        run.console.print(f"[yellow]stopping early:[/] {state.stop_reason}")
+    for h in run.hooks:
+        h.on_train_end(state)
+    model = accelerator.unwrap_model(state.model)
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if bad:
+        _fail(run, f"{len(bad)} trained weights hold NaN/inf values (e.g. {bad[0]})")
+    summary = _summary(run)
+    if accelerator.is_main_process:
+        artifact = run.dir.path / run.method.artifact
+        with atomic_dir(artifact) as tmp:
+            for h in run.hooks:
+                h.on_save(state, tmp)
+            run.method.save(model, cfg.method, tmp)
+            run.tokenizer.save_pretrained(str(tmp))
+        state.run_dir = run.dir.promote()
+        write_json_atomic(state.run_dir / "run.json", summary | {"status": "evaluating" if run.eval_split else "done"})
+        run.console.print(f"[green]saved[/] {state.run_dir / run.method.artifact}  ({state.step} steps, "
+                          f"{state.tokens:,} tokens, {state.seconds():.0f}s)")
+    try:
+        summary["final_eval"] = _evaluate(run, log) if run.eval_split else {}
+    except BaseException as e:
+        if accelerator.is_main_process:
+            write_json_atomic(state.run_dir / "run.json", summary | {"status": "failed", "failure": f"final evaluation: {e}"})
+        raise
+    gates = next(h for h in run.hooks if isinstance(h, QualityGateHook)).verdict()
+    summary["status"] = "done"
     if gates:
         summary["quality_gates"] = gates
         summary["status"] = "failed" if any(not g["passed"] for g in gates) else "passed"
     if accelerator.is_main_process:
-        artifact = run_dir / method.artifact
-        with atomic_dir(artifact) as tmp:
-            for h in hooks:
-                h.on_save(state, tmp)
-            method.save(accelerator.unwrap_model(model), cfg.method, tmp)
-            tokenizer.save_pretrained(str(tmp))
-        write_text_atomic(run_dir / "run.json", json.dumps(summary, indent=2) + "\n")
-        console.print(f"[green]saved[/] {artifact}  ({state.step} steps, {state.tokens:,} tokens, {state.seconds():.0f}s)")
-    accelerator.end_training()
+        write_json_atomic(state.run_dir / "run.json", summary)
     return summary
+
+
+def _summary(run: Run) -> dict:
+    s = run.state
+    return {"method": run.cfg.method.name, "trainable_params": run.trainable, "total_params": run.total, "steps": s.step,
+            "total_steps": s.total_steps, "tokens": s.tokens, "target_tokens": s.target_tokens,
+            "skipped_steps": s.skipped_steps, "train_seconds": round(s.seconds(), 2), "peak_mem_gib": gpu_memory_gib(),
+            "stop_reason": s.stop_reason, "final_eval": {}, "device": str(run.accelerator.device)}
+
+
+def _precision(cfg: RunConfig) -> str:
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return mp
+
+
+def _say_mode(console: Console, mode: str, final: Path, resume: bool, changes: dict) -> None:
+    if mode == "stage" and not has_checkpoint(final) and not any((final / a).is_dir() for a in ("adapter", "model")):
+        console.print(f"{final} holds an unfinished run that saved nothing: starting it over")
+    elif mode == "new" and resume:
+        console.print(f"--resume: nothing to resume in {final}; starting from step 0")
+    for key, (old, new) in changes.items():
+        console.print(f"[yellow]warning:[/] resuming with {key} changed: {old!r} → {new!r} (recorded in resumes.jsonl)",
+                      highlight=False)
+
+
+def _warn_label_collisions(console: Console, tokenizer, labels: list[str], cfg: RunConfig) -> None:
+    """Labels whose target tokens are identical can never be told apart by label scoring: they always tie."""
+    from ftune.eval.scoring import label_token_ids
+
+    seen: dict[tuple, str] = {}
+    for label, ids in zip(labels, label_token_ids(tokenizer, labels, cfg.data)):
+        if tuple(ids) in seen:
+            console.print(f"[yellow]warning:[/] labels {seen[tuple(ids)]!r} and {label!r} tokenize identically "
+                          f"({ids}); their scores always tie and the first one always wins. Rename one of them",
+                          highlight=False)
+        seen.setdefault(tuple(ids), label)
 
 
 def _flops_per_token(model, trainable: int, total: int, split: Split) -> float | None:
@@ -216,18 +358,19 @@ def _global_count(accelerator, n: int) -> int:
     return int(accelerator.reduce(t, reduction="sum").item())
 
 
-def _evaluate(state: TrainState, hooks, log: RunLog, tokenizer, split: Split, labels) -> dict:
+def _evaluate(run: Run, log: RunLog) -> dict:
     """Eval on the eval split with the same code as `ftune eval`; logged with an eval_ prefix."""
     from ftune.eval.run import evaluate_model
 
+    state = run.state
     model = state.accelerator.unwrap_model(state.model)
     model.eval()
     with state.accelerator.autocast():
-        result = evaluate_model(model, tokenizer, split, state.cfg, labels)
+        result = evaluate_model(model, run.tokenizer, run.eval_split, run.cfg, run.labels)
     model.train()
     metrics = {f"eval_{k}": v for k, v in result["summary"].items()}
     log.log(state.step, dict(metrics), throughput=False)
-    for h in hooks:
+    for h in run.hooks:
         h.on_evaluate(state, metrics)
     return metrics
 

@@ -26,6 +26,7 @@ class StepResult:
     tokens: int  # real input tokens, all processes
     target_tokens: int
     grad_norm: torch.Tensor | None
+    skipped: bool = False  # train.nan_policy: skip dropped this step's update
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -47,6 +48,7 @@ def train_step(state, hooks: list, micro: list[dict], n_targets: int) -> StepRes
     batch over all processes, the denominator of every micro-batch's summed loss (see loop.py)."""
     accelerator, model, optimizer = state.accelerator, state.model, state.optimizer
     world, ga = accelerator.num_processes, len(micro)
+    n_targets = max(n_targets, 1)  # a step with no predictable target token has loss 0, never 0/0
     loss_sum = torch.zeros((), device=accelerator.device)
     tokens = targets = 0
     for i, batch in enumerate(micro):
@@ -63,6 +65,8 @@ def train_step(state, hooks: list, micro: list[dict], n_targets: int) -> StepRes
         targets += count_targets(batch["labels"]) * world
     state.tokens += tokens
     state.target_tokens += targets
+    if state.cfg.train.nan_policy == "skip" and not _finite(loss_sum, optimizer):
+        return _skip(state, loss_sum, tokens, targets)
     for h in hooks:
         h.after_backward(state)
     grad_norm = None
@@ -76,3 +80,20 @@ def train_step(state, hooks: list, micro: list[dict], n_targets: int) -> StepRes
         h.after_optimizer_step(state)
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_sum, tokens, targets, grad_norm)
+
+
+def _finite(loss: torch.Tensor, optimizer) -> bool:
+    """Loss and every gradient finite. One norm per gradient, then a GPU sync: only under nan_policy: skip."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    norms = torch._foreach_norm(grads) if grads else []
+    return bool(torch.isfinite(torch.stack([loss.float(), *[n.float().to(loss.device) for n in norms]])).all())
+
+
+def _skip(state, loss_sum: torch.Tensor, tokens: int, targets: int) -> StepResult:
+    """The step counts (its data is consumed, the schedule moves on) but nothing is updated; no hook sees
+    its gradients."""
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scheduler.step()
+    state.step += 1
+    state.skipped_steps += 1
+    return StepResult(loss_sum, tokens, targets, None, skipped=True)
