@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from ftune.config import load_resolved, resolved_yaml
 from ftune.errors import FtuneError
-from ftune.io import atomic_dir, write_text_atomic
+from ftune.io import atomic_dir, remove_stale_temps, write_text_atomic
 from ftune.methods import get_method
 from ftune.models import DTYPES, load_model, load_tokenizer, resolve_source
 
@@ -43,6 +43,8 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | N
     out = Path(out) if out else run_dir / "merged"
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FtuneError(f"{out} already exists; pass --overwrite to replace it or --out to write elsewhere")
+    for stale in remove_stale_temps(out.parent):  # a killed merge of a 7B model leaves tens of GB behind
+        console.print(f"removed stale temporary folder {stale} (left by an interrupted run)", highlight=False)
     target_dtype = DTYPES[dtype] if dtype else None
     merge = method.merge_fn(artifact)
     source, gguf = resolve_source(cfg.model)
