@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import warnings
 import tempfile
 from contextlib import contextmanager
 from collections.abc import Iterable
@@ -72,6 +74,28 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[Any]) -> Path:
     return write_text_atomic(path, "".join(lines))
 
 
+def write_safetensors_atomic(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """Write tensors as safetensors atomically. Streams to a temp file beside `path` (an in-memory byte copy
+    would double the peak memory of a large optimizer state), then renames it into place."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp_name, metadata=metadata)
+        with open(tmp_name, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
 def file_sha256(path: str | Path) -> str:
     """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
     import hashlib
@@ -107,3 +131,66 @@ def atomic_dir(path: str | Path, replace: bool = True):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
+
+
+STALE_TEMP = re.compile(r"\.(tmp|old)-(.+)-(\d+)")
+PID_REUSE_SLACK_S = 60  # clock ticks, boot-time rounding and file-system clocks: only a clear gap counts
+
+
+def _process_start(pid: int) -> float | None:
+    """Unix time process `pid` started (Linux /proc), or None where that cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks since boot
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _owner_alive(pid: int, folder: Path) -> bool:
+    """Whether the process that made `folder` may still be running. A live pid counts as the owner unless
+    it started clearly after the folder was last changed: then the pid was reused by a newer process."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's live process
+    except OSError:
+        return True  # cannot tell: keep the folder
+    started = _process_start(pid)
+    try:
+        changed = folder.stat().st_mtime
+    except OSError:
+        return True
+    return started is None or started <= changed + PID_REUSE_SLACK_S
+
+
+def remove_stale_temps(directory: str | Path, name: str | None = None) -> list[Path]:
+    """Delete the `.tmp-<name>-<pid>` / `.old-<name>-<pid>` folders `atomic_dir` left in `directory` when its
+    process was killed (a 7B merge leaves tens of GB). Folders of a live process on this machine are kept;
+    pids are only meaningful on the host that wrote them, so do not share such a directory between hosts
+    writing at once. An `.old-` folder whose target is missing is the last complete version (the process
+    died between the two renames): it is renamed back, not deleted. `name`: only that target's folders
+    (in a directory ftune does not own, such as the parent of a run). Returns the folders removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for folder in sorted(directory.iterdir()):
+        m = STALE_TEMP.fullmatch(folder.name)
+        if not m or (name is not None and m.group(2) != name) or not folder.is_dir() or folder.is_symlink() \
+                or _owner_alive(int(m.group(3)), folder):
+            continue
+        target = directory / m.group(2)
+        if m.group(1) == "old" and not target.exists():
+            os.replace(folder, target)
+            warnings.warn(f"restored {target} from {folder.name} (an interrupted run had moved it aside)", stacklevel=2)
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            removed.append(folder)
+    return removed

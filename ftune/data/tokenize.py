@@ -2,6 +2,12 @@
 
 Prompt and target are tokenized separately and concatenated, so the ids a label is scored with at eval
 time are exactly the ids it was trained on. Labels are -100 where no loss is taken.
+
+A cache entry is `cache_root/<key>/{data/, stats.json, manifest.json}`; the manifest holds the SHA-256 of
+every other file, checked before the entry is used: an entry that was edited (relabelled rows train a model
+on the wrong answers), damaged or half-deleted is rebuilt, never trained on. The check catches corruption
+and edits that leave the manifest alone; whoever can rewrite the manifest too can still change the data.
+Nothing in an entry is unpickled: `datasets.load_from_disk` reads two JSON files and Arrow IPC files.
 """
 
 from __future__ import annotations
@@ -9,16 +15,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from ftune.config.schema import DataConfig
 from ftune.data.formats import Example
-from ftune.io import file_sha256
+from ftune.io import atomic_dir, file_sha256, remove_stale_temps, write_json_atomic
 
 IGNORE = -100
-CACHE_VERSION = "1"  # bump when the tokenized layout changes
+CACHE_VERSION = "2"  # bump when the tokenized layout changes (2: entries carry manifest.json)
+MANIFEST = "manifest.json"
+_cache_off_warned: set[str] = set()  # cache roots already reported unwritable, to warn once
 
 
 @dataclass
@@ -79,12 +87,22 @@ def encode(tokenizer, ex: Example, cfg: DataConfig) -> tuple[list[int], list[int
     return ids[: cfg.max_length], labels[: cfg.max_length], truncated
 
 
+def _definition(backend) -> dict:
+    """The backend's serialised definition without its padding/truncation settings: transformers switches
+    those on and off per call (a padded eval batch leaves them set until the next plain call), so keeping
+    them made the same split hash to a different key depending on what ran before."""
+    definition = json.loads(backend.to_str())
+    definition.pop("padding", None)
+    definition.pop("truncation", None)
+    return definition
+
+
 def _fingerprint(tokenizer, cfg: DataConfig, path: str, examples_sig: str) -> str:
     h = hashlib.sha256(file_sha256(path).encode())
     # A fast tokenizer's whole definition: a vocabulary sample would miss a changed normalizer, merges or
     # BOS rule (post-processor), and a rerun would silently train on ids the new tokenizer never makes.
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    definition = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    definition = _definition(backend) if backend is not None else sorted(tokenizer.get_vocab().items())
     tok_sig = json.dumps([type(tokenizer).__name__, definition, getattr(tokenizer, "chat_template", None),
                           tokenizer.bos_token_id, tokenizer.eos_token_id], default=str)
     h.update(tok_sig.encode())
@@ -100,15 +118,24 @@ def cache_root(cfg: DataConfig) -> Path:
 
 def tokenize_split(tokenizer, examples: list[Example], cfg: DataConfig, path: str):
     """A `datasets.Dataset` with input_ids/labels (examples with no target dropped), and its stats.
-    Cached under cache_root by file content + tokenizer + data settings; written atomically."""
+    Cached under cache_root by file content + tokenizer + data settings; written atomically, checked on use."""
     import datasets
 
     datasets.disable_progress_bars()
     labels_sig = json.dumps(sorted({e.label for e in examples if e.label is not None}))
-    key = _fingerprint(tokenizer, cfg, path, labels_sig)
-    target = cache_root(cfg) / key
-    if (target / "stats.json").is_file():
-        return datasets.load_from_disk(str(target / "data")), TokenStats(**json.loads((target / "stats.json").read_text()))
+    root = cache_root(cfg)
+    target = root / _fingerprint(tokenizer, cfg, path, labels_sig)
+    cached = _load_entry(target)
+    if cached is not None:
+        return cached
+    ds, stats = _tokenize(tokenizer, examples, cfg)
+    return _store_entry(root, target, ds, stats), stats
+
+
+def _tokenize(tokenizer, examples: list[Example], cfg: DataConfig):
+    """(in-memory dataset, stats) of the examples: encoded, and those with no target token left dropped."""
+    import datasets
+
     rows = [{"row": e.row, "prompt": e.prompt, "target": e.target, "messages": json.dumps(e.messages)} for e in examples]
 
     def batch_encode(batch):
@@ -128,12 +155,71 @@ def tokenize_split(tokenizer, examples: list[Example], cfg: DataConfig, path: st
     stats = TokenStats(examples=len(ds), truncated=int(sum(ds["truncated"])), dropped=n_before - len(ds),
                        tokens=int(sum(len(x) for x in ds["input_ids"])),
                        target_tokens=int(sum(sum(1 for t in lab if t != IGNORE) for lab in ds["labels"])))
-    tmp = target.with_name(f".tmp-{key}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds.save_to_disk(str(tmp / "data"))
-    (tmp / "stats.json").write_text(json.dumps(stats.__dict__))
+    return ds, stats
+
+
+def _manifest(entry: Path) -> dict:
+    files = sorted(p for p in entry.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {"version": CACHE_VERSION, "sha256": {p.relative_to(entry).as_posix(): file_sha256(p) for p in files}}
+
+
+def _check_entry(entry: Path) -> str | None:
+    """Why the entry cannot be trusted, or None when every file the manifest lists has its hash."""
     try:
-        os.replace(tmp, target)
-    except OSError:  # another process cached the same split first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return datasets.load_from_disk(str(target / "data")), stats
+        manifest = json.loads((entry / MANIFEST).read_text(encoding="utf-8"))
+        listed = manifest["sha256"]
+        if not {"stats.json", "data/state.json"} <= set(listed):
+            return f"{MANIFEST} does not list the entry's files"
+        for name, digest in listed.items():
+            if ".." in Path(name).parts or file_sha256(entry / name) != digest:
+                return f"{name} does not match its hash in {MANIFEST}"
+    except FileNotFoundError as e:
+        return f"{Path(e.filename).name if e.filename else 'a file'} is missing"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST} is unreadable: {e}"
+    return None
+
+
+def _load_entry(target: Path):
+    """(dataset, stats) from a verified cache entry; None when there is none or it fails its check (warned)."""
+    import datasets
+
+    try:
+        if not target.exists():
+            return None
+    except OSError:
+        return None  # an unreadable cache root: tokenize (writing will report it)
+    reason = _check_entry(target)
+    if reason is None:
+        try:
+            stats = TokenStats(**json.loads((target / "stats.json").read_text()))
+            ds = datasets.load_from_disk(str(target / "data"))
+            if not {"input_ids", "labels"} <= set(ds.column_names) or len(ds) != stats.examples:
+                raise ValueError("its rows do not match stats.json")
+            return ds, stats
+        except Exception as e:  # noqa: BLE001 — any failure to load means: rebuild
+            reason = f"cannot be loaded: {type(e).__name__}: {e}"
+    warnings.warn(f"tokenization cache entry {target} failed its check ({reason}); rebuilding", stacklevel=3)
+    return None
+
+
+def _store_entry(root: Path, target: Path, ds, stats: TokenStats):
+    """Write the entry atomically (replacing a bad one) and return it memory-mapped from disk. A cache
+    directory that cannot be written is not fatal: warn once and train on the in-memory dataset."""
+    import datasets
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temps(root):
+            warnings.warn(f"removed stale temporary folder {stale} (left by an interrupted run)", stacklevel=3)
+        with atomic_dir(target) as tmp:
+            ds.save_to_disk(str(tmp / "data"))
+            write_json_atomic(tmp / "stats.json", stats.__dict__)
+            write_json_atomic(tmp / MANIFEST, _manifest(tmp))
+        return datasets.load_from_disk(str(target / "data"))
+    except OSError as e:
+        if str(root) not in _cache_off_warned:
+            _cache_off_warned.add(str(root))
+            warnings.warn(f"tokenization cache is off: cannot write to {root} ({e.strerror or e}); tokenizing in memory. "
+                          f"Point data.cache_dir (or FTUNE_CACHE) at a writable directory to cache it", stacklevel=3)
+        return ds

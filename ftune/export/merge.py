@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from ftune.config import load_resolved, resolved_yaml
 from ftune.errors import FtuneError
-from ftune.io import atomic_dir, write_json_atomic, write_text_atomic
+from ftune.io import atomic_dir, remove_stale_temps, write_json_atomic, write_text_atomic
 from ftune.methods import get_method
 from ftune.models import DTYPES, load_model, load_tokenizer, resolve_source
 
@@ -43,6 +43,8 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | N
     out = Path(out) if out else run_dir / "merged"
     source, gguf = resolve_source(cfg.model)
     check_output(out, {"the run": run_dir, "its adapter": artifact, "the base model": Path(source)}, overwrite)
+    for stale in remove_stale_temps(out.parent, out.name):  # a killed merge of a 7B model leaves tens of GB behind
+        console.print(f"removed stale temporary folder {stale} (left by an interrupted run)", highlight=False)
     target_dtype = DTYPES[dtype] if dtype else None
     merge = method.merge_fn(artifact)
     shards = sorted(Path(source).glob("*.safetensors")) if not gguf else []

@@ -1,7 +1,15 @@
 """Resumable checkpoints: trainable weights, optimizer, scheduler, RNG states, data position, hook states.
 
 Each checkpoint is written into a temp dir and renamed into place, so `checkpoints/step-*` are always
-complete; `--resume` takes the newest one.
+complete; `--resume` takes the newest one. A checkpoint directory holds:
+
+    trainable.safetensors   the trained weights
+    state.json              optimizer, scheduler, RNG and hook states (hooks by `Hook.key`), tensors by reference
+    state.safetensors       the tensors state.json refers to (optimizer moments, RNG keys, hook buffers)
+    trainer_state.json      step, epoch, data position, token counts, elapsed time
+    …                       whatever hooks write in `on_save`
+
+Nothing is unpickled: a run directory may come from someone else, and a pickle runs code when loaded.
 """
 
 from __future__ import annotations
@@ -10,15 +18,21 @@ import json
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from ftune.errors import FtuneError
-from ftune.io import atomic_dir
+from ftune.io import atomic_dir, remove_stale_temps, write_json_atomic, write_safetensors_atomic
+from ftune.train.hooks import hook_keys
+from ftune.train.state_io import StateFormatError, flatten_state, unflatten_state
 
+STATE_FORMAT = "ftune-checkpoint-state/1"
+LEGACY_STATE = "state.pt"  # pickled by ftune before STATE_FORMAT; never loaded
 STATE_FIELDS = ("step", "epoch", "batch_in_epoch", "tokens", "target_tokens", "loss_sum", "loss_steps", "skipped_steps")
 
 
@@ -51,17 +65,32 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _scheduler_state(scheduler) -> dict:
+    """The scheduler's state with plain values only: LambdaLR also stores each lr_lambda's `__dict__` when
+    it is an object, which can hold anything; the lambdas are rebuilt from the config, so keep placeholders."""
+    sd = dict(scheduler.state_dict())
+    if "lr_lambdas" in sd:
+        sd["lr_lambdas"] = [None] * len(sd["lr_lambdas"])
+    return sd
+
+
 def save_checkpoint(state, hooks: list, keep: int) -> Path:
-    """Write checkpoints/step-NNNNNN atomically, then prune to the newest `keep`."""
+    """Write checkpoints/step-NNNNNN atomically, then prune to the newest `keep`. Temp folders an earlier,
+    killed process left in checkpoints/ are removed first (a warning names each)."""
     root = state.run_dir / "checkpoints"
+    for stale in remove_stale_temps(root):
+        warnings.warn(f"removed stale temporary folder {stale} (left by an interrupted run)", stacklevel=2)
     target = root / f"step-{state.step:06d}"
     model = state.accelerator.unwrap_model(state.model)
+    tree = {"optimizer": state.optimizer.state_dict(), "scheduler": _scheduler_state(state.scheduler),
+            "rng": _rng_state(), "hooks": {k: h.state_dict() for k, h in zip(hook_keys(hooks), hooks)}}
+    skeleton, tensors = flatten_state(tree)
     with atomic_dir(target) as tmp:
-        save_file(trainable_state(model, _checkpoint_names(model, state)), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-                    "rng": _rng_state(), "hooks": [h.state_dict() for h in hooks]}, tmp / "state.pt")
+        write_safetensors_atomic(tmp / "trainable.safetensors", trainable_state(model, _checkpoint_names(model, state)))
+        write_safetensors_atomic(tmp / "state.safetensors", tensors, metadata={"format": "pt"})
+        write_json_atomic(tmp / "state.json", {"format": STATE_FORMAT, "state": skeleton})
         meta = {k: getattr(state, k) for k in STATE_FIELDS} | {"elapsed_s": state.seconds()}
-        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
+        write_json_atomic(tmp / "trainer_state.json", meta)
         for h in hooks:
             h.on_save(state, tmp)
     for old in complete_checkpoints(state.run_dir)[:-keep]:
@@ -75,24 +104,87 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FtuneError(f"{path}: missing; this checkpoint is incomplete. Resume from an older one (delete this "
+                         f"step folder) or start over with --overwrite") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise FtuneError(f"{path}: unreadable ({e}); the checkpoint is damaged. Resume from an older one "
+                         f"(delete this step folder) or start over with --overwrite") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise FtuneError(f"{path}: missing; this checkpoint is incomplete. Resume from an older one (delete this "
+                         f"step folder) or start over with --overwrite") from None
+    except (OSError, SafetensorError, ValueError, RuntimeError) as e:
+        raise FtuneError(f"{path}: not a readable safetensors file ({e}); the checkpoint is damaged. Resume from "
+                         f"an older one (delete this step folder) or start over with --overwrite") from None
+
+
+def read_checkpoint(directory: Path) -> tuple[dict, dict, dict]:
+    """(trainable weights, state tree, trainer meta) of a checkpoint, checked but not applied. JSON and
+    safetensors only; a checkpoint of an older ftune (a pickled state.pt) is refused, never opened."""
+    directory = Path(directory)
+    if not (directory / "state.json").is_file() and (directory / LEGACY_STATE).exists():
+        raise FtuneError(f"{directory}: written by an older ftune, which stored its state as a pickle ({LEGACY_STATE}); "
+                         f"it cannot be read safely (loading a pickle runs any code it contains). Start over with "
+                         f"--overwrite, or finish the run with the ftune version that wrote it")
+    doc = _read_json(directory / "state.json")
+    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT or not isinstance(doc.get("state"), dict):
+        raise FtuneError(f"{directory / 'state.json'}: not an ftune checkpoint state ({STATE_FORMAT}); "
+                         f"resume from another checkpoint or start over with --overwrite")
+    try:
+        tree = unflatten_state(doc["state"], _read_tensors(directory / "state.safetensors"))
+    except StateFormatError as e:
+        raise FtuneError(f"{directory / 'state.json'}: damaged ({e}); resume from another checkpoint or start "
+                         f"over with --overwrite") from None
+    meta = _read_json(directory / "trainer_state.json")
+    missing = [k for k in (*STATE_FIELDS, "elapsed_s") if not isinstance(meta, dict) or k not in meta]
+    if missing or any(k not in tree for k in ("optimizer", "scheduler", "rng", "hooks")):
+        raise FtuneError(f"{directory}: checkpoint files lack {missing or 'state entries'}; resume from another "
+                         f"checkpoint or start over with --overwrite")
+    return _read_tensors(directory / "trainable.safetensors"), tree, meta
+
+
+def _check_hooks(directory: Path, saved: dict, keys: list[str]) -> None:
+    """Hook states go back to the hook with the same key; a hook added or removed means the config changed."""
+    unknown = sorted(set(saved) - set(keys))
+    missing = [k for k in keys if k not in saved]
+    if unknown or missing:
+        parts = ([f"state for hook(s) {', '.join(unknown)} that this run does not have"] if unknown else []) + \
+                ([f"no state for hook(s) {', '.join(missing)}"] if missing else [])
+        raise FtuneError(f"{directory}: checkpoint has {'; '.join(parts)}; was the config (method) changed? "
+                         f"Resume with the config the run was started with, or start over with --overwrite")
+
+
 def load_checkpoint(state, hooks: list, directory: Path) -> None:
-    """Restore everything `save_checkpoint` wrote into the live objects in `state`."""
+    """Restore everything `save_checkpoint` wrote into the live objects in `state`. Everything is read and
+    checked before anything is changed."""
+    weights, tree, meta = read_checkpoint(directory)
+    keys = hook_keys(hooks)
+    _check_hooks(directory, tree["hooks"], keys)
     model = state.accelerator.unwrap_model(state.model)
-    weights = load_file(str(directory / "trainable.safetensors"))
     params = dict(model.named_parameters())
     unknown = [k for k in weights if k not in params]
     if unknown:
         raise FtuneError(f"{directory}: checkpoint does not fit this model/method (e.g. {unknown[0]}); was the config changed?")
-    with torch.no_grad():
-        for k, v in weights.items():
-            params[k].copy_(v.to(params[k].device))
-    blob = torch.load(directory / "state.pt", weights_only=False)
-    state.optimizer.load_state_dict(blob["optimizer"])
-    state.scheduler.load_state_dict(blob["scheduler"])
-    for h, s in zip(hooks, blob["hooks"]):
-        h.load_state_dict(s)
-    meta = json.loads((directory / "trainer_state.json").read_text())
+    try:
+        with torch.no_grad():
+            for k, v in weights.items():
+                params[k].copy_(v.to(params[k].device))
+        state.optimizer.load_state_dict(tree["optimizer"])
+        state.scheduler.load_state_dict(tree["scheduler"])
+        for k, h in zip(keys, hooks):
+            h.load_state_dict(tree["hooks"][k])
+        _set_rng_state(tree["rng"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise FtuneError(f"{directory}: checkpoint does not fit this run ({type(e).__name__}: {e}); was the config "
+                         f"changed? Resume with the original config or start over with --overwrite") from None
     for k in STATE_FIELDS:
         setattr(state, k, meta.get(k, 0))  # fields added later read as 0 from older checkpoints
     state.elapsed_s = meta["elapsed_s"]
-    _set_rng_state(blob["rng"])

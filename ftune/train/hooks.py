@@ -70,12 +70,30 @@ class Hook:
     def on_train_end(self, state: TrainState) -> None:
         """Training finished (or stopped on a budget); the final artifact is written after this."""
 
+    @property
+    def key(self) -> str:
+        """Names this hook's state in a checkpoint, so a resume restores it into the same hook even if the
+        method lists its hooks in another order. The class name unless a hook overrides it; `hook_keys`
+        numbers repeats."""
+        return type(self).__name__
+
     def state_dict(self) -> dict:
-        """JSON-serialisable or tensor state needed to resume exactly."""
+        """State needed to resume exactly: dicts, lists, tuples, numbers, strings, None, tensors and numpy
+        arrays (checkpoints store it as JSON + safetensors, never pickle)."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def hook_keys(hooks: list[Hook]) -> list[str]:
+    """Each hook's checkpoint key, in order; the second hook with a key gets `key#2`, the third `key#3`."""
+    counts: dict[str, int] = {}
+    keys = []
+    for h in hooks:
+        counts[h.key] = counts.get(h.key, 0) + 1
+        keys.append(h.key if counts[h.key] == 1 else f"{h.key}#{counts[h.key]}")
+    return keys
 
 
 class BudgetHook(Hook):

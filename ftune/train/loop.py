@@ -19,7 +19,7 @@ from ftune.config import RunConfig, resolved_yaml
 from ftune.data import Split, load_split, resolve_labels
 from ftune.data.collate import collate_batch, count_targets, epoch_order
 from ftune.errors import FtuneError, Interrupted, RunFailed
-from ftune.io import atomic_dir, file_sha256, write_json_atomic, write_text_atomic
+from ftune.io import atomic_dir, file_sha256, remove_stale_temps, write_json_atomic, write_text_atomic
 from ftune.methods import PrepareContext, get_method
 from ftune.models import count_parameters, load_model, load_tokenizer
 from ftune.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
@@ -27,8 +27,7 @@ from ftune.train.hooks import BudgetHook, QualityGateHook, TrainState
 from ftune.train.optim import build_optimizer, build_scheduler, default_param_groups
 from ftune.train.interrupt import StopRequest
 from ftune.train.progress import RunLog, gpu_memory_gib
-from ftune.train.rundir import (RunDir, check_resume, has_checkpoint, open_run_dir, plan, record_resume,
-                                remove_stale_temps, trim_metrics)
+from ftune.train.rundir import RunDir, check_resume, has_checkpoint, open_run_dir, plan, record_resume, trim_metrics
 from ftune.train.step import train_step
 
 

@@ -141,31 +141,6 @@ def open_run_dir(final: Path, mode: str, main: bool, train_sha256: str) -> RunDi
     return rd
 
 
-def remove_stale_temps(parent: Path, name: str | None = None) -> list[Path]:
-    """Delete `.tmp-<name>-<pid>` / `.old-<name>-<pid>` folders under `parent` whose process is gone (a
-    killed run's staging dir, checkpoint or artifact in the making); `name` limits it to one run's."""
-    import re
-
-    removed = []
-    pattern = re.compile(rf"\.(tmp|old)-{re.escape(name) if name else '.+'}-(\d+)")
-    for p in parent.iterdir() if parent.is_dir() else ():
-        m = pattern.fullmatch(p.name)
-        if m and p.is_dir() and not _alive(int(m.group(2))):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
