@@ -46,6 +46,16 @@ def read_text(path: str | Path, what: str = "file") -> str:
         raise not_utf8(path, data[: e.start].count(b"\n") + 1, data[e.start]) from None
 
 
+def read_json_file(path: str | Path, fix: str, what: str = "JSON file"):
+    """A JSON file's value; unreadable text or bad JSON is one FtuneError naming file, line and column plus `fix`."""
+    try:
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError as e:
+        raise FtuneError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); {fix}") from None
+    except FtuneError as e:
+        raise FtuneError(f"{e}; {fix}") from None
+
+
 def not_utf8(path: str | Path, line: int, byte: int) -> FtuneError:
     return FtuneError(f"{path}:{line}: not UTF-8 text (byte 0x{byte:02x}); save the file as UTF-8")
 

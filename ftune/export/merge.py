@@ -19,9 +19,9 @@ from safetensors.torch import save_file
 
 from ftune.config import load_resolved, resolved_yaml
 from ftune.errors import FtuneError
-from ftune.io import atomic_dir, write_text_atomic
+from ftune.io import atomic_dir, write_error, write_text_atomic
 from ftune.methods import get_method
-from ftune.models import DTYPES, load_model, load_tokenizer, resolve_source
+from ftune.models import DTYPES, check_model_files, load_model, load_tokenizer, resolve_source
 
 COPY = ("config.json", "generation_config.json")
 
@@ -46,6 +46,7 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | N
     target_dtype = DTYPES[dtype] if dtype else None
     merge = method.merge_fn(artifact)
     source, gguf = resolve_source(cfg.model)
+    check_model_files(source, gguf)
     shards = sorted(Path(source).glob("*.safetensors")) if not gguf else []
     with atomic_dir(out) as tmp:
         if shards:
@@ -106,7 +107,10 @@ def _merge_shards(shards: list[Path], merge, dtype, out: Path, console: Console)
                     t = merged
                     touched.add(name.removesuffix(".weight"))
                 tensors[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        save_file(tensors, str(out / shard.name), metadata=meta or {"format": "pt"})
+        try:
+            save_file(tensors, str(out / shard.name), metadata=meta or {"format": "pt"})
+        except OSError as e:  # disk full / read-only: named here; atomic_dir removes the partial output
+            raise write_error(e, out / shard.name) or e from None
     return touched
 
 
