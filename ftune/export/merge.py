@@ -41,6 +41,8 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | N
         console.print(f"nothing to merge: method {method.name!r} saves a complete checkpoint at {artifact}")
         return None
     out = Path(out) if out else run_dir / "merged"
+    if out.exists() and not out.is_dir():
+        raise FtuneError(f"--out {out}: is a file, not a directory; give a directory to write the checkpoint into")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FtuneError(f"{out} already exists; pass --overwrite to replace it or --out to write elsewhere")
     target_dtype = DTYPES[dtype] if dtype else None
@@ -60,7 +62,8 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | N
             touched = _merge_in_memory(cfg, merge, target_dtype, tmp)
         missing = merge.modules - touched
         if missing:
-            raise FtuneError(f"merge: adapter modules not found among the base weights: {sorted(missing)[:3]}")
+            raise FtuneError(f"{artifact}: adapter modules not found among the base weights: {sorted(missing)[:3]}; "
+                             f"the adapter is from another model or run, train this run again")
         load_tokenizer(cfg.model).save_pretrained(str(tmp))
         merged_cfg = cfg.model_copy(deep=True)
         write_text_atomic(tmp / "ftune.yaml", resolved_yaml(merged_cfg))
