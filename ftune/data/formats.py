@@ -89,7 +89,7 @@ def _read_table(path: Path) -> list[dict]:
 
     kwargs = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()  # its own "Failed to read file" line would repeat ours
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its "Failed to read file" error line would repeat ours
     if path.stat().st_size == 0:
         raise FtuneError(f"{path}: empty file (no header, no rows)")
     try:
