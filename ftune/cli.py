@@ -27,6 +27,12 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 OVERRIDES_HELP = "Dotted key=value overrides applied after the config, e.g. train.lr=1e-4 method.r=16."
 
 
+def _print_error(e: Exception) -> None:
+    # The message quotes user input (paths, labels, values): escaped, so `[v2]` prints as written
+    # and a stray `[/x]` cannot raise a markup error in place of the message.
+    err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
+
+
 def user_errors(fn):
     """Turn ftune's errors into one message and exit code 2; Ctrl-C into a short note."""
     @functools.wraps(fn)
@@ -34,10 +40,16 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except FtuneError as e:
-            # The message quotes user input (paths, labels, values): escaped, so `[v2]` prints as written
-            # and a stray `[/x]` cannot raise a markup error in place of the message.
-            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
+            _print_error(e)
             raise typer.Exit(getattr(e, "exit_code", 2)) from None
+        except OSError as e:  # a write deep in a library (metrics line, save_pretrained): disk full, read-only
+            from ftune.io import write_error
+
+            mapped = write_error(e, verb="access")
+            if mapped is None:
+                raise
+            _print_error(mapped)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]; files ftune writes are complete or absent, never half-written")
             raise typer.Exit(130) from None
@@ -170,7 +182,8 @@ def recipes():
     table = Table("recipe", "method", "description", "file")
     for name, path in available_recipes().items():
         raw = read_yaml(path)
-        table.add_row(name, str((raw.get("method") or {}).get("name", "?")), str(raw.get("description", "")), str(path))
+        method = raw.get("method") if isinstance(raw.get("method"), dict) else {}
+        table.add_row(name, str(method.get("name", "?")), str(raw.get("description", "")), str(path))
     out.print(table)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -12,6 +13,53 @@ from contextlib import contextmanager
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from ftune.errors import FtuneError
+
+# Write failures a user fixes outside ftune (free space, a writable output_dir), not bugs: one message each.
+WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}
+
+
+def write_error(e: OSError, path: str | Path | None = None, verb: str = "write") -> FtuneError | None:
+    """The FtuneError for a write that failed for one of WRITE_ERRNOS (naming the path), else None."""
+    if e.errno not in WRITE_ERRNOS:
+        return None
+    where = e.filename or path
+    cause = f"{WRITE_ERRNOS[e.errno]} ({errno.errorcode.get(e.errno, e.errno)})"
+    return FtuneError(f"cannot {verb} {where or 'the output'}: {cause}; free space or choose a writable "
+                      f"directory (output_dir=… / --out), then run again")
+
+
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A UTF-8 text file's contents; a missing file, a directory or a non-UTF-8 byte is one FtuneError
+    naming the file (and the line of the first bad byte)."""
+    path = Path(path)
+    if path.is_dir():
+        raise FtuneError(f"{path}: is a directory, expected a {what}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise FtuneError(f"{path}: cannot read {what}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, data[: e.start].count(b"\n") + 1, data[e.start]) from None
+
+
+def read_json_file(path: str | Path, fix: str, what: str = "JSON file"):
+    """A JSON file's value; unreadable text or bad JSON is one FtuneError naming file, line and column plus `fix`."""
+    try:
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError as e:
+        raise FtuneError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); {fix}") from None
+    except FtuneError as e:
+        raise FtuneError(f"{e}; {fix}") from None
+
+
+def not_utf8(path: str | Path, line: int, byte: int) -> FtuneError:
+    return FtuneError(f"{path}:{line}: not UTF-8 text (byte 0x{byte:02x}); save the file as UTF-8")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -31,6 +79,13 @@ def _fsync_dir(directory: Path) -> None:
 def _write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Readers see the old file or the new one, never a half-written one."""
     path = Path(path)
+    try:
+        return _replace_with(path, data)
+    except OSError as e:
+        raise write_error(e, path) or e from None
+
+
+def _replace_with(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -112,18 +167,27 @@ def atomic_dir(path: str | Path, replace: bool = True):
     """Yield a temp dir next to `path`; on success it is renamed to `path` (an old `path` is replaced
     only after the new one is complete); on failure it is removed and `path` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise write_error(e, path) or e from None
     try:
         yield tmp
-    except BaseException:
+        _swap_in(tmp, path, replace)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and write_error(e, path):  # disk full or read-only while writing the files
+            raise write_error(e, path) from None
         raise
+
+
+def _swap_in(tmp: Path, path: Path, replace: bool) -> None:
+    """Rename the finished temp dir to `path`; an old `path` is removed only after the new one is in place."""
     if path.exists():
         if not replace:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise FileExistsError(path)
         old = path.with_name(f".old-{path.name}-{os.getpid()}")
         os.replace(path, old)

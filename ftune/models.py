@@ -74,12 +74,83 @@ def _from_hub(repo: str, revision: str | None, gguf: str | None) -> str:
                          f"copy the model here and set model.path to its directory") from None
 
 
+# What to do about a broken file in a model directory: it came from a copy or download that went wrong.
+REFETCH = "copy or download the model again (huggingface-cli download …), or point model.path to a good copy"
+# Size keys without which transformers silently builds its default-size (often 7B) model.
+SIZE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers")
+
+
+def check_model_files(directory: str | Path, gguf: str | None = None, weights: bool = True) -> None:
+    """Fail early, naming the file, on a model directory a loader would trip over with a traceback (or,
+    for a config.json without its sizes, would build a default-size model): unreadable JSON, a truncated
+    or foreign .safetensors file, a file that is no GGUF."""
+    from ftune.io import read_json_file
+
+    directory = Path(directory)
+    if gguf:
+        _check_gguf(directory / gguf)
+    for f in sorted(directory.glob("*.json")):
+        data = read_json_file(f, REFETCH)
+        if f.name == "config.json" and not gguf:  # the tokenizer reads it too
+            _check_model_config(f, data)
+    if not weights or gguf:
+        return
+    if not (directory / "config.json").is_file():
+        raise FtuneError(f"{directory}: no config.json, so this is not a Hugging Face model directory; {REFETCH}")
+    for f in sorted(directory.glob("*.safetensors")):
+        check_safetensors(f, REFETCH)
+
+
+def check_safetensors(path: Path, fix: str) -> None:
+    """A .safetensors file whose header is complete and covers the whole file (cut or foreign files fail here)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise FtuneError(f"{path}: not a readable safetensors file, truncated or corrupt ({e}); {fix}") from None
+
+
+def _check_model_config(path: Path, data) -> None:
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise FtuneError(f"{path}: no model_type key, so the architecture is unknown; {REFETCH}")
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    if data["model_type"] not in CONFIG_MAPPING:  # remote code (auto_map): its config class is not known here
+        return
+    try:
+        config = AutoConfig.for_model(**data)
+    except (ValueError, KeyError, TypeError, StrictDataclassError) as e:  # the last: a value of the wrong type
+        raise FtuneError(f"{path}: not a usable model config ({str(e).splitlines()[0][:200]}); {REFETCH}") from None
+    aliases = {v: k for k, v in getattr(config, "attribute_map", {}).items()}
+    missing = [k for k in SIZE_KEYS if hasattr(config, k) and k not in data and aliases.get(k) not in data]
+    if missing:
+        raise FtuneError(f"{path}: missing {', '.join(missing)}, without which the model would be built at a default "
+                         f"size that does not match its weights; {REFETCH}")
+
+
+def _check_gguf(path: Path) -> None:
+    with path.open("rb") as f:
+        head = f.read(8)
+    version = int.from_bytes(head[4:8], "little") if len(head) == 8 else None
+    if head[:4] != b"GGUF" or version not in (2, 3):
+        raise FtuneError(f"{path}: not a GGUF v2/v3 file (bad header); download the .gguf again or point model.path "
+                         f"to a Hugging Face model directory")
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     directory, gguf = resolve_source(cfg, cfg.tokenizer)
+    check_model_files(directory, gguf, weights=False)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    tok = AutoTokenizer.from_pretrained(directory, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    try:
+        tok = AutoTokenizer.from_pretrained(directory, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except Exception as e:  # noqa: BLE001 — the `tokenizers` library raises bare Exception on a malformed file
+        raise FtuneError(f"model.tokenizer: cannot load a tokenizer from {directory} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300] if str(e) else ''}); {REFETCH}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding is masked out of loss and attention, so any token works
     tok.padding_side = "right"
@@ -103,6 +174,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str
     from transformers.utils import logging as hf_logging
 
     directory, gguf = resolve_source(cfg, source)
+    check_model_files(directory, gguf if source is None else None)
     dtype = resolve_dtype(cfg.dtype, device)
     kwargs = {"gguf_file": gguf} if gguf and source is None else {}
     quant = quantization_config(cfg, dtype if dtype != torch.float32 else torch.bfloat16)
@@ -116,6 +188,11 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str
             trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, device_map={"": torch.device(device)}, **kwargs)
     except (OSError, ValueError) as e:
         raise FtuneError(f"model.path: cannot load a causal LM from {directory}: {str(e).splitlines()[0][:300]}") from None
+    except RuntimeError as e:
+        if "mismatch" not in str(e):
+            raise
+        raise FtuneError(f"model.path: the weights in {directory} do not match its config.json (tensor shapes differ); "
+                         f"{REFETCH}") from None
     model.config.use_cache = False
     if quant is not None:
         keep_4bit_layout(model)
@@ -142,18 +219,22 @@ def load_weights_into(model, directory: Path) -> None:
 
     files = sorted(Path(directory).glob("*.safetensors"))
     if not files:
-        raise FtuneError(f"{directory}: no .safetensors files to load")
-    seen = set()
+        raise FtuneError(f"{directory}: no .safetensors files to load; the run did not finish, train it again")
+    seen, shapes = set(), {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    fix = "the saved model is cut or from another run; train the run again"
     for f in files:
+        check_safetensors(f, fix)
         state = load_file(str(f), device=str(next(model.parameters()).device))
-        result = model.load_state_dict(state, strict=False)
-        if result.unexpected_keys:
-            raise FtuneError(f"{f}: weights do not fit the model (unexpected {result.unexpected_keys[:3]})")
+        unexpected = [k for k in state if k not in shapes]
+        wrong = [f"{k} {tuple(v.shape)} vs {shapes[k]}" for k, v in state.items() if k in shapes and tuple(v.shape) != shapes[k]]
+        if unexpected or wrong:
+            raise FtuneError(f"{f}: weights do not fit the model (unexpected {unexpected[:3]}, shapes {wrong[:3]}); {fix}")
+        model.load_state_dict(state, strict=False)
         seen |= set(state)
     tied = {k for k in model.state_dict() if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
     missing = set(model.state_dict()) - seen - tied
     if missing:
-        raise FtuneError(f"{directory}: checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
+        raise FtuneError(f"{directory}: checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}; {fix}")
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -17,7 +17,8 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ValidationError
 
 from ftune.config.schema import MethodConfig, RunConfig
-from ftune.errors import ConfigError
+from ftune.errors import ConfigError, FtuneError
+from ftune.io import read_text
 
 RESOLVED_NAME = "ftune.yaml"  # the resolved config inside a run directory
 CMDLINE = "command line"
@@ -25,17 +26,44 @@ CMDLINE = "command line"
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError([f"{path}: file not found"], header="cannot read config")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = read_text(path, "YAML file")
+    except FtuneError as e:
+        raise ConfigError([str(e)], header="cannot read config") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: not valid YAML: {e}"], header="cannot read config") from None
+        raise ConfigError([_yaml_problem(path, e)], header="cannot read config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of keys, got {type(data).__name__}"])
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (each key may appear once per section)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(path: Path, e: yaml.YAMLError) -> str:
+    """`file:line:col: not valid YAML: what` from PyYAML's multi-line message."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    hint = " (indent YAML with spaces, not tabs)" if "\\t" in what or "\t" in what else ""
+    return f"{where}: not valid YAML: {what}{hint}"
 
 
 def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
@@ -97,7 +125,8 @@ def available_recipes() -> dict[str, Path]:
     found: dict[str, Path] = {}
     for root in [Path.cwd() / "recipes", Path(__file__).resolve().parents[2] / "recipes"]:
         for f in sorted(root.glob("*.yaml")):
-            found.setdefault(f.stem, f)
+            if f.is_file():
+                found.setdefault(f.stem, f)
     return found
 
 
@@ -199,7 +228,9 @@ def check_rules(cfg: RunConfig, check_files: bool = True, training: bool = True)
     problems += _check_gates(cfg) if training else []
     for key in ("train", "eval", "test") if check_files else ():
         path = getattr(cfg.data, key)
-        if path is not None and not Path(path).is_file():
+        if path is not None and Path(path).is_dir():
+            problems.append(f"data.{key}: {path} is a directory; name one data file")
+        elif path is not None and not Path(path).is_file():
             problems.append(f"data.{key}: file not found: {path}")
     return problems
 

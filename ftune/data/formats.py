@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ftune.config.schema import DataConfig
 from ftune.errors import DataError, FtuneError
+from ftune.io import not_utf8, read_text
 
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -43,9 +44,11 @@ def _where(path: Path, i: int, lines: list[int] | None = None) -> str:
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a data file as dicts. JSON lines are parsed here so a broken line is named exactly;
-    CSV/TSV/Parquet (and JSON arrays) go through `datasets`."""
+    """Rows of a data file as dicts. JSON lines and JSON arrays are parsed here so a broken line is named
+    exactly; CSV/TSV/Parquet go through `datasets` (CSV/TSV are checked for UTF-8 first)."""
     path = Path(path)
+    if path.is_dir():
+        raise FtuneError(f"{path}: is a directory; data.train/eval/test name one data file")
     if not path.is_file():
         raise FtuneError(f"{path}: data file not found")
     if path.suffix not in SUFFIXES:
@@ -53,19 +56,56 @@ def read_rows(path: str | Path) -> list[dict]:
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
     if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise FtuneError(f"{path}: expected a JSON array of objects (or use .jsonl, one object per line)")
-        return data
+        return _read_json_array(path)
+    if path.suffix in (".csv", ".tsv"):
+        _check_utf8(path)
+    return _read_table(path)
+
+
+def _read_json_array(path: Path) -> list[dict]:
+    try:
+        data = json.loads(read_text(path, "data file"))
+    except json.JSONDecodeError as e:
+        raise FtuneError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise FtuneError(f"{path}: expected a JSON array of objects, got {type(data).__name__} (or use .jsonl, one object per line)")
+    bad = next((i for i, r in enumerate(data) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise FtuneError(f"{path}: row {bad + 1}: expected a JSON object, got {type(data[bad]).__name__}")
+    return data
+
+
+def _check_utf8(path: Path) -> None:
+    with path.open("rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise not_utf8(path, n, line[e.start]) from None
+
+
+def _read_table(path: Path) -> list[dict]:
     import datasets
 
     kwargs = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its "Failed to read file" error line would repeat ours
+    if path.stat().st_size == 0:
+        raise FtuneError(f"{path}: empty file (no header, no rows)")
     try:
         ds = datasets.load_dataset(SUFFIXES[path.suffix], data_files=str(path), split="train", **kwargs)
-    except Exception as e:  # pandas/arrow parse errors
-        raise FtuneError(f"{path}: cannot parse: {str(e).splitlines()[0][:300]}") from None
+    except Exception as e:  # pandas/arrow parse errors, wrapped by datasets
+        if "corresponds to no data" in str(e):
+            raise FtuneError(f"{path}: no rows") from None
+        raise FtuneError(f"{path}: cannot parse as {path.suffix[1:]}: {_root_cause(e)}") from None
     return ds.to_list()
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost error's first line: datasets wraps the parser's useful message in a generic one."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__
 
 
 def _jsonl_lines(path: Path, n_rows: int) -> list[int] | None:
@@ -79,8 +119,12 @@ def _jsonl_lines(path: Path, n_rows: int) -> list[int] | None:
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows, problems = [], []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise not_utf8(path, n, raw[e.start]) from None
             if not line.strip():
                 continue
             try:
@@ -101,9 +145,9 @@ def read_labels(spec: list[str] | str | None) -> list[str] | None:
     if spec is None or isinstance(spec, list):
         return spec
     path = Path(spec)
-    if not path.is_file():
+    if not path.exists():
         raise FtuneError(f"data.labels: label file not found: {spec}")
-    labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    labels = [line.strip() for line in read_text(path, "label file (one label per line)").splitlines() if line.strip()]
     if not labels:
         raise FtuneError(f"data.labels: {spec} has no labels (one per line)")
     return labels
@@ -138,6 +182,7 @@ def render(rows: list[dict], cfg: DataConfig, path: str | Path, labels: list[str
     """Check and render every row; raise one DataError listing all bad rows."""
     path, cols, problems, out = Path(path), cfg.columns, [], []
     label_set = set(labels) if labels else None
+    _check_columns(rows, cfg, path)
     lines = _jsonl_lines(path, len(rows))
     for i, row in enumerate(rows):
         where = _where(path, i, lines)
@@ -178,6 +223,20 @@ def render(rows: list[dict], cfg: DataConfig, path: str | Path, labels: list[str
     if not out:
         raise FtuneError(f"{path}: no rows")
     return out
+
+
+REQUIRED = {"classification": ("text", "label"), "alpaca": ("instruction", "output"), "chat": ("messages",), "text": ("text",)}
+
+
+def _check_columns(rows: list[dict], cfg: DataConfig, path: Path) -> None:
+    """A table (CSV/TSV/Parquet) without a needed column is one message, not one per row."""
+    if path.suffix not in (".csv", ".tsv", ".parquet") or not rows:
+        return
+    for key in REQUIRED.get(cfg.format, ()):
+        column = getattr(cfg.columns, key)
+        if column not in rows[0]:
+            raise FtuneError(f"{path}: no column {column!r} (columns: {', '.join(map(str, rows[0]))}); "
+                             f"rename the column or set data.columns.{key}")
 
 
 def _messages(value, column: str, where: str, problems: list) -> list[dict] | None:

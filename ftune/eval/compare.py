@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.table import Table
 
 from ftune.errors import FtuneError
+from ftune.io import read_json_file
 
 COLUMNS = ("run", "method", "trainable params", "precision", "recall", "F1", "accuracy", "train time", "peak mem")
 
@@ -29,17 +29,34 @@ def compare_rows(targets: list[str], dataset: str | None = None) -> list[dict]:
     rows = []
     for target in targets:
         for report_path in find_reports(target, dataset):
-            body = json.loads(report_path.read_text())
-            meta, metrics = body.get("meta", {}), body.get("metrics", {})
-            run = meta.get("run") or {}
-            macro = metrics.get("macro", {})
+            meta, metrics, run = _read_report(report_path)
+            macro = metrics.get("macro") if isinstance(metrics.get("macro"), dict) else {}
             rows.append({"run": target if len(find_reports(target, dataset)) == 1 else str(report_path.parent),
-                         "method": meta.get("method", "?"), "dataset": Path(meta.get("dataset", "?")).name,
+                         "method": str(meta.get("method", "?")), "dataset": Path(str(meta.get("dataset", "?"))).name,
                          "trainable_params": run.get("trainable_params"), "precision": macro.get("precision"),
                          "recall": macro.get("recall"), "f1": macro.get("f1"), "accuracy": metrics.get("accuracy"),
                          "loss": metrics.get("loss"), "train_seconds": run.get("train_seconds"),
                          "peak_mem_gib": run.get("peak_mem_gib")})
     return rows
+
+
+NOT_OURS = "give a report.json written by `ftune eval`, or a run directory"
+
+
+def _read_report(path: Path) -> tuple[dict, dict, dict]:
+    """(meta, metrics, run summary) of an ftune report; anything else is one FtuneError naming the file."""
+    body = read_json_file(path, NOT_OURS, "report.json")
+    if not isinstance(body, dict) or not isinstance(body.get("meta"), dict) or not isinstance(body.get("metrics"), dict):
+        raise FtuneError(f"{path}: not an ftune eval report (no meta/metrics objects); {NOT_OURS}")
+    meta, metrics = body["meta"], body["metrics"]
+    run = meta.get("run") if isinstance(meta.get("run"), dict) else {}
+    macro = metrics.get("macro") if isinstance(metrics.get("macro"), dict) else {}
+    numbers = ({k: metrics.get(k) for k in ("accuracy", "loss")} | {f"macro.{k}": macro.get(k) for k in ("precision", "recall", "f1")}
+               | {k: run.get(k) for k in ("trainable_params", "train_seconds", "peak_mem_gib")})
+    bad = [k for k, v in numbers.items() if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool))]
+    if bad:
+        raise FtuneError(f"{path}: not an ftune eval report ({', '.join(bad)} not numbers); {NOT_OURS}")
+    return meta, metrics, run
 
 
 def _fmt(v, kind: str = "num") -> str:

@@ -23,7 +23,7 @@ from ftune.errors import FtuneError
 from ftune.eval import metrics as M
 from ftune.eval import report as R
 from ftune.eval.scoring import label_logprobs, label_token_ids, lm_loss, predict_labels
-from ftune.io import file_sha256, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from ftune.io import file_sha256, read_json_file, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from ftune.methods import get_method
 from ftune.models import load_model, load_tokenizer
 
@@ -156,7 +156,7 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
             "dataset": str(Path(data).resolve()), "dataset_sha256": file_sha256(data), "examples": n, "mode": cfg.eval.mode,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     if run_dir is not None and (run_dir / "run.json").is_file():
-        meta["run"] = json.loads((run_dir / "run.json").read_text())
+        meta["run"] = read_json_file(run_dir / "run.json", "it is the run's summary; train the run again or delete the file")
     _write_report(out_dir, result, meta, cfg, labels, console)
     return {"out_dir": str(out_dir), **result["summary"]}
 

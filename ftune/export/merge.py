@@ -19,9 +19,9 @@ from safetensors.torch import save_file
 
 from ftune.config import load_resolved, resolved_yaml
 from ftune.errors import FtuneError
-from ftune.io import atomic_dir, remove_stale_temps, write_json_atomic, write_text_atomic
+from ftune.io import atomic_dir, remove_stale_temps, write_error, write_json_atomic, write_text_atomic
 from ftune.methods import get_method
-from ftune.models import DTYPES, load_model, load_tokenizer, resolve_source
+from ftune.models import DTYPES, check_model_files, load_model, load_tokenizer, resolve_source
 
 COPY = ("config.json", "generation_config.json")
 
@@ -43,6 +43,7 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | N
     out = Path(out) if out else run_dir / "merged"
     source, gguf = resolve_source(cfg.model)
     check_output(out, {"the run": run_dir, "its adapter": artifact, "the base model": Path(source)}, overwrite)
+    check_model_files(source, gguf)
     for stale in remove_stale_temps(out.parent, out.name):  # a killed merge of a 7B model leaves tens of GB behind
         console.print(f"removed stale temporary folder {stale} (left by an interrupted run)", highlight=False)
     target_dtype = DTYPES[dtype] if dtype else None
@@ -60,7 +61,8 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | N
             touched = _merge_in_memory(cfg, merge, target_dtype, tmp)
         missing = merge.modules - touched
         if missing:
-            raise FtuneError(f"merge: adapter modules not found among the base weights: {sorted(missing)[:3]}")
+            raise FtuneError(f"{artifact}: adapter modules not found among the base weights: {sorted(missing)[:3]}; "
+                             f"the adapter is from another model or run, train this run again")
         load_tokenizer(cfg.model).save_pretrained(str(tmp))
         merged_cfg = cfg.model_copy(deep=True)
         write_text_atomic(tmp / "ftune.yaml", resolved_yaml(merged_cfg))
@@ -130,7 +132,10 @@ def _merge_shards(shards: list[Path], merge, dtype, out: Path, console: Console)
                     t = merged
                     touched.add(name.removesuffix(".weight"))
                 tensors[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        save_file(tensors, str(out / shard.name), metadata=meta or {"format": "pt"})
+        try:
+            save_file(tensors, str(out / shard.name), metadata=meta or {"format": "pt"})
+        except OSError as e:  # disk full / read-only: named here; atomic_dir removes the partial output
+            raise write_error(e, out / shard.name) or e from None
     return touched
 
 

@@ -28,8 +28,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ftune.config.schema import MethodConfig
-from ftune.errors import ConfigError
-from ftune.export.peft_io import read_adapter, save_adapter
+from ftune.errors import ConfigError, FtuneError
+from ftune.export.peft_io import FIX, WEIGHTS_NAME, check_fit, check_merge_shape, read_adapter, save_adapter
 from ftune.io import write_text_atomic
 from ftune.layers.adalora import (
     AdaLoraLinear,
@@ -258,16 +258,25 @@ def save(model, cfg: AdaLoraConfig, out_dir: Path) -> None:
 
 
 def _read(artifact_dir: Path) -> tuple[dict, dict, dict[str, int]]:
-    config, tensors = read_adapter(artifact_dir)
-    if config.get("peft_type") != "ADALORA":
-        raise ValueError(f"{artifact_dir}: peft_type {config.get('peft_type')!r} is not an AdaLoRA adapter")
+    config, tensors = read_adapter(artifact_dir, "ADALORA", required=("lora_alpha", "init_r"))
     ranks = {k.removesuffix(".lora_A"): v.shape[0] for k, v in tensors.items() if k.endswith(".lora_A")}
     return config, tensors, ranks
+
+
+def _check_triplets(tensors: dict, ranks: dict[str, int], artifact_dir: Path) -> None:
+    """Each module has A, E, B of one rank (a cut or edited file fails here, not deep in a matmul)."""
+    for name, r in ranks.items():
+        parts = [tensors.get(f"{name}.{p}") for p in TRIPLET]
+        if any(t is None for t in parts) or parts[1].shape[0] != r or parts[2].shape[-1] != r:
+            raise FtuneError(f"{artifact_dir / WEIGHTS_NAME}: {name}: lora_A/lora_E/lora_B missing or of different "
+                             f"ranks; {FIX}")
 
 
 def load(model, cfg: AdaLoraConfig, artifact_dir: Path):
     """Inject layers of the saved (pruned) ranks, scaled by the trained init_r, and load the weights strictly."""
     config, tensors, ranks = _read(artifact_dir)
+    check_fit(model, tensors, artifact_dir)
+    _check_triplets(tensors, ranks, artifact_dir)
     for p in model.parameters():
         p.requires_grad_(False)
     inject_lora(model, list(ranks), lambda name, linear: AdaLoraLinear(
@@ -275,7 +284,7 @@ def load(model, cfg: AdaLoraConfig, artifact_dir: Path):
     params = dict(model.named_parameters())
     expected = {f"{n}.{part}" for n in ranks for part in TRIPLET}
     if set(tensors) != expected:
-        raise ValueError(f"{artifact_dir}: adapter does not fit the model (missing {sorted(expected - set(tensors))[:3]}, "
+        raise FtuneError(f"{artifact_dir}: adapter does not fit the model (missing {sorted(expected - set(tensors))[:3]}, "
                          f"unexpected {sorted(set(tensors) - expected)[:3]})")
     with torch.no_grad():
         for k, v in tensors.items():
@@ -286,6 +295,7 @@ def load(model, cfg: AdaLoraConfig, artifact_dir: Path):
 def merge_fn(artifact_dir: Path):
     """f(weight_name, W) -> W + s · B (A ⊙ E) for every base weight the adapter touches, else None."""
     config, tensors, ranks = _read(artifact_dir)
+    _check_triplets(tensors, ranks, artifact_dir)
     scaling = adalora_scaling(config["lora_alpha"], config["init_r"])
 
     def merge(weight_name: str, weight: torch.Tensor):
@@ -293,6 +303,7 @@ def merge_fn(artifact_dir: Path):
         if module not in ranks or not weight_name.endswith(".weight"):
             return None
         a, e, b = (tensors[f"{module}.{part}"] for part in TRIPLET)
+        check_merge_shape(module, weight, a, b, artifact_dir)
         return merge_adalora_weight(weight, a, e, b, scaling).to(weight.dtype)
 
     merge.modules = set(ranks)
