@@ -28,6 +28,14 @@ class DataError(FtuneError):
         super().__init__(f"bad data ({total or len(problems)} problem(s)):\n{lines}{tail}")
 
 
+class WriteError(FtuneError):
+    """A write refused by the system (disk full, read-only, no permission); `strerror` says which."""
+
+    def __init__(self, message: str, strerror: str):
+        super().__init__(message)
+        self.strerror = strerror
+
+
 class RunFailed(FtuneError):
     """The run itself failed (diverged, stopped on a policy): not bad input, so exit code 1."""
 

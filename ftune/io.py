@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ftune.errors import FtuneError
+from ftune.errors import FtuneError, WriteError
 
 # Write failures a user fixes outside ftune (free space, a writable output_dir), not bugs: one message each.
 WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
@@ -22,14 +22,14 @@ WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
                 errno.EPERM: "permission denied"}
 
 
-def write_error(e: OSError, path: str | Path | None = None, verb: str = "write") -> FtuneError | None:
+def write_error(e: OSError, path: str | Path | None = None, verb: str = "write") -> WriteError | None:
     """The FtuneError for a write that failed for one of WRITE_ERRNOS (naming the path), else None."""
     if e.errno not in WRITE_ERRNOS:
         return None
     where = e.filename or path
     cause = f"{WRITE_ERRNOS[e.errno]} ({errno.errorcode.get(e.errno, e.errno)})"
-    return FtuneError(f"cannot {verb} {where or 'the output'}: {cause}; free space or choose a writable "
-                      f"directory (output_dir=… / --out), then run again")
+    return WriteError(f"cannot {verb} {where or 'the output'}: {cause}; free space or choose a writable "
+                      f"directory (output_dir=… / --out), then run again", e.strerror or cause)
 
 
 def read_text(path: str | Path, what: str = "file") -> str:

@@ -258,7 +258,7 @@ def test_resume_warns_about_and_records_what_it_accepts(make_config, tmp_path):
     out = tmp_path / "run"
     config = make_config(out_dir=out)
     ok("train", config, "train.save_every=1", "train.max_steps=2")
-    result = ok("train", config, "--resume", "train.max_steps=4", "train.lr=0.005")
+    result = ok("train", config, "--resume", "train.save_every=1", "train.max_steps=4", "train.lr=0.005")
     assert "resuming with train.lr changed: 0.01 → 0.005" in result.output
     assert "resuming with train.max_steps changed: 2 → 4" in result.output
     record = [json.loads(x) for x in (out / "resumes.jsonl").read_text().splitlines()]

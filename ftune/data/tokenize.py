@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ftune.config.schema import DataConfig
 from ftune.data.formats import Example
+from ftune.errors import WriteError
 from ftune.io import atomic_dir, file_sha256, remove_stale_temps, write_json_atomic
 
 IGNORE = -100
@@ -217,7 +218,7 @@ def _store_entry(root: Path, target: Path, ds, stats: TokenStats):
             write_json_atomic(tmp / "stats.json", stats.__dict__)
             write_json_atomic(tmp / MANIFEST, _manifest(tmp))
         return datasets.load_from_disk(str(target / "data"))
-    except OSError as e:
+    except (OSError, WriteError) as e:  # WriteError: the atomic writer's name for a refused write
         if str(root) not in _cache_off_warned:
             _cache_off_warned.add(str(root))
             warnings.warn(f"tokenization cache is off: cannot write to {root} ({e.strerror or e}); tokenizing in memory. "
