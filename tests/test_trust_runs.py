@@ -344,3 +344,23 @@ def test_merge_refuses_an_output_that_is_or_is_inside_its_input(make_config, tmp
     assert snapshot(out) == before and snapshot(tiny_model_dir) == base_before and (mine / "keep.txt").exists()
     ok("merge", out)
     ok("merge", out, "--overwrite")  # its own merge it may replace
+
+
+def test_examples_with_no_predictable_target_never_make_the_loss_nan(make_config, tmp_path, tiny_model_dir):
+    """Without BOS, a one-word text's only target sits at position 0, which nothing predicts: it is dropped
+    (and said so) instead of giving a micro-batch of 0 target tokens and a logged loss of 0/0."""
+    import shutil
+
+    from conftest import build_tokenizer
+
+    model = tmp_path / "no-bos"
+    shutil.copytree(tiny_model_dir, model)
+    build_tokenizer(add_bos=False).save_pretrained(str(model))
+    rows = tmp_path / "text.jsonl"
+    rows.write_text('{"text": "one"}\n{"text": "two"}\n{"text": "one two three"}\n{"text": "four"}\n')
+    out = tmp_path / "run"
+    config = make_config({"model": {"path": str(model)}, "data": {"train": str(rows), "format": "text", "test": None,
+                                                                 "add_eos": False}}, out_dir=out)
+    result = ok("train", config, "train.micro_batch_size=1", "train.max_steps=2")
+    assert "train: 1 examples" in result.output and "3 dropped (no target token left to predict: cut by max_length, or only at the first position)" in result.output
+    assert all(m["loss"] == m["loss"] and m["loss"] > 0 for m in read_metrics(out))  # finite, not NaN

@@ -25,7 +25,7 @@ from ftune.errors import WriteError
 from ftune.io import atomic_dir, file_sha256, remove_stale_temps, write_json_atomic
 
 IGNORE = -100
-CACHE_VERSION = "2"  # bump when the tokenized layout changes (2: entries carry manifest.json)
+CACHE_VERSION = "3"  # bump when the tokenized layout changes (2: entries carry manifest.json)
 MANIFEST = "manifest.json"
 _cache_off_warned: set[str] = set()  # cache roots already reported unwritable, to warn once
 
@@ -152,7 +152,9 @@ def _tokenize(tokenizer, examples: list[Example], cfg: DataConfig):
     ds = datasets.Dataset.from_list(rows).map(batch_encode, batched=True, num_proc=cfg.num_proc if len(rows) > 256 else None,
                                               remove_columns=["prompt", "target", "messages"])
     n_before = len(ds)
-    ds = ds.filter(lambda b: [any(x != IGNORE for x in lab) for lab in b["labels"]], batched=True)
+    # Position 0 is never predicted (the causal shift), so a target there alone teaches nothing and would
+    # make a micro-batch's loss 0/0: such examples count as having no target.
+    ds = ds.filter(lambda b: [any(x != IGNORE for x in lab[1:]) for lab in b["labels"]], batched=True)
     stats = TokenStats(examples=len(ds), truncated=int(sum(ds["truncated"])), dropped=n_before - len(ds),
                        tokens=int(sum(len(x) for x in ds["input_ids"])),
                        target_tokens=int(sum(sum(1 for t in lab if t != IGNORE) for lab in ds["labels"])))

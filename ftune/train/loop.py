@@ -380,5 +380,5 @@ def _report_data(console: Console, name: str, split: Split, cfg: RunConfig) -> N
     if s.truncated:
         msg += f"; [yellow]{s.truncated} truncated at max_length {cfg.data.max_length}[/]"
     if s.dropped:
-        msg += f"; [yellow]{s.dropped} dropped (no target token left after truncation)[/]"
+        msg += f"; [yellow]{s.dropped} dropped (no target token left to predict: cut by max_length, or only at the first position)[/]"
     console.print(msg)
