@@ -53,6 +53,12 @@ def one_mask_per_key(calls) -> dict:
     return first
 
 
+def module_mask(keys: dict, seed: int, key: int, j: int, n_modules: int, n_rows: int) -> torch.Tensor:
+    """Module j's whole mask for row chunk `key`: its blocks of drop.ROWS rows, stacked."""
+    blocks = range(-(-n_rows // drop.ROWS))
+    return torch.cat([keys[(seed, drop.mask_index(key, j, n_modules, b))] for b in blocks])
+
+
 def ref_lora(m, x2: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """PEFT's y = W x + b + s B A (x ⊙ keep / (1 − p)) with an explicit mask (None: no dropout)."""
     xd = x2 if keep is None else x2 * keep / (1 - m.lora_dropout.p)
@@ -61,20 +67,26 @@ def ref_lora(m, x2: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 
 # ---------------------------------------------------------------- the same masks, the reference gradients
 
-def test_fused_group_redraws_the_forward_masks_and_matches_the_reference(masks):
+ROWS = [None, 2]  # the default block (one block here), and blocks of 2 rows (a module's mask in pieces)
+
+
+@pytest.mark.parametrize("rows_per_block", ROWS)
+def test_fused_group_redraws_the_forward_masks_and_matches_the_reference(rows_per_block, masks, monkeypatch):
+    if rows_per_block:
+        monkeypatch.setattr(drop, "ROWS", rows_per_block)
     torch.manual_seed(0)
     modules = [with_dropout(lora(nn.Linear(16, 24)), 0.5), with_dropout(lora(nn.Linear(16, 8), r=2), 0.5),
                lora(nn.Linear(16, 8)), nn.Linear(16, 8).requires_grad_(False)]  # p = 0.5, 0.5, none; bare
     x = torch.randn(2, 5, 16, requires_grad=True)
     fused = project_group(x, modules)
-    assert len(masks) == 2  # forward: one per dropping module
+    drawn = len(masks)
+    assert drawn == 2 * -(-10 // drop.ROWS)  # forward: each dropping module, each block
     got = grads(x, modules, fused)
-    assert len(masks) == 4  # backward redrew both
+    assert len(masks) == 2 * drawn  # backward redrew every one
     keys = one_mask_per_key(masks)
-    assert len(keys) == 2 and len({seed for seed, _ in keys}) == 1
-    (seed, _), *_ = keys
+    (seed,) = {seed for seed, _ in keys}
     x2 = x.reshape(-1, 16)
-    keep = [keys[(seed, 0)], keys[(seed, 1)], None]
+    keep = [module_mask(keys, seed, 0, j, 3, 10) for j in (0, 1)] + [None]
     for k in keep[:2]:
         assert k.shape == x2.shape and 0.25 < float(k.mean()) < 0.75  # p = 0.5: a real mask
     assert not torch.equal(keep[0], keep[1])  # each module its own mask, as PEFT
@@ -83,8 +95,11 @@ def test_fused_group_redraws_the_forward_masks_and_matches_the_reference(masks):
     assert_all_close(got, grads(x, modules, ref))
 
 
+@pytest.mark.parametrize("rows_per_block", ROWS)
 @pytest.mark.parametrize("save_acts", [True, False])
-def test_fused_mlp_redraws_each_chunks_masks_and_matches_the_reference(save_acts, masks):
+def test_fused_mlp_redraws_each_chunks_masks_and_matches_the_reference(save_acts, rows_per_block, masks, monkeypatch):
+    if rows_per_block:
+        monkeypatch.setattr(drop, "ROWS", rows_per_block)
     torch.manual_seed(2)
     mlp, norm = _MLP(), _Norm()
     for name in ("gate_proj", "up_proj", "down_proj"):
@@ -94,9 +109,9 @@ def test_fused_mlp_redraws_each_chunks_masks_and_matches_the_reference(save_acts
     got = grads(h, [mlp], [out])
     keys = one_mask_per_key(masks)
     seed_gu, seed_d = dict.fromkeys(seed for seed, _ in keys)  # gate/up's Adapters draw first
-    chunks = range(5)
-    gate, up = (torch.cat([keys[(seed_gu, 2 * i + j)] for i in chunks]) for j in (0, 1))
-    down = torch.cat([keys[(seed_d, i)] for i in chunks])
+    chunks = list(enumerate([3, 3, 3, 3, 2]))
+    gate, up = (torch.cat([module_mask(keys, seed_gu, i, j, 2, n) for i, n in chunks]) for j in (0, 1))
+    down = torch.cat([module_mask(keys, seed_d, i, 0, 1, n) for i, n in chunks])
     h2 = h.reshape(-1, 16)
     n = rms_norm_ref(h2, norm.weight, norm.variance_epsilon)
     p = nn.functional.silu(ref_lora(mlp.gate_proj, n, gate)) * ref_lora(mlp.up_proj, n, up)
@@ -215,7 +230,7 @@ def _stack(p: float, kernels: str):
     from ftune.methods.lora import LoraConfig, inject
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=2048, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+    cfg = Qwen2Config(vocab_size=2048, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
                       num_attention_heads=16, num_key_value_heads=4, attn_implementation="sdpa")
     model = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16)
     inject(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=p), 0)
@@ -226,12 +241,13 @@ def _stack(p: float, kernels: str):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_dropout_costs_no_peak_memory_on_gpu():
-    """One forward/backward of a 4-layer LoRA stack (2 × 2048 tokens, bf16): dropout 0.05 peaks within 5%
-    of dropout 0 (the module-by-module path kept a dropped copy and a mask per adapted module)."""
+    """One forward/backward of a 12-layer LoRA stack (4 × 2048 tokens, bf16, Qwen2.5-0.5B-like widths):
+    dropout 0.05 peaks within 5% of dropout 0 (the module-by-module path kept a dropped copy and a mask
+    per adapted module). Dropout's temporaries (ROWS rows of one module) are ~1% of this peak."""
     from ftune.kernels.ops import liger_available
 
     kernels = "liger" if liger_available() else "torch"
-    ids = torch.randint(0, 2048, (2, 2048), device="cuda")
+    ids = torch.randint(0, 2048, (4, 2048), device="cuda")
     peaks = {}
     for p in (0.0, 0.05):
         model = _stack(p, kernels)
@@ -280,6 +296,6 @@ def test_liger_and_torch_paths_draw_the_same_masks_on_gpu(masks):
     fused = project_group(x, group)
     got = grads(x, group, fused)
     keys = one_mask_per_key(masks)
-    (seed, _), *_ = keys
-    ref = [ref_lora(m, x, keys[(seed, j)]) for j, m in enumerate(group)]
+    (seed,) = {seed for seed, _ in keys}
+    ref = [ref_lora(m, x, module_mask(keys, seed, 0, j, 3, 256)) for j, m in enumerate(group)]
     assert_all_close(got, grads(x, group, ref), tol=1e-4)  # fp32 on the GPU

@@ -88,9 +88,13 @@ class Adapters:
         self.p = [drop.drop_p(m) for m in self.modules]
         self.seed = drop.new_seed() if any(self.p) else None
 
-    def keep(self, j: int, key: int, like: torch.Tensor) -> torch.Tensor:
-        """Module j's 0/1 mask for row chunk `key` (the same tensor in forward and backward)."""
-        return drop.keep_mask(self.seed, key * len(self.modules) + j, self.p[j], like)
+    def keep(self, j: int, key: int):
+        """Module j's mask maker for row chunk `key`: (row block, like) -> 0/1 mask, the same tensor
+        whenever it is called with the same block (forward, backward, recompute)."""
+        def make(block: int, like: torch.Tensor) -> torch.Tensor:
+            index = drop.mask_index(key, j, len(self.modules), block)
+            return drop.keep_mask(self.seed, index, self.p[j], like)
+        return make
 
 
 def adapter_u(x2: torch.Tensor, ad: Adapters, key: int = 0):
@@ -99,12 +103,8 @@ def adapter_u(x2: torch.Tensor, ad: Adapters, key: int = 0):
         return None
     if ad.seed is None:
         return x2 @ ad.a.t()
-    parts = []
-    for j, a in enumerate(ad.a.split(ad.ranks)):
-        xj = drop.dropped(x2, ad.keep(j, key, x2), ad.p[j]) if ad.p[j] else x2
-        parts.append(xj @ a.t())
-        del xj  # one dropped copy alive at a time, none kept
-    return torch.cat(parts, dim=1)
+    return torch.cat([drop.project_dropped(x2, a, ad.p[j], ad.keep(j, key)) if ad.p[j] else x2 @ a.t()
+                      for j, a in enumerate(ad.a.split(ad.ranks))], dim=1)
 
 
 def group_forward(x2: torch.Tensor, modules, dt: torch.dtype, weights, ad: Adapters, key: int = 0):
@@ -132,15 +132,11 @@ def a_grads(x2: torch.Tensor, gs: list[torch.Tensor], dx: torch.Tensor, ad: Adap
         return list((g.t() @ x2).split(ad.ranks))
     out = []
     for j, (g, a) in enumerate(zip(gs, ad.a.split(ad.ranks))):
-        p = ad.p[j]
-        if not p:
+        if ad.p[j]:
+            out.append(drop.backward_dropped(x2, g, a, ad.p[j], ad.keep(j, key), dx))
+        else:
             dx.addmm_(g, a)
             out.append(g.t() @ x2)
-            continue
-        keep = ad.keep(j, key, x2)
-        dx.addcmul_(g @ a, keep, value=1.0 / (1.0 - p))
-        out.append(g.t() @ drop.dropped(x2, keep, p))
-        del keep
     return out
 
 
