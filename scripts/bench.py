@@ -3,7 +3,7 @@
     python scripts/bench.py --cases lora,lora_mem,qlora,full,nlu --out bench-out [--ablate] [--profile]
 
 Qwen2.5-7B's architecture (0.5B for `full`) with random bf16 weights, sequence 2048, micro-batch 4, LoRA
-r=16 alpha=32 dropout 0 on all seven linears, AdamW (fused, both sides), lr constant, grad-norm clip 1.0,
+r=16 alpha=32 dropout 0 (--lora-dropout) on all seven linears, AdamW (fused, both sides), lr constant, grad-norm clip 1.0,
 loss over all tokens. Reference: from_pretrained, SDPA, gradient checkpointing (non-reentrant), PEFT,
 autocast bf16. ftune: `ftune.models.load_model` + the method registry + `ftune.train.step.train_step`,
 the code `ftune train` runs. Both start from the same weights and the same LoRA A init (copied), see the
@@ -105,7 +105,7 @@ def run_reference(case: Case, ckpt: Path, batches, args) -> tuple[Run, dict, int
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     if case.method in ("lora", "qlora"):
         torch.manual_seed(0)
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS,
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=args.lora_dropout, target_modules=LORA_TARGETS,
                                                  task_type="CAUSAL_LM"))
     params = [p for p in model.parameters() if p.requires_grad]
     lora_init = {k.replace("base_model.model.", "").replace(".default", ""): v.detach().cpu().clone()
@@ -161,6 +161,8 @@ def run_ftune(case: Case, ckpt: Path, batches, args, overrides: dict, lora_init:
     from ftune.train.step import train_step
 
     free_gpu()
+    if case.method in ("lora", "qlora"):
+        overrides = {"method.lora_dropout": args.lora_dropout, **overrides}
     cfg = ftune_config(case, ckpt, overrides)
     accelerator = Accelerator(mixed_precision="bf16")
     model, optimizer, scheduler, hooks = build_training(cfg, accelerator, total_steps=args.steps)
@@ -284,6 +286,7 @@ def main() -> None:
     p.add_argument("--n-batches", type=int, default=2, help="distinct batches, cycled (so the loss can fall)")
     p.add_argument("--layers", type=int, default=None, help="fewer decoder layers (quick checks)")
     p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout, both sides (the recipes ship 0.05)")
     p.add_argument("--ablate", action="store_true", help="also run each case's lever ablations (ftune only)")
     p.add_argument("--ablate-steps", type=int, default=11)
     p.add_argument("--profile", action="store_true", help="top kernels of two extra steps per run")

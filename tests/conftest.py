@@ -159,6 +159,66 @@ def data_dir(tmp_path_factory) -> Path:
     return d
 
 
+# ---------------------------------------------------------------- the device, accelerate's singletons
+
+_CUDA_USERS_LOADED = False
+
+
+def _load_cuda_users() -> None:
+    """Import what decides at import time whether CUDA exists (bitsandbytes picks its native library,
+    transformers caches `is_torch_cuda_available`) while the GPU is still visible: a CPU-pinned test that
+    imported them first would leave the later `gpu` tests in this process without CUDA."""
+    global _CUDA_USERS_LOADED
+    if _CUDA_USERS_LOADED:
+        return
+    _CUDA_USERS_LOADED = True
+    from transformers.utils.import_utils import is_torch_cuda_available
+
+    is_torch_cuda_available()
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # not installed, or no native library for this machine: the quantized tests say so
+        pass
+
+
+def pin_cpu(monkeypatch) -> None:
+    """Hide the GPU from one test: torch.cuda.is_available() is False (ftune, accelerate and transformers
+    all ask it), and accelerate is told to use the CPU. Hiding through CUDA_VISIBLE_DEVICES would not
+    work: CUDA reads it once per process, and the `gpu` tests of the same process need the device."""
+    import torch
+
+    if torch.cuda.is_available():
+        _load_cuda_users()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state (PartialState, AcceleratorState, GradientState): every
+    `ftune train` builds an Accelerator, and one built with another mixed_precision or device in the same
+    process raises "AcceleratorState has already been initialized" (pytest -n reuses worker processes)."""
+    import sys
+
+    if "accelerate.state" not in sys.modules:
+        return
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def device_and_accelerate(request, monkeypatch):
+    """Tests not marked `gpu` check CPU semantics (fp32 weights, no autocast, exact tolerances such as
+    1e-5 on scores and weights) and run on the CPU even where a GPU is present; `gpu` tests see the
+    device. accelerate's singletons are cleared before and after every test."""
+    if request.node.get_closest_marker("gpu") is None:
+        pin_cpu(monkeypatch)
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
 # ---------------------------------------------------------------- configs, caches, the CLI
 
 @pytest.fixture(autouse=True)

@@ -137,8 +137,8 @@ def test_checkpointed_layers_are_the_first_share():
 
 # ---------------------------------------------------------------- the whole training forward
 
-def tiny_qwen2(seed: int = 0):
-    """2-layer Qwen2 (q/k/v biases, GQA 4/2 heads), fp32, with LoRA on every linear and B ≠ 0."""
+def tiny_qwen2(seed: int = 0, dropout: float = 0.0):
+    """2-layer Qwen2 (q/k/v biases, GQA 4/2 heads), fp32, with LoRA (dropout p) on every linear and B ≠ 0."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from ftune.methods.lora import LoraConfig, inject
@@ -148,7 +148,7 @@ def tiny_qwen2(seed: int = 0):
                       num_key_value_heads=2, max_position_embeddings=128, attn_implementation="sdpa")
     model = Qwen2ForCausalLM(cfg)
     model.config.use_cache = False
-    inject(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0), seed)
+    inject(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout), seed)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             nn.init.normal_(p, std=0.2)

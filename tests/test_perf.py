@@ -99,9 +99,11 @@ def test_run_log_writes_tokens_per_second_and_mfu(tmp_path, monkeypatch):
     from ftune.train import progress
 
     monkeypatch.setattr(progress, "gpu_spec", lambda name=None: ("h100", 79.2, 1000.0))
+    clock = [100.0]  # a stubbed clock: a loaded machine (pytest -n) must not add time of its own
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
     acc = SimpleNamespace(is_main_process=True, device=torch.device("cuda"), num_processes=1, log=lambda *a, **k: None)
     with progress.RunLog(tmp_path, 10, acc, Console(file=io.StringIO()), flops_per_token=5e10) as log:
-        log.window_start -= 2.0  # two seconds of training …
+        clock[0] += 2.0  # two seconds of training …
         log.count(20_000)  # … over 20k tokens: 10k tokens/s
         line = log.log(1, {"loss": 1.0, "lr": 1e-4})
     assert line["tokens_per_s"] == pytest.approx(1e4, rel=0.01)

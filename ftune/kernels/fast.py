@@ -13,8 +13,9 @@ non-reentrant checkpoint), the MLP block can save only its input (recomputing ga
 whatever a layer still saves can go to pinned CPU memory during forward and come back before backward
 needs it (offload.py). Recomputing costs GPU time; offloading costs PCIe bandwidth, which is free while
 the GPU computes, so a plan (`model.layer_plan`, built in kernels/__init__.py) mixes the two.
-Modules the fused Functions cannot take (DoRA, dropout, AdaLoRA/SoRA layers, trainable base weights
-as in full fine-tuning) are called as they are, with the same norm/RoPE/SwiGLU/attention kernels.
+Modules the fused Functions cannot take (DoRA, AdaLoRA/SoRA layers, trainable base weights as in full
+fine-tuning) are called as they are, with the same norm/RoPE/SwiGLU/attention kernels. LoRA dropout is
+fused (masks redrawn in backward from a seed: kernels/dropout.py).
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ Why a custom autograd Function instead of the module-by-module graph (PEFT's, or
   lora tensor, scale and add passes over the (tokens × out) output;
 - backward saves only x (shared by the group) and the tiny x Aᵀ; the frozen base weight needs no saved
   activation at all; the A gradients of the group are one matmul again.
+- LoRA dropout costs no saved memory: each module's mask is redrawn in backward from a seed (dropout.py,
+  which says why and how it compares with PEFT); with dropout the A projections run per module, since
+  each reads its own dropped copy of x.
 The base weight is frozen (LoRA) and may be 4-bit: it is dequantized to the compute dtype when used
 (forward and backward), never kept. The reference the tests compare with is the modules' own forward
 (`LoraLinear.forward`, PEFT's math), module by module.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ftune.kernels import dropout as drop
 from ftune.layers.lora import LoraLinear
 
 
@@ -41,9 +45,9 @@ def frozen_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 
 def fusable(module: nn.Module) -> bool:
-    """A plain LoRA layer (no DoRA, no dropout) or a bare linear, whose base weight is frozen."""
+    """A plain LoRA layer (no DoRA; dropout is fine) or a bare linear, whose base weight is frozen."""
     if type(module) is LoraLinear:
-        if module.use_dora or not isinstance(module.lora_dropout, nn.Identity):
+        if module.use_dora or not isinstance(module.lora_dropout, (nn.Identity, nn.Dropout)):
             return False
         base = module.base_layer
     else:
@@ -73,18 +77,40 @@ def _adapted(modules) -> list[LoraLinear]:
 
 class Adapters:
     """The group's LoRA weights cast once per forward to the compute dtype (kept for backward: tiny):
-    A of every adapted module stacked (one matmul for all), and each s·B."""
+    A of every adapted module stacked (one matmul for all), and each s·B; with dropout, each module's p
+    and the call's seed (dropout.py): the masks are redrawn from it, never kept."""
 
     def __init__(self, modules, dt: torch.dtype):
         self.modules = _adapted(modules)
         self.a = torch.cat([m.lora_A.weight for m in self.modules]).to(dt) if self.modules else None
         self.sb = [(m.lora_B.weight * m.scaling).to(dt) for m in self.modules]
         self.ranks = [m.r for m in self.modules]
+        self.p = [drop.drop_p(m) for m in self.modules]
+        self.seed = drop.new_seed() if any(self.p) else None
+
+    def keep(self, j: int, key: int):
+        """Module j's mask maker for row chunk `key`: (row block, like) -> 0/1 mask, the same tensor
+        whenever it is called with the same block (forward, backward, recompute)."""
+        def make(block: int, like: torch.Tensor) -> torch.Tensor:
+            index = drop.mask_index(key, j, len(self.modules), block)
+            return drop.keep_mask(self.seed, index, self.p[j], like)
+        return make
 
 
-def group_forward(x2: torch.Tensor, modules, dt: torch.dtype, weights, ad: Adapters):
-    """(outputs, u): y_i = x W_iᵀ + b_i + u_i (s_i B_i)ᵀ with u = x [A_1; A_2; …]ᵀ (None when nothing is adapted)."""
-    u = x2 @ ad.a.t() if ad.a is not None else None
+def adapter_u(x2: torch.Tensor, ad: Adapters, key: int = 0):
+    """u = [drop_1(x) A_1ᵀ, drop_2(x) A_2ᵀ, …] (tokens × Σr); one matmul when nothing drops."""
+    if ad.a is None:
+        return None
+    if ad.seed is None:
+        return x2 @ ad.a.t()
+    return torch.cat([drop.project_dropped(x2, a, ad.p[j], ad.keep(j, key)) if ad.p[j] else x2 @ a.t()
+                      for j, a in enumerate(ad.a.split(ad.ranks))], dim=1)
+
+
+def group_forward(x2: torch.Tensor, modules, dt: torch.dtype, weights, ad: Adapters, key: int = 0):
+    """(outputs, u): y_i = x W_iᵀ + b_i + u_i (s_i B_i)ᵀ with u = adapter_u (None when nothing is adapted).
+    `key` numbers the row chunk (mlp.py) so that each chunk draws its own dropout masks."""
+    u = adapter_u(x2, ad, key)
     outs, col, j = [], 0, 0
     for m, w in zip(modules, weights):
         bias = base_of(m).bias
@@ -97,8 +123,26 @@ def group_forward(x2: torch.Tensor, modules, dt: torch.dtype, weights, ad: Adapt
     return outs, u
 
 
-def group_backward(x2: torch.Tensor, u, modules, dys, dt: torch.dtype, weights, ad: Adapters):
-    """(dx, grads): dx = Σ dy_i W_i + [dy_i s_i B_i] [A_i]; grads = [dA, dB per adapted module] (param dtype)."""
+def a_grads(x2: torch.Tensor, gs: list[torch.Tensor], dx: torch.Tensor, ad: Adapters, key: int = 0):
+    """Adds Σ_i (g_i A_i) ⊙ M_i into dx and returns [dA_i = g_iᵀ (x ⊙ M_i)]; g_i = dL/du_i, M_i the
+    scaled mask redrawn for this key (1 without dropout: then one matmul each for the whole group)."""
+    if ad.seed is None:
+        g = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]
+        dx.addmm_(g, ad.a)
+        return list((g.t() @ x2).split(ad.ranks))
+    out = []
+    for j, (g, a) in enumerate(zip(gs, ad.a.split(ad.ranks))):
+        if ad.p[j]:
+            out.append(drop.backward_dropped(x2, g, a, ad.p[j], ad.keep(j, key), dx))
+        else:
+            dx.addmm_(g, a)
+            out.append(g.t() @ x2)
+    return out
+
+
+def group_backward(x2: torch.Tensor, u, modules, dys, dt: torch.dtype, weights, ad: Adapters, key: int = 0):
+    """(dx, grads): dx = Σ dy_i W_i + [(dy_i s_i B_i) A_i] ⊙ M_i; grads = [dA, dB per adapted module]
+    (param dtype). `key` must be the one the forward of these rows used (same dropout masks)."""
     dx, gs, grads, col, j = None, [], [], 0, 0
     for m, dy, w in zip(modules, dys, weights):
         dy = dy.reshape(-1, dy.shape[-1])
@@ -113,13 +157,8 @@ def group_backward(x2: torch.Tensor, u, modules, dys, dt: torch.dtype, weights, 
             grads.append([None, (dy.t() @ u[:, col:col + m.r]).mul_(m.scaling).to(b.dtype)])  # dB = s dyᵀ u_i
             col, j = col + m.r, j + 1
     if gs:
-        g = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]
-        dx.addmm_(g, ad.a)
-        da = g.t() @ x2  # every A gradient of the group in one matmul
-        row = 0
-        for pair, m in zip(grads, ad.modules):
-            pair[0] = da[row:row + m.r].to(m.lora_A.weight.dtype)
-            row += m.r
+        for pair, m, da in zip(grads, ad.modules, a_grads(x2, gs, dx, ad, key)):
+            pair[0] = da.to(m.lora_A.weight.dtype)
     return dx, [t for pair in grads for t in pair]
 
 
@@ -152,7 +191,7 @@ def project_group(x: torch.Tensor, modules) -> list[torch.Tensor]:
 
 def project(x: torch.Tensor, modules) -> list[torch.Tensor]:
     """Every module's output on x: the fusable ones through one LoraGroupFn, the rest called as they are
-    (DoRA, dropout, AdaLoRA/SoRA layers, trainable base weights)."""
+    (DoRA, AdaLoRA/SoRA layers, trainable base weights)."""
     fast = [m for m in modules if fusable(m)]
     fused = dict(zip(map(id, fast), project_group(x, fast))) if fast else {}
     return [fused[id(m)] if id(m) in fused else m(x) for m in modules]

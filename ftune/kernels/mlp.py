@@ -6,7 +6,8 @@ What it saves, per token (bf16): h (hidden) plus, in "activations" mode, gate an
 The module-by-module graph with liger's SwiGLU also keeps n and the product (hidden + intermediate more:
 45 KB per token per layer on Qwen2.5-7B, ~10 GB at 8k tokens × 28 layers; eager SwiGLU adds silu(gate)).
 n, the product and the LoRA inputs are recomputed in backward from h / gate / up: elementwise work and
-the skinny LoRA matmuls, no base-weight matmul.
+the skinny LoRA matmuls, no base-weight matmul. LoRA dropout adds nothing to what is saved: each chunk's
+masks are redrawn in backward from the call's seed and the chunk's index (dropout.py).
 In "input" mode (layers under activation checkpointing) only h is saved and gate/up are recomputed in
 backward, chunk by chunk — the down projection, a third of the MLP, is never recomputed.
 Rows are processed in chunks of `chunk` tokens so the intermediate-size temporaries stay small.
@@ -38,12 +39,12 @@ class LoraMLPFn(torch.autograd.Function):
         w_gu, w_d = group_weights(gu, dt), group_weights(down, dt)
         ctx.ad_gu, ctx.ad_d = ad_gu, ad_d = Adapters(gu, dt), Adapters(down, dt)
         ys, saved = [], []
-        for rows in _chunks(h2.shape[0], chunk):
+        for i, rows in enumerate(_chunks(h2.shape[0], chunk)):  # i: the chunk's dropout-mask key
             n = ops.rms_norm(h2[rows], norm_w, eps).to(dt)
-            (g, u), ugu = group_forward(n, gu, dt, w_gu, ad_gu)
+            (g, u), ugu = group_forward(n, gu, dt, w_gu, ad_gu, key=i)
             del n
             p = ops.silu_mul(g, u)
-            (y,), ud = group_forward(p, down, dt, w_d, ad_d)
+            (y,), ud = group_forward(p, down, dt, w_d, ad_d, key=i)
             del p
             ys.append(y)
             saved += [g, u, ugu, ud] if save_acts else [ud]
@@ -69,13 +70,13 @@ class LoraMLPFn(torch.autograd.Function):
                 g, u, ugu, ud = parts
             else:
                 (ud,) = parts
-                (g, u), ugu = group_forward(n.detach(), gu, dt, w_gu, ctx.ad_gu)
+                (g, u), ugu = group_forward(n.detach(), gu, dt, w_gu, ctx.ad_gu, key=i)
             p = ops.silu_mul(g, u)
-            dp, g_down = group_backward(p, ud, down, [dy[rows]], dt, w_d, ctx.ad_d)
+            dp, g_down = group_backward(p, ud, down, [dy[rows]], dt, w_d, ctx.ad_d, key=i)
             del p
             dg, du = ops.silu_mul_backward(g, u, dp)  # liger writes these into g/u's storage
             del dp
-            dn, g_gu = group_backward(n.detach(), ugu, gu, [dg, du], dt, w_gu, ctx.ad_gu)
+            dn, g_gu = group_backward(n.detach(), ugu, gu, [dg, du], dt, w_gu, ctx.ad_gu, key=i)
             del dg, du, g, u
             torch.autograd.backward(n, dn)
             dh[rows] = hc.grad
