@@ -120,11 +120,12 @@ def validate(
     """Check a config (every problem at once), print it resolved and a GPU memory estimate; no model is loaded."""
     from ftune.config import load_config, resolved_yaml
     from ftune.memory import memory_report
+    from ftune.methods import get_method
 
     cfg = load_config(config, overrides or [])
     out.print(resolved_yaml(cfg), highlight=False, markup=False)
     err.print(f"[green]ok[/]: {escape(config)} is valid ({cfg.method.name}, output {escape(cfg.run_dir)})")
-    err.print(escape(memory_report(cfg, gpu)), highlight=False)
+    err.print(escape(memory_report(cfg, get_method(cfg.method.name), gpu)), highlight=False)
 
 
 @app.command()

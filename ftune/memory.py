@@ -22,9 +22,6 @@ from dataclasses import dataclass
 from ftune.errors import FtuneError
 from ftune.perf import GIB, GPUS, Arch, adapter_params, arch_from_config, gpu_spec, read_model_config
 
-ADAPTER_METHODS = {"lora", "qlora", "adalora", "sora"}
-
-
 @dataclass
 class MemoryEstimate:
     weights: float  # GiB, the base model as loaded
@@ -67,28 +64,25 @@ def _fast_path(run, on_cuda: bool) -> bool:
     return k in ("liger", "torch") or (k == "auto" and on_cuda)
 
 
-def estimate_memory(run, arch: Arch, on_cuda: bool = True) -> MemoryEstimate:
+def estimate_memory(run, method, arch: Arch, on_cuda: bool = True) -> MemoryEstimate:
+    """`method`: the run's registered Method (what trains, how many parameters)."""
     m, t = run.model, run.train
     dtype_bytes = 4 if m.dtype == "fp32" or (m.dtype == "auto" and not on_cuda) else 2
     weights = _weight_bytes(arch, m.quantization, m.double_quant, dtype_bytes)
-    method = run.method.name
-    if method in ADAPTER_METHODS:  # fp32 adapters: parameters + gradients (the base is in `weights`)
-        r = getattr(run.method, "r", None) or getattr(run.method, "init_r", 8)
-        n_train, param_bytes = adapter_params(arch, r, getattr(run.method, "target_modules", "all-linear")), 4
-        trainable = n_train * param_bytes * 2
-    else:  # full / LISA: gradients in the weights' dtype
-        n_train, param_bytes = arch.params, dtype_bytes
-        if method == "lisa":  # embeddings, head and n_layers decoder layers at a time
-            n_train = arch.vocab * arch.hidden * (1 if arch.tied else 2) + \
-                getattr(run.method, "n_layers", 2) * arch.layer_linear_params
+    if method.trains_base:  # full / LISA: gradients in the weights' dtype
+        param_bytes = dtype_bytes
+        n_train = method.trainable_params(arch, run.method)
         trainable = n_train * param_bytes
+    else:  # fp32 adapters: parameters + gradients (the base is in `weights`)
+        n_train, param_bytes = method.trainable_params(arch, run.method), 4
+        trainable = n_train * param_bytes * 2
     opt_bytes = {"adamw": 2 * param_bytes, "sgd": param_bytes}.get(t.optimizer, 2)  # 8-bit Adam: 2 bytes
     optimizer = n_train * opt_bytes
 
     tokens = t.micro_batch_size * run.data.max_length
     h, kv, i = arch.hidden, arch.kv_heads * arch.head_dim, arch.intermediate
     fast = _fast_path(run, on_cuda)
-    frozen = method in ADAPTER_METHODS
+    frozen = not method.trains_base
     if fast:
         keep = (5 * h + 2 * kv + 2 * i) * 2 if frozen else (6 * h + 2 * kv + 3 * i) * 2
         # per plan letter: the layer input, the attention block (normed h, q, k, v, out), the MLP (input, gate, up)
@@ -120,8 +114,8 @@ def describe(est: MemoryEstimate, gpu: tuple | None) -> str:
     return f"{line}; {name} has {mem:.0f} GiB: {verdict}"
 
 
-def memory_report(run, gpu_name: str | None = None) -> str:
-    """The `ftune validate` line: the estimate for `run` on the named GPU, else the detected one."""
+def memory_report(run, method, gpu_name: str | None = None) -> str:
+    """The `ftune validate` line: the estimate for `run` (trained with `method`) on the named GPU, else the detected one."""
     gpu = gpu_spec(gpu_name)
     if gpu_name is not None and gpu is None:
         raise FtuneError(f"--gpu: unknown GPU {gpu_name!r}; known: {', '.join(GPUS)}")
@@ -133,4 +127,6 @@ def memory_report(run, gpu_name: str | None = None) -> str:
         arch = arch_from_config(hf)
     except (TypeError, KeyError):
         return "memory estimate: skipped (config.json is not a Llama-style decoder)"
-    return describe(estimate_memory(run, arch, on_cuda=True), gpu)
+    if method.trainable_params is None:
+        return f"memory estimate: skipped (method {method.name!r} does not say how many parameters it trains)"
+    return describe(estimate_memory(run, method, arch, on_cuda=True), gpu)

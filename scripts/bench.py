@@ -156,7 +156,7 @@ def run_ftune(case: Case, ckpt: Path, batches, args, overrides: dict, lora_init:
     from accelerate import Accelerator
 
     from ftune.data.collate import collate_batch, count_targets
-    from ftune.train.hooks import TrainState
+    from ftune.hooks import TrainState
     from ftune.train.loop import build_training, packing_on
     from ftune.train.step import train_step
 

@@ -108,7 +108,7 @@ def main() -> None:
     import ftune.kernels.mlp as mlp_mod
     import ftune.kernels.offload as offload_mod
     from ftune.data.collate import collate_batch, count_targets
-    from ftune.train.hooks import TrainState
+    from ftune.hooks import TrainState
     from ftune.train.loop import build_training
     from ftune.train.step import train_step
 

@@ -20,7 +20,7 @@ from ftune.config import load_config
 from ftune.errors import ConfigError
 from ftune.methods import PrepareContext, get_method
 from ftune.methods.lisa import LisaConfig, always_trained, find_layers, param_groups, sample_layers, trained_layers
-from ftune.train.hooks import TrainState
+from ftune.hooks import TrainState
 
 N_LAYERS = 6
 WORDS = ["say", "the", "word", "red", "blue", "green", "cat", "dog", "sun", "moon", "one", "two", "three", ":"]

@@ -44,19 +44,23 @@ def run_cfg(method: str = "lora", **model) -> RunConfig:
                      train={"micro_batch_size": 4})
 
 
+def estimate(cfg: RunConfig, arch, **kwargs):
+    return estimate_memory(cfg, get_method(cfg.method.name), arch, **kwargs)
+
+
 def test_memory_estimate_tracks_the_modes():
     """Golden values: what the H100 benchmark measured (docs/BENCHMARKS.md) was 39.8, 15.7 and 13.0 GiB."""
     arch = arch_from_config(QWEN7B)
-    speed = estimate_memory(run_cfg(), arch)
+    speed = estimate(run_cfg(), arch)
     assert speed.weights == pytest.approx(7_615_616_512 * 2 / 2**30)
     assert speed.trainable == pytest.approx(40_370_176 * 8 / 2**30)
     assert speed.total == pytest.approx(39.5, abs=0.5)
-    memory = estimate_memory(run_cfg(gradient_checkpointing=True, offload_activations=True), arch)
+    memory = estimate(run_cfg(gradient_checkpointing=True, offload_activations=True), arch)
     assert memory.total == pytest.approx(15.8, abs=0.5)
-    qlora = estimate_memory(run_cfg("qlora", quantization="nf4", gradient_checkpointing=True, checkpoint_fraction=0.75,
+    qlora = estimate(run_cfg("qlora", quantization="nf4", gradient_checkpointing=True, checkpoint_fraction=0.75,
                                     offload_activations=True), arch)
     assert qlora.weights < 0.4 * speed.weights and qlora.total == pytest.approx(12.9, abs=0.5)
-    full = estimate_memory(run_cfg("full"), arch)
+    full = estimate(run_cfg("full"), arch)
     assert full.optimizer == pytest.approx(2 * full.weights)  # bf16 AdamW moments
 
 
@@ -64,14 +68,14 @@ def test_memory_estimate_follows_the_layer_plan():
     """A plan's letters move activations off the GPU in the estimate: K > A, M > C > offloaded; the same
     plan written out per layer equals checkpoint_fraction's; QLoRA's benchmark plan fits its 12.9 GiB."""
     arch = arch_from_config(QWEN7B)
-    acts = {p: estimate_memory(run_cfg(layer_plan=p), arch).activations for p in ("28K", "28A", "28M", "28C", "28c")}
+    acts = {p: estimate(run_cfg(layer_plan=p), arch).activations for p in ("28K", "28A", "28M", "28C", "28c")}
     assert acts["28K"] > acts["28A"] > acts["28C"] > acts["28c"] and acts["28K"] > acts["28M"] > acts["28C"]
-    assert estimate_memory(run_cfg(layer_plan="21C7K"), arch).total == pytest.approx(
-        estimate_memory(run_cfg(gradient_checkpointing=True, checkpoint_fraction=0.75), arch).total)
-    qlora = estimate_memory(run_cfg("qlora", quantization="nf4", layer_plan="14a8c6K"), arch)
+    assert estimate(run_cfg(layer_plan="21C7K"), arch).total == pytest.approx(
+        estimate(run_cfg(gradient_checkpointing=True, checkpoint_fraction=0.75), arch).total)
+    qlora = estimate(run_cfg("qlora", quantization="nf4", layer_plan="14a8c6K"), arch)
     assert qlora.total == pytest.approx(12.4, abs=0.6)  # measured 12.4 GiB on an H100 (docs/BENCHMARKS.md)
-    on_cpu = estimate_memory(run_cfg(layer_plan="28c"), arch, on_cuda=False)  # no offload without CUDA
-    assert on_cpu.activations == pytest.approx(estimate_memory(run_cfg(layer_plan="28C"), arch, on_cuda=False).activations)
+    on_cpu = estimate(run_cfg(layer_plan="28c"), arch, on_cuda=False)  # no offload without CUDA
+    assert on_cpu.activations == pytest.approx(estimate(run_cfg(layer_plan="28C"), arch, on_cuda=False).activations)
 
 
 def test_a_bad_layer_plan_is_a_clear_config_error(make_config):

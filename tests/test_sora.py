@@ -22,7 +22,7 @@ from ftune.export.peft_io import read_adapter
 from ftune.layers.sora import SoraLinear, pruned_lora, soft_threshold_
 from ftune.methods import PrepareContext, get_method
 from ftune.methods.sora import GATE_GROUP, RANKS_FILE, SoraConfig, anchored, lambda_at, sora_modules
-from ftune.train.hooks import TrainState
+from ftune.hooks import TrainState
 from ftune.train.optim import build_optimizer, build_scheduler
 
 METHOD = get_method("sora")

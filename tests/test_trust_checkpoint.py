@@ -16,7 +16,7 @@ from conftest import invoke
 from safetensors.torch import load_file
 
 from ftune.io import write_json_atomic
-from ftune.train.hooks import Hook, hook_keys
+from ftune.hooks import Hook, hook_keys
 from ftune.train.state_io import flatten_state, unflatten_state
 
 MARKER = Path(os.environ.get("TMPDIR", "/tmp")) / "ftune-pwned-marker"

@@ -41,7 +41,8 @@ from ftune.layers.adalora import (
 from ftune.layers.lora import inject_lora
 from ftune.methods import Method, register
 from ftune.methods import lora as lora_method
-from ftune.train.hooks import Hook, TrainState
+from ftune.hooks import Hook, TrainState
+from ftune.perf import adapter_params
 
 TRIPLET = ("lora_A", "lora_E", "lora_B")
 
@@ -318,5 +319,6 @@ METHOD = register(Method(
     save=save,
     load=load,
     merge_fn=merge_fn,
+    trainable_params=lambda arch, cfg: adapter_params(arch, cfg.init_r, cfg.target_modules),
     quantized_base=True,
 ))

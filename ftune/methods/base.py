@@ -44,6 +44,11 @@ class Method:
     # Names of the weights a resumable checkpoint keeps, given (model, cfg, TrainState); default: those with
     # requires_grad. Needed when trainable weights change during a run (LISA: every layer trained so far).
     checkpoint_params: Callable[[Any, MethodConfig, Any], set[str]] | None = None
+    # What the memory estimate and MFU need, so that neither names a method: whether training updates the
+    # base model's own weights (full, LISA: gradients and optimizer state in the weights' dtype) or only
+    # added fp32 ones (adapters), and how many parameters train, from the architecture alone (`perf.Arch`).
+    trains_base: bool = False
+    trainable_params: Callable[[Any, MethodConfig], int] | None = None
 
     @property
     def mergeable(self) -> bool:

@@ -47,5 +47,7 @@ METHOD = register(Method(
     prepare=prepare,
     save=save,
     load=load,
+    trains_base=True,
+    trainable_params=lambda arch, cfg: arch.params,
     artifact="model",
 ))

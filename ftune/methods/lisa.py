@@ -33,7 +33,7 @@ from torch import nn
 from ftune.config.schema import MethodConfig
 from ftune.errors import FtuneError
 from ftune.methods import Method, full, register
-from ftune.train.hooks import Hook
+from ftune.hooks import Hook
 
 
 class LisaConfig(MethodConfig):
@@ -174,6 +174,9 @@ METHOD = register(Method(
     save=full.save,  # the whole model, like full fine-tuning
     load=full.load,
     artifact="model",
+    trains_base=True,
+    # embeddings, head and n_layers decoder layers at a time
+    trainable_params=lambda arch, cfg: arch.vocab * arch.hidden * (1 if arch.tied else 2) + cfg.n_layers * arch.layer_linear_params,
     param_groups=param_groups,
     checkpoint_params=checkpoint_params,
 ))

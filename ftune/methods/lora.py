@@ -22,6 +22,7 @@ from ftune.errors import ConfigError
 from ftune.export.peft_io import lora_adapter_config, lora_merge_fn, lora_tensors, load_lora_adapter, save_adapter
 from ftune.layers.lora import LoraLinear, inject_lora, match_targets
 from ftune.methods import Method, register
+from ftune.perf import adapter_params
 
 
 class LoraConfig(MethodConfig):
@@ -90,6 +91,7 @@ METHOD = register(Method(
     save=save,
     load=load,
     merge_fn=lora_merge_fn,
+    trainable_params=lambda arch, cfg: adapter_params(arch, cfg.r, cfg.target_modules),
     quantized_base=True,
     param_groups=param_groups,
 ))

@@ -83,6 +83,7 @@ METHOD = register(Method(
     save=lora.save,
     load=lora.load,
     merge_fn=lora_merge_fn,
+    trainable_params=lora.METHOD.trainable_params,
     quantized_base=True,
     requires_quantized=True,
     param_groups=lora.param_groups,

@@ -42,8 +42,9 @@ from ftune.export.peft_io import load_lora_adapter, lora_adapter_config, lora_me
 from ftune.methods import lora as lora_method
 from ftune.layers.sora import SoraLinear, pruned_lora, soft_threshold_
 from ftune.methods import Method, register
-from ftune.train.hooks import Hook, TrainState
-from ftune.train.optim import lr_factor, warmup_steps
+from ftune.hooks import Hook, TrainState
+from ftune.hooks import lr_factor, warmup_steps
+from ftune.perf import adapter_params
 
 GATE_GROUP = "sora_gates"  # the `name` of the optimizer param group holding the gates
 RANKS_FILE = "sora_ranks.jsonl"
@@ -217,6 +218,7 @@ METHOD = register(Method(
     save=save,
     load=load,
     merge_fn=lora_merge_fn,
+    trainable_params=lambda arch, cfg: adapter_params(arch, cfg.r, cfg.target_modules),
     quantized_base=True,
     param_groups=param_groups,
 ))

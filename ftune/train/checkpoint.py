@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from ftune.errors import FtuneError
 from ftune.io import atomic_dir, remove_stale_temps, write_json_atomic, write_safetensors_atomic
-from ftune.train.hooks import hook_keys
+from ftune.hooks import hook_keys
 from ftune.train.state_io import StateFormatError, flatten_state, unflatten_state
 
 STATE_FORMAT = "ftune-checkpoint-state/1"

@@ -23,7 +23,8 @@ from ftune.io import atomic_dir, file_sha256, remove_stale_temps, write_json_ato
 from ftune.methods import PrepareContext, get_method
 from ftune.models import count_parameters, load_model, load_tokenizer
 from ftune.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
-from ftune.train.hooks import BudgetHook, QualityGateHook, TrainState
+from ftune.hooks import TrainState
+from ftune.train.hooks import BudgetHook, QualityGateHook
 from ftune.train.optim import build_optimizer, build_scheduler, default_param_groups
 from ftune.train.interrupt import StopRequest
 from ftune.train.progress import RunLog, gpu_memory_gib
@@ -166,7 +167,7 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
     if cfg.train.tensorboard:
         accelerator.project_configuration.set_directories(str(rundir.path))
         accelerator.init_trackers("tensorboard")
-    flops = _flops_per_token(accelerator.unwrap_model(model), trainable, total, train_split)
+    flops = _flops_per_token(accelerator.unwrap_model(model), method, trainable, train_split)
     return Run(cfg, accelerator, console, rundir, method, state, hooks, tokenizer, train_split, eval_split, labels,
                trainable, total, flops)
 
@@ -338,7 +339,7 @@ def _warn_label_collisions(console: Console, tokenizer, labels: list[str], cfg: 
         seen.setdefault(tuple(ids), label)
 
 
-def _flops_per_token(model, trainable: int, total: int, split: Split) -> float | None:
+def _flops_per_token(model, method, trainable: int, split: Split) -> float | None:
     """Model FLOPs per trained token for MFU, at the data's mean example length; None for unknown shapes."""
     from ftune.perf import arch_from_config, flops_per_token
 
@@ -346,7 +347,7 @@ def _flops_per_token(model, trainable: int, total: int, split: Split) -> float |
         arch = arch_from_config(model.config)
     except (TypeError, AttributeError):
         return None
-    full = trainable > 0.5 * total  # full fine-tuning (or LISA's share, close enough) vs adapters
+    full = method.trains_base  # weight gradients for the base's linears (LISA: all layers' activations too)
     return flops_per_token(arch, split.stats.tokens / max(1, split.stats.examples), full, 0 if full else trainable)
 
 

@@ -1,12 +1,12 @@
-"""Optimizer and learning-rate schedule from the config (a closed list of names, not dotted imports)."""
+"""Optimizer and learning-rate scheduler from the config (a closed list of names, not dotted imports); the
+schedule itself is `ftune.hooks.lr_factor`, shared with the methods that follow it."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 
 from ftune.errors import FtuneError
+from ftune.hooks import lr_factor, warmup_steps
 
 
 def default_param_groups(model, train_cfg) -> list[dict]:
@@ -35,20 +35,6 @@ def build_optimizer(groups: list[dict], train_cfg, device: torch.device):
     cls = {"adamw_8bit": bnb_optim.AdamW8bit, "paged_adamw_8bit": bnb_optim.PagedAdamW8bit,
            "paged_adamw_32bit": bnb_optim.PagedAdamW32bit}[name]
     return cls(groups, lr=lr, betas=train_cfg.betas)
-
-
-def warmup_steps(train_cfg, total_steps: int) -> int:
-    return train_cfg.warmup_steps or math.ceil(train_cfg.warmup_ratio * total_steps)
-
-
-def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
-    """Multiplier on each group's lr at `step` (0-based): linear warmup, then cosine/linear decay to 0 or constant."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if kind == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
 
 
 def build_scheduler(optimizer, train_cfg, total_steps: int):
