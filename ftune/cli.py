@@ -68,6 +68,7 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved config; load nothing."),
 ):
     """Fine-tune a model as the config says; writes RUN_DIR/{ftune.yaml, adapter|model, metrics.jsonl, run.json}."""
+    import ftune.methods  # noqa: F401  (registers the methods the config's `method:` is checked against)
     from ftune.config import load_config, resolved_yaml
 
     cfg = load_config(config, overrides or [])
@@ -120,7 +121,7 @@ def validate(
     """Check a config (every problem at once), print it resolved and a GPU memory estimate; no model is loaded."""
     from ftune.config import load_config, resolved_yaml
     from ftune.memory import memory_report
-    from ftune.methods import get_method
+    from ftune.methods import get_method  # also registers the methods the config is checked against
 
     cfg = load_config(config, overrides or [])
     out.print(resolved_yaml(cfg), highlight=False, markup=False)

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 
 from ftune.errors import FtuneError
-from ftune.perf import GIB, GPUS, Arch, adapter_params, arch_from_config, gpu_spec, read_model_config
+from ftune.perf import GIB, GPUS, Arch, arch_from_config, gpu_spec, read_model_config
 
 @dataclass
 class MemoryEstimate:

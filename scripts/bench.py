@@ -157,6 +157,7 @@ def run_ftune(case: Case, ckpt: Path, batches, args, overrides: dict, lora_init:
 
     from ftune.data.collate import collate_batch, count_targets
     from ftune.hooks import TrainState
+    from ftune.methods import get_method
     from ftune.train.loop import build_training, packing_on
     from ftune.train.step import train_step
 
@@ -165,7 +166,7 @@ def run_ftune(case: Case, ckpt: Path, batches, args, overrides: dict, lora_init:
         overrides = {"method.lora_dropout": args.lora_dropout, **overrides}
     cfg = ftune_config(case, ckpt, overrides)
     accelerator = Accelerator(mixed_precision="bf16")
-    model, optimizer, scheduler, hooks = build_training(cfg, accelerator, total_steps=args.steps)
+    model, optimizer, scheduler, hooks = build_training(cfg, get_method(cfg.method.name), accelerator, total_steps=args.steps)
     if lora_init:  # the reference's A init (B is zero on both sides): the loss curves then compare kernels only
         with torch.no_grad():
             for name, p in accelerator.unwrap_model(model).named_parameters():

@@ -109,6 +109,7 @@ def main() -> None:
     import ftune.kernels.offload as offload_mod
     from ftune.data.collate import collate_batch, count_targets
     from ftune.hooks import TrainState
+    from ftune.methods import get_method
     from ftune.train.loop import build_training
     from ftune.train.step import train_step
 
@@ -119,7 +120,7 @@ def main() -> None:
     t0 = time.time()
     cfg = ftune_config(case, ckpt, {})
     accelerator = Accelerator(mixed_precision="bf16")
-    model, optimizer, scheduler, hooks = build_training(cfg, accelerator, total_steps=10_000)
+    model, optimizer, scheduler, hooks = build_training(cfg, get_method(cfg.method.name), accelerator, total_steps=10_000)
     inner = accelerator.unwrap_model(model)
     state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, cfg=cfg,
                        run_dir=Path("/tmp"), total_steps=10_000)

@@ -29,6 +29,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
+import ftune.methods  # noqa: E402,F401  (registers the methods; tests call ftune.config.load_config directly)
+
 # ---------------------------------------------------------------- the tiny tokenizer and model
 
 # Fixed ids for the specials, then the words in sorted order: tests compare token *strings*, so they

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ftune.config.reference import END, START, markdown, method_rows, rows
+from ftune.reference import END, START, markdown, method_rows, rows
 from ftune.config.schema import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,7 +13,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 def test_readme_config_reference_is_current():
     block = README.split(START, 1)[1].split(END, 1)[0]
-    assert block.strip() == markdown().strip(), "run: python -m ftune.config.reference --update"
+    assert block.strip() == markdown().strip(), "run: python -m ftune.reference --update"
 
 
 def test_every_key_has_a_description():

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import AliasChoices, BaseModel, ValidationError
 
-from ftune.config.schema import MethodConfig, RunConfig
+from ftune.config.schema import METHOD_SCHEMAS, MethodConfig, RunConfig
 from ftune.errors import ConfigError, FtuneError
 from ftune.io import read_text
 
@@ -185,15 +185,15 @@ def _validate_method(raw: Any, sources: dict, problems: list[str]) -> MethodConf
     if not isinstance(raw, dict):
         problems.append(f"{_where(('method',), sources)}method: expected a mapping, got {raw!r}")
         return None
-    from ftune.methods import REGISTRY
-
+    if not METHOD_SCHEMAS:
+        raise ConfigError(["no fine-tuning method is registered: `import ftune.methods` before loading a config"])
     name = raw.get("name")
-    if name not in REGISTRY:
-        hint = _close(str(name), list(REGISTRY))
+    if name not in METHOD_SCHEMAS:
+        hint = _close(str(name), list(METHOD_SCHEMAS))
         problems.append(f"{_where(('method', 'name'), sources)}method.name: unknown method {name!r}{hint} "
-                        f"(known: {', '.join(REGISTRY)})")
+                        f"(known: {', '.join(METHOD_SCHEMAS)})")
         return None
-    cls = REGISTRY[name].config_cls
+    cls = METHOD_SCHEMAS[name].config_cls
     try:
         return cls.model_validate(raw)
     except ValidationError as e:
@@ -203,16 +203,15 @@ def _validate_method(raw: Any, sources: dict, problems: list[str]) -> MethodConf
 
 def check_rules(cfg: RunConfig, check_files: bool = True, training: bool = True) -> list[str]:
     """Rules across sections, checked before anything is loaded."""
-    from ftune.methods import REGISTRY
-
     problems = []
-    method = REGISTRY[cfg.method.name]
+    name = cfg.method.name
+    method = METHOD_SCHEMAS[name]
     if cfg.model.quantization != "none" and not method.quantized_base:
-        problems.append(f"model.quantization: {cfg.model.quantization!r} cannot be used with method {method.name!r}, which "
+        problems.append(f"model.quantization: {cfg.model.quantization!r} cannot be used with method {name!r}, which "
                         f"updates the base weights; use quantization: none, or a 4-bit-capable method (qlora, lora)")
     # Training only: a QLoRA adapter may be evaluated on the 16-bit base, and its merged checkpoint is never 4-bit.
     if method.requires_quantized and cfg.model.quantization == "none" and training:
-        problems.append(f"model.quantization: method {method.name!r} needs a 4-bit base; set model.quantization: nf4")
+        problems.append(f"model.quantization: method {name!r} needs a 4-bit base; set model.quantization: nf4")
     if cfg.train.eval_every and not cfg.data.eval:
         problems.append("train.eval_every: set, but data.eval is not; add an eval file or remove eval_every")
     if cfg.data.labels is not None and cfg.data.format != "classification":

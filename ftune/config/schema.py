@@ -1,12 +1,14 @@
 """The typed run config. Every section forbids unknown keys; every field's description is its help text.
 
-The method section is typed per method: `methods.REGISTRY[name].config_cls` validates it (see loader.py),
-so a LoRA key under a `full` run is an unknown key like any other.
+The method section is typed per method: `METHOD_SCHEMAS[name].config_cls` validates it (see loader.py),
+so a LoRA key under a `full` run is an unknown key like any other. `ftune.methods.register` fills
+METHOD_SCHEMAS: the config floor knows what each method accepts without importing the methods.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
@@ -22,6 +24,18 @@ class MethodConfig(Section):
     """Fields shared by every method; each method extends this with its own keys."""
 
     name: str = Field(description="Fine-tuning method: a name from `ftune recipes` (full, lora, …).")
+
+
+@dataclass(frozen=True)
+class MethodSchema:
+    """What validating a config needs to know of a method: its `method:` section and where it may run."""
+
+    config_cls: type[MethodConfig]
+    quantized_base: bool  # may train on a 4-bit base
+    requires_quantized: bool  # only on a 4-bit base
+
+
+METHOD_SCHEMAS: dict[str, MethodSchema] = {}  # name -> schema, filled by ftune.methods.register
 
 
 class ModelConfig(Section):

@@ -10,7 +10,6 @@ Targets:
 from __future__ import annotations
 
 import datetime as dt
-import json
 from pathlib import Path
 
 import torch

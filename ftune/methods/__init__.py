@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ftune.config.schema import METHOD_SCHEMAS, MethodSchema
 from ftune.methods.base import Method, PrepareContext
 
 REGISTRY: dict[str, Method] = {}
@@ -11,6 +12,7 @@ def register(method: Method) -> Method:
     if method.name in REGISTRY:
         raise ValueError(f"method {method.name!r} is already registered")
     REGISTRY[method.name] = method
+    METHOD_SCHEMAS[method.name] = MethodSchema(method.config_cls, method.quantized_base, method.requires_quantized)
     return method
 
 

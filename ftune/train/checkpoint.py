@@ -42,14 +42,6 @@ def trainable_state(model, names: set[str] | None = None) -> dict[str, torch.Ten
             if (p.requires_grad if names is None else n in names)}
 
 
-def _checkpoint_names(model, state) -> set[str] | None:
-    """The method's own list when its trainable set changes during the run (see Method.checkpoint_params)."""
-    from ftune.methods import get_method
-
-    method = get_method(state.cfg.method.name)
-    return method.checkpoint_params(model, state.cfg.method, state) if method.checkpoint_params else None
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -74,9 +66,10 @@ def _scheduler_state(scheduler) -> dict:
     return sd
 
 
-def save_checkpoint(state, hooks: list, keep: int) -> Path:
-    """Write checkpoints/step-NNNNNN atomically, then prune to the newest `keep`. Temp folders an earlier,
-    killed process left in checkpoints/ are removed first (a warning names each)."""
+def save_checkpoint(state, hooks: list, keep: int, names: set[str] | None = None) -> Path:
+    """Write checkpoints/step-NNNNNN atomically, then prune to the newest `keep`. `names`: the weights to
+    keep (Method.checkpoint_params, for methods whose trainable set changes during a run), default those
+    with requires_grad. Temp folders an earlier, killed process left in checkpoints/ are removed first."""
     root = state.run_dir / "checkpoints"
     for stale in remove_stale_temps(root):
         warnings.warn(f"removed stale temporary folder {stale} (left by an interrupted run)", stacklevel=2)
@@ -86,7 +79,7 @@ def save_checkpoint(state, hooks: list, keep: int) -> Path:
             "rng": _rng_state(), "hooks": {k: h.state_dict() for k, h in zip(hook_keys(hooks), hooks)}}
     skeleton, tensors = flatten_state(tree)
     with atomic_dir(target) as tmp:
-        write_safetensors_atomic(tmp / "trainable.safetensors", trainable_state(model, _checkpoint_names(model, state)))
+        write_safetensors_atomic(tmp / "trainable.safetensors", trainable_state(model, names))
         write_safetensors_atomic(tmp / "state.safetensors", tensors, metadata={"format": "pt"})
         write_json_atomic(tmp / "state.json", {"format": STATE_FORMAT, "state": skeleton})
         meta = {k: getattr(state, k) for k in STATE_FIELDS} | {"elapsed_s": state.seconds()}

@@ -20,7 +20,7 @@ from ftune.data import Split, load_split, resolve_labels
 from ftune.data.collate import collate_batch, count_targets, epoch_order
 from ftune.errors import FtuneError, Interrupted, RunFailed
 from ftune.io import atomic_dir, file_sha256, remove_stale_temps, write_json_atomic, write_text_atomic
-from ftune.methods import PrepareContext, get_method
+from ftune.methods import Method, PrepareContext, get_method
 from ftune.models import count_parameters, load_model, load_tokenizer
 from ftune.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from ftune.hooks import TrainState
@@ -59,10 +59,9 @@ def micro_batches(state: TrainState, dataset, cfg: RunConfig, world: int, rank: 
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
 
-def build_training(cfg: RunConfig, accelerator, total_steps: int):
+def build_training(cfg: RunConfig, method: Method, accelerator, total_steps: int):
     """(model, optimizer, scheduler, hooks) as `ftune train` trains them: base model with its kernels,
     the method's changes and hooks, the optimizer over the method's parameter groups, wrapped by accelerate."""
-    method = get_method(cfg.method.name)
     model = load_model(cfg.model, accelerator.device)
     hooks = method.prepare(model, cfg.method, PrepareContext(run=cfg, total_steps=total_steps)) or []
     hooks += [BudgetHook(cfg.train.budget.max_minutes, cfg.train.budget.max_tokens), QualityGateHook(cfg.train.quality_gates)]
@@ -142,7 +141,7 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
     changes = check_resume(final, config_text, data_sha) if mode == "resume" else {}
     _say_mode(console, mode, final, resume, changes)
 
-    model, optimizer, scheduler, hooks = build_training(cfg, accelerator, total_steps)
+    model, optimizer, scheduler, hooks = build_training(cfg, method, accelerator, total_steps)
     # The directory is made (and locked) only now: a model or method that fails to load leaves nothing behind.
     rundir = open_run_dir(final, mode, accelerator.is_main_process, data_sha)
     accelerator.wait_for_everyone()
@@ -257,7 +256,9 @@ def _save(run: Run, pending: torch.Tensor) -> None:
     """A resumable checkpoint (main process); the first one also makes a staged run the run."""
     run.state.loss_sum = float(pending)  # the loss of steps since the last log line, so a resume logs the same
     if run.accelerator.is_main_process:
-        save_checkpoint(run.state, run.hooks, run.cfg.train.save_total_limit)
+        m, model = run.method, run.accelerator.unwrap_model(run.state.model)
+        names = m.checkpoint_params(model, run.cfg.method, run.state) if m.checkpoint_params else None
+        save_checkpoint(run.state, run.hooks, run.cfg.train.save_total_limit, names)
         run.state.run_dir = run.dir.promote()
     run.accelerator.wait_for_everyone()
 

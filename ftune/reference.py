@@ -1,6 +1,6 @@
 """The config reference (every key, its default, its description), generated from the schema.
 
-`python -m ftune.config.reference` prints the markdown tables that README.md carries; a test checks
+`python -m ftune.reference` prints the markdown tables that README.md carries; a test checks
 that the README lists every key, so a new option cannot ship undocumented.
 """
 
@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from ftune.config.schema import RunConfig
+from ftune.methods import REGISTRY
 
 
 def _default(field) -> str:
@@ -39,8 +40,6 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]
 
 
 def method_rows() -> dict[str, list[tuple[str, str, str]]]:
-    from ftune.methods import REGISTRY
-
     return {name: rows(m.config_cls, "method.") for name, m in sorted(REGISTRY.items())}
 
 
