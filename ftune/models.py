@@ -15,13 +15,17 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "tokenizer*"]
 
 
+def bf16_preferred(device: torch.device | str) -> bool:
+    """The one precision decision: bf16 (weights, autocast) on a CUDA device that supports it; fp32
+    elsewhere (CPU bf16 matmuls are slow, and pre-Ampere GPUs emulate bf16)."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
+
+
 def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
-    """auto = bf16 on a CUDA device that supports it, fp32 elsewhere (CPU bf16 matmuls are slow)."""
+    """model.dtype: auto = bf16 where `bf16_preferred`, else fp32."""
     if name != "auto":
         return DTYPES[name]
-    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if bf16_preferred(device) else torch.float32
 
 
 def resolve_attention(name: str, device: torch.device | str = "cpu") -> str:
@@ -57,12 +61,18 @@ def resolve_source(cfg: ModelConfig, path: str | None = None) -> tuple[str, str 
 
 def _from_hub(repo: str, revision: str | None, gguf: str | None) -> str:
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     patterns = _HUB_FILES + ([gguf] if gguf else [])
     try:
         return snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=True)
-    except Exception:
+    except LocalEntryNotFoundError:
         pass  # not cached: try the network below
+    except HFValidationError as e:
+        raise FtuneError(f"model.path: {repo!r} is neither a local directory nor a valid hub id ({e})") from None
+    except OSError as e:  # the cache itself: permissions, a broken link
+        raise FtuneError(f"model.path: cannot read {repo!r} from the Hugging Face cache ({e}); fix or clear the cache "
+                         f"entry, or point model.path to a local directory") from None
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
         raise FtuneError(f"model.path: {repo!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
                          f"download it on a connected machine (huggingface-cli download {repo}) or point model.path to a local directory")

@@ -24,7 +24,7 @@ from ftune.eval import report as R
 from ftune.eval.scoring import label_logprobs, label_token_ids, lm_loss, predict_labels
 from ftune.io import file_sha256, read_json_file, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from ftune.methods import get_method
-from ftune.models import load_model, load_tokenizer
+from ftune.models import bf16_preferred, load_model, load_tokenizer
 
 INVALID = "<invalid>"
 
@@ -148,7 +148,7 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
 
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"eval {Path(data).name}", total=n)
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16_preferred(device)):
             result = evaluate_model(model, tokenizer, split, cfg, labels, lambda k: bar.advance(task, k))
     out_dir = Path(out) if out else root / "eval" / Path(data).stem
     meta = {"target": str(Path(target).resolve()), "kind": kind, "model": cfg.model.path, "method": cfg.method.name if kind in ("run", "merged") else "base",

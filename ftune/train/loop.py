@@ -21,7 +21,7 @@ from ftune.data.collate import collate_batch, count_targets, epoch_order
 from ftune.errors import FtuneError, Interrupted, RunFailed
 from ftune.io import atomic_dir, file_sha256, remove_stale_temps, write_json_atomic, write_text_atomic
 from ftune.methods import Method, PrepareContext, get_method
-from ftune.models import count_parameters, load_model, load_tokenizer
+from ftune.models import bf16_preferred, count_parameters, load_model, load_tokenizer
 from ftune.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from ftune.hooks import TrainState
 from ftune.train.hooks import BudgetHook, QualityGateHook
@@ -313,7 +313,7 @@ def _summary(run: Run) -> dict:
 def _precision(cfg: RunConfig) -> str:
     mp = cfg.train.mixed_precision
     if mp == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        return "bf16" if torch.cuda.is_available() and bf16_preferred("cuda") else "no"
     return mp
 
 
