@@ -156,14 +156,19 @@ def eval_(
     config: Optional[str] = typer.Option(None, "--config", help="Config giving data settings for a model directory without one."),
     out_dir: Optional[str] = typer.Option(None, "--out", help="Report directory (default RUN_DIR/eval/<dataset>)."),
     compare: bool = typer.Option(False, "--compare", help="Compare saved reports of several runs in one table instead of evaluating."),
+    markdown: bool = typer.Option(False, "--markdown", help="With --compare: print the table as markdown (for a write-up)."),
 ):
     """Evaluate: label scoring + precision/recall/F1 for classification, loss/perplexity otherwise."""
     overrides = [t for t in targets if "=" in t]
     targets = [t for t in targets if "=" not in t]
     if compare:
-        from ftune.eval.compare import compare_rows, compare_table
+        from ftune.eval.compare import compare_markdown, compare_rows, compare_table
 
-        out.print(compare_table(compare_rows(targets, data)))
+        rows = compare_rows(targets, data)
+        if markdown:
+            out.print(compare_markdown(rows), markup=False, highlight=False, end="")
+        else:
+            out.print(compare_table(rows))
         return
     if len(targets) != 1:
         raise FtuneError("eval takes one target (or several with --compare)")

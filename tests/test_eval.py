@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ftune.config.schema import DataConfig, EvalConfig
-from ftune.eval.compare import compare_markdown, compare_rows
+from ftune.eval.compare import COLUMNS, compare_rows
 from ftune.eval.scoring import label_logprobs, label_token_ids, predict_labels
 
 
@@ -86,9 +86,23 @@ def test_compare_reads_saved_reports(tmp_path):
     _report(tmp_path / "b" / "eval" / "test", "full", 0.5, 99999, 300.0)
     rows = compare_rows([str(tmp_path / "a"), str(tmp_path / "b")])
     assert [(r["method"], r["f1"], r["trainable_params"]) for r in rows] == [("lora", 0.75, 1234), ("full", 0.5, 99999)]
-    md = compare_markdown(rows)
-    assert "| lora | 1,234 | 0.400 | 0.300 | 0.750 | 0.500 | 30s |" in md
-    assert "5.0min" in md
+
+
+def test_compare_prints_one_row_per_run_in_the_console_and_as_markdown(tmp_path):
+    from conftest import invoke
+
+    _report(tmp_path / "a" / "eval" / "test", "lora", 0.75, 1234, 30.0)
+    _report(tmp_path / "b" / "eval" / "test", "full", 0.5, 99999, 300.0)
+    result = invoke("eval", tmp_path / "a", tmp_path / "b", "--compare")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "lora" in line or "full" in line]
+    assert len(lines) == 2
+    cells = [c.strip() for c in lines[0].replace("│", "|").split("|") if c.strip()]
+    assert cells == [str(tmp_path / "a"), "lora", "1,234", "0.400", "0.300", "0.750", "0.500", "30s", "—"]
+    assert "5.0min" in lines[1] and "99,999" in lines[1]
+    md = invoke("eval", tmp_path / "a", tmp_path / "b", "--compare", "--markdown").output
+    assert f"| {tmp_path / 'a'} | lora | 1,234 | 0.400 | 0.300 | 0.750 | 0.500 | 30s | — |" in md.splitlines()
+    assert md.splitlines()[0] == "| " + " | ".join(COLUMNS) + " |"
 
 
 def test_compare_without_reports_is_a_clear_error(tmp_path):

@@ -71,20 +71,23 @@ def _fmt(v, kind: str = "num") -> str:
     return f"{v:.3f}"
 
 
+def _cells(r: dict) -> list[str]:
+    return [r["run"], r["method"], _fmt(r["trainable_params"], "int"), _fmt(r["precision"]), _fmt(r["recall"]),
+            _fmt(r["f1"]), _fmt(r["accuracy"]), _fmt(r["train_seconds"], "time"), _fmt(r["peak_mem_gib"], "mem")]
+
+
 def compare_table(rows: list[dict]) -> Table:
+    """The console table of `ftune eval --compare`."""
     table = Table(title="comparison (macro averages)")
     for c in COLUMNS:
         table.add_column(c, justify="left" if c in ("run", "method") else "right")
     for r in rows:
-        table.add_row(r["run"], r["method"], _fmt(r["trainable_params"], "int"), _fmt(r["precision"]), _fmt(r["recall"]),
-                      _fmt(r["f1"]), _fmt(r["accuracy"]), _fmt(r["train_seconds"], "time"), _fmt(r["peak_mem_gib"], "mem"))
+        table.add_row(*_cells(r))
     return table
 
 
 def compare_markdown(rows: list[dict]) -> str:
+    """The same table as markdown (`ftune eval --compare --markdown`), to paste into a write-up."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        lines.append("| " + " | ".join([r["run"], r["method"], _fmt(r["trainable_params"], "int"), _fmt(r["precision"]),
-                                        _fmt(r["recall"]), _fmt(r["f1"]), _fmt(r["accuracy"]),
-                                        _fmt(r["train_seconds"], "time"), _fmt(r["peak_mem_gib"], "mem")]) + " |")
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     return "\n".join(lines) + "\n"
