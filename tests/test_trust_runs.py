@@ -364,3 +364,12 @@ def test_examples_with_no_predictable_target_never_make_the_loss_nan(make_config
     result = ok("train", config, "train.micro_batch_size=1", "train.max_steps=2")
     assert "train: 1 examples" in result.output and "3 dropped (no target token left to predict: cut by max_length, or only at the first position)" in result.output
     assert all(m["loss"] == m["loss"] and m["loss"] > 0 for m in read_metrics(out))  # finite, not NaN
+
+
+def test_a_broken_test_file_is_reported_before_training(make_config, tmp_path):
+    bad = tmp_path / "test.jsonl"
+    bad.write_bytes('{"text": "good movie", "label": "positive"}\n{"text": "caf\xe9", "label": "other"}\n'.encode("latin-1"))
+    out = tmp_path / "run"
+    result = fails(2, "train", make_config({"data": {"test": str(bad)}}, out_dir=out))
+    assert f"{bad}:2" in result.output and "UTF-8" in result.output
+    assert not out.exists()

@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 
 from ftune.config import RunConfig, resolved_yaml
-from ftune.data import Split, load_split, resolve_labels
+from ftune.data import Split, load_examples, load_split, resolve_labels
 from ftune.data.collate import collate_batch, count_targets, epoch_order
 from ftune.errors import FtuneError, Interrupted, RunFailed
 from ftune.io import atomic_dir, file_sha256, remove_stale_temps, write_json_atomic, write_text_atomic
@@ -129,6 +129,8 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
         cfg.data.labels = labels  # frozen into ftune.yaml so eval scores the same label set
         _warn_label_collisions(console, tokenizer, labels, cfg)
     eval_split = load_split(cfg.data.eval, cfg.data, tokenizer, labels) if cfg.data.eval else None
+    if cfg.data.test and cfg.data.test not in (cfg.data.train, cfg.data.eval):
+        load_examples(cfg.data.test, cfg.data, labels)  # read and checked now, not first at `ftune eval`
     _report_data(console, "train", train_split, cfg)
     if eval_split:
         _report_data(console, "eval", eval_split, cfg)
