@@ -8,6 +8,7 @@ gradient as one big batch, however the tokens fall across micro-batches.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,7 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
                               project_dir=str(final))
     set_seed(cfg.train.seed)
     world = accelerator.num_processes
+    _check_launch(accelerator, console)
     tokenizer = load_tokenizer(cfg.model)
     labels = resolve_labels(cfg.data)
     train_split = load_split(cfg.data.train, cfg.data, tokenizer, labels)  # bad rows are reported here
@@ -204,7 +206,8 @@ def _steps(run: Run, log: RunLog, stop: StopRequest) -> None:
         log.step(state.step)
         last_step = state.step == state.total_steps or state.stop_reason is not None
         if state.step % cfg.train.log_every == 0 or last_step:
-            metrics = {"loss": float(pending) / state.loss_steps, "lr": state.scheduler.get_last_lr()[0],
+            # each process holds its share of the global loss (its tokens / all processes' tokens): sum them
+            metrics = {"loss": float(_global_sum(accelerator, pending)) / state.loss_steps, "lr": state.scheduler.get_last_lr()[0],
                        "epoch": round(state.epoch + state.batch_in_epoch / batches_per_epoch, 3),
                        "tokens": state.tokens, **state.log}
             if result.grad_norm is not None:
@@ -312,6 +315,21 @@ def _summary(run: Run) -> dict:
             "stop_reason": s.stop_reason, "final_eval": {}, "device": str(run.accelerator.device)}
 
 
+def _check_launch(accelerator, console: Console) -> None:
+    """A launcher that started N processes which did not join one training would run N trainings into one
+    run directory; and GPUs left idle deserve a word."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        hint = " (on CPU, set ACCELERATE_USE_CPU=1 so accelerate uses gloo)" if not torch.cuda.is_available() else ""
+        raise FtuneError(f"launched as {launched} processes, but they did not form one distributed training "
+                         f"(accelerate sees {accelerator.num_processes}){hint}; launch with `accelerate launch -m ftune train "
+                         f"CONFIG` or `torchrun --nproc_per_node N -m ftune train CONFIG`")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if accelerator.num_processes == 1 and gpus > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        console.print(f"note: {gpus} GPUs are visible but this run uses one; to train on all of them: "
+                      f"torchrun --nproc_per_node {gpus} -m ftune train CONFIG")
+
+
 def _precision(cfg: RunConfig) -> str:
     mp = cfg.train.mixed_precision
     if mp == "auto":
@@ -355,10 +373,14 @@ def _flops_per_token(model, method, trainable: int, split: Split) -> float | Non
 
 
 def _global_count(accelerator, n: int) -> int:
+    return int(_global_sum(accelerator, torch.tensor([n], device=accelerator.device)))
+
+
+def _global_sum(accelerator, t: torch.Tensor) -> torch.Tensor:
+    """Σ over processes (a collective: every process must call it at the same point)."""
     if accelerator.num_processes == 1:
-        return n
-    t = torch.tensor([n], device=accelerator.device)
-    return int(accelerator.reduce(t, reduction="sum").item())
+        return t
+    return accelerator.reduce(t.reshape(1).clone(), reduction="sum")[0]
 
 
 def _evaluate(run: Run, log: RunLog) -> dict:

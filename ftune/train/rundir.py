@@ -128,6 +128,10 @@ def open_run_dir(final: Path, mode: str, main: bool, train_sha256: str) -> RunDi
     rd = RunDir(final, final, mode)
     if final.exists():
         rd.locks.append(_lock(final))
+        if mode == "new" and _nonempty(final):  # planned before the model loaded; another process got here first
+            rd.close()
+            raise FtuneError(f"output directory {final} was filled by another process while this one loaded the model; "
+                             f"set name=/output_dir= to write elsewhere")
     if mode == "stage":
         rd.path = final.with_name(f".tmp-{final.name}-{os.getpid()}")
         shutil.rmtree(rd.path, ignore_errors=True)
