@@ -91,6 +91,14 @@ def train(
         raise typer.Exit(1)
 
 
+def _not_first_process() -> bool:
+    """Under a launcher (torchrun, accelerate launch), eval and merge run once, in the first process: N
+    copies would race on the same report or checkpoint files for the same result."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) > 0
+
+
 def _say_how_to_continue(e: KeyboardInterrupt, run_dir: str, command: list[str]) -> None:
     """One way forward after Ctrl-C: resume from the newest checkpoint, or run the same command again."""
     import shlex
@@ -140,6 +148,8 @@ def merge(
                                                         "on a short text (for QLoRA: the 4-bit quantization error)."),
 ):
     """Fold the run's adapter into its base model and write a Hugging Face checkpoint (shard by shard)."""
+    if _not_first_process():
+        return
     if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
         raise FtuneError(f"--dtype: {dtype!r} is not one of bf16, fp16, fp32")
     from ftune.export.merge import merge_run
@@ -172,6 +182,8 @@ def eval_(
         return
     if len(targets) != 1:
         raise FtuneError("eval takes one target (or several with --compare)")
+    if _not_first_process():
+        return
     from ftune.eval.run import run_eval
 
     run_eval(targets[0], data, config, out_dir, overrides, console=out)

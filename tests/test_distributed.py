@@ -58,3 +58,17 @@ def test_processes_that_do_not_form_one_training_are_refused(make_config, tmp_pa
     assert "launched as 2 processes, but they did not form one distributed training" in done.stderr
     assert "set ACCELERATE_USE_CPU=1" in done.stderr
     assert not out.exists()
+
+
+def test_eval_under_a_launcher_writes_its_report_once(make_config, tmp_path):
+    out = tmp_path / "run"
+    assert invoke("train", make_config(out_dir=out)).exit_code == 0
+    env = dict(os.environ, ACCELERATE_USE_CPU="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "ftune", "eval", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert invoke("eval", out, "--out", tmp_path / "single").exit_code == 0
+    launched = (out / "eval" / "cls_test" / "predictions.jsonl").read_text()
+    assert launched == (tmp_path / "single" / "predictions.jsonl").read_text()
+    assert (done.stdout + done.stderr).count("report: ") == 1
