@@ -197,6 +197,10 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str
             directory, dtype=dtype, attn_implementation=resolve_attention(cfg.attn_implementation, device),
             trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, device_map={"": torch.device(device)}, **kwargs)
     except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise FtuneError(f"model.path: {directory} asks to run Python code shipped with the model (auto_map); ftune "
+                             f"runs it only when you pass model.trust_remote_code=true yourself, having read that "
+                             f"code") from None
         raise FtuneError(f"model.path: cannot load a causal LM from {directory}: {str(e).splitlines()[0][:300]}") from None
     except RuntimeError as e:
         if "mismatch" not in str(e):

@@ -94,8 +94,9 @@ def test_a_received_run_cannot_turn_on_remote_code(make_config, tmp_path, tiny_m
     resolved = yaml.safe_load((run / "ftune.yaml").read_text())
     resolved["model"] |= {"path": str(evil), "trust_remote_code": True}
     (run / "ftune.yaml").write_text(yaml.safe_dump(resolved))
-    invoke("eval", run, "--out", tmp_path / "ev")
+    result = invoke("eval", run, "--out", tmp_path / "ev")
     assert not pwned.exists(), "ftune eval ran Python code shipped with a received run directory"
+    assert result.exit_code == 2 and "runs it only when you pass model.trust_remote_code=true yourself" in result.output
     invoke("merge", run, "--out", tmp_path / "merged")
     assert not pwned.exists(), "ftune merge ran Python code shipped with a received run directory"
 
@@ -156,3 +157,22 @@ def test_merge_refuses_an_adapter_with_nan_weights(make_config, tmp_path):
     result = invoke("merge", run, "--out", tmp_path / "merged")
     no_traceback(result, 2)
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_full_disk_during_merge_is_one_message_and_leaves_nothing(make_config, tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own error type, with the OS error only in the text."""
+    from safetensors import SafetensorError
+
+    import ftune.export.merge as merge
+
+    _, run = train_run(make_config, tmp_path)
+
+    def full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(merge, "save_file", full)
+    result = invoke("merge", run, "--out", tmp_path / "merged")
+    no_traceback(result, 2)
+    assert "cannot write" in result.output and "model.safetensors" in result.output
+    assert not (tmp_path / "merged").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]

@@ -39,4 +39,8 @@ def load_resolved(run_dir: str | Path, overrides: list[str] = ()) -> RunConfig:
         raise FtuneError(f"{run_dir}: not a run directory (no {RESOLVED_NAME}); give the directory `ftune train` wrote")
     data = read_yaml(path)
     data.pop("recipe", None)  # already folded in; the recipe file may not exist where this runs
+    if isinstance(data.get("model"), dict):
+        # A run directory may come from someone else: its file never switches on running the model's own code.
+        # Whoever trusts that code says so themselves: model.trust_remote_code=true on the command line.
+        data["model"].pop("trust_remote_code", None)
     return load_config(path, overrides, base=data, check_files=False, training=False)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validat
 class Section(BaseModel):
     """Base for all config sections: strict keys, values re-validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class MethodConfig(Section):
@@ -129,7 +129,7 @@ class QualityGate(Section):
 
 
 class TrainConfig(Section):
-    seed: int = Field(42, description="Seed for weights of new layers, data order and dropout.")
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed for weights of new layers, data order and dropout.")
     micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass on each device.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     epochs: int = Field(1, ge=1, description="Passes over the training data (ignored when max_steps is set).")

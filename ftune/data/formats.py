@@ -50,7 +50,8 @@ def read_rows(path: str | Path) -> list[dict]:
     if path.is_dir():
         raise FtuneError(f"{path}: is a directory; data.train/eval/test name one data file")
     if not path.is_file():
-        raise FtuneError(f"{path}: data file not found")
+        raise FtuneError(f"{path}: " + ("not a regular file (a pipe or device); save the data to a file first"
+                                        if path.exists() else "data file not found"))
     if path.suffix not in SUFFIXES:
         raise FtuneError(f"{path}: unsupported data file type {path.suffix!r} (use {', '.join(SUFFIXES)})")
     if path.suffix == ".jsonl":

@@ -10,6 +10,7 @@ Targets:
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 
 import torch
@@ -133,6 +134,8 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
     data = data or cfg.data.test or cfg.data.eval
     if data is None:
         raise FtuneError("no data to evaluate: pass --data FILE (or set data.test / data.eval in the config)")
+    out_dir = Path(out) if out else root / "eval" / Path(data).stem
+    check_report_dir(out_dir, Path(data))
     tokenizer = load_tokenizer(cfg.model)
     labels = resolve_labels(cfg.data)
     split = Split(data, load_examples(data, cfg.data, labels), None, None) if cfg.data.format == "classification" \
@@ -150,7 +153,6 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
         task = bar.add_task(f"eval {Path(data).name}", total=n)
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16_preferred(device)):
             result = evaluate_model(model, tokenizer, split, cfg, labels, lambda k: bar.advance(task, k))
-    out_dir = Path(out) if out else root / "eval" / Path(data).stem
     meta = {"target": str(Path(target).resolve()), "kind": kind, "model": cfg.model.path, "method": cfg.method.name if kind in ("run", "merged") else "base",
             "dataset": str(Path(data).resolve()), "dataset_sha256": file_sha256(data), "examples": n, "mode": cfg.eval.mode,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
@@ -160,7 +162,40 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
     return {"out_dir": str(out_dir), **result["summary"]}
 
 
+REPORT_MARKER = ".ftune-eval"
+REPORT_FILES = {REPORT_MARKER, "report.json", "report.md", "predictions.jsonl", "confusion.png"}
+
+
+def check_report_dir(out_dir: Path, data: Path) -> None:
+    """Reports go only where ftune wrote reports before (its marker, or nothing but report files), and
+    never over the data file being evaluated."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FtuneError(f"--out {out_dir}: is a file; give a directory for the report")
+    if data.resolve().parent == out_dir.resolve() and data.name in REPORT_FILES:
+        raise FtuneError(f"--out {out_dir}: the report would overwrite the data being evaluated ({data}); choose another directory")
+    if out_dir.is_dir() and not (out_dir / REPORT_MARKER).is_file():
+        others = sorted(p.name for p in out_dir.iterdir() if p.name not in REPORT_FILES and not p.name.startswith("."))
+        if others:
+            raise FtuneError(f"--out {out_dir}: holds files that `ftune eval` did not write ({', '.join(others[:3])}); "
+                             f"ftune never writes its report among them: choose a new or empty directory")
+        mine = [n for n in ("report.json", "report.md") if (out_dir / n).is_file() and not _is_our_report(out_dir / n)]
+        if mine:
+            raise FtuneError(f"--out {out_dir}: its {mine[0]} was not written by `ftune eval`; choose a new or empty directory")
+
+
+def _is_our_report(path: Path) -> bool:
+    """A report ftune wrote before the marker existed: report.json with meta/metrics, report.md from it."""
+    if path.name == "report.md":
+        return (path.parent / "report.json").is_file() and _is_our_report(path.parent / "report.json")
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(body, dict) and isinstance(body.get("meta"), dict) and isinstance(body.get("metrics"), dict)
+
+
 def _write_report(out_dir: Path, result: dict, meta: dict, cfg: RunConfig, labels, console: Console) -> None:
+    write_json_atomic(out_dir / REPORT_MARKER, {"written_by": "ftune eval"})
     title = f"{meta['method']} on {Path(meta['dataset']).name}"
     body = {"meta": meta, "eval_config": cfg.eval.model_dump(mode="json"), "summary": result["summary"], "metrics": result["report"]}
     if cfg.data.format == "classification":

@@ -9,12 +9,13 @@ full-precision weights instead of a quantized model. GGUF bases have no shards: 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ftune.config import load_resolved, resolved_yaml
@@ -127,7 +128,7 @@ def _merge_shards(shards: list[Path], merge, dtype, out: Path, console: Console)
             meta = f.metadata()
             for name in f.keys():
                 t = f.get_tensor(name)
-                merged = merge(name, t)
+                merged = _finite(merge(name, t), name)
                 if merged is not None:
                     t = merged
                     touched.add(name.removesuffix(".weight"))
@@ -136,7 +137,18 @@ def _merge_shards(shards: list[Path], merge, dtype, out: Path, console: Console)
             save_file(tensors, str(out / shard.name), metadata=meta or {"format": "pt"})
         except OSError as e:  # disk full / read-only: named here; atomic_dir removes the partial output
             raise write_error(e, out / shard.name) or e from None
+        except SafetensorError as e:  # its writer reports the OS error as text: "… (os error 28)"
+            m = re.search(r"os error (\d+)", str(e))
+            raise (write_error(OSError(int(m.group(1)), str(e), str(out / shard.name))) if m else None) or e from None
     return touched
+
+
+def _finite(merged: torch.Tensor | None, name: str) -> torch.Tensor | None:
+    """Never write NaN/inf weights: an adapter holding them (a diverged run, a damaged file) is refused."""
+    if merged is not None and merged.is_floating_point() and not bool(torch.isfinite(merged).all()):
+        raise FtuneError(f"merge: the adapter turns {name} into NaN/inf values (a diverged run or a damaged adapter "
+                         f"file); nothing was written. Retrain, or merge an earlier run")
+    return merged
 
 
 def _merge_in_memory(cfg, merge, dtype, out: Path) -> set[str]:
@@ -145,7 +157,7 @@ def _merge_in_memory(cfg, merge, dtype, out: Path) -> set[str]:
     touched = set()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            merged = merge(name, p.data)
+            merged = _finite(merge(name, p.data), name)
             if merged is not None:
                 p.data.copy_(merged)
                 touched.add(name.removesuffix(".weight"))

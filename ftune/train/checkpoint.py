@@ -103,9 +103,17 @@ def _read_json(path: Path):
     except FileNotFoundError:
         raise FtuneError(f"{path}: missing; this checkpoint is incomplete. Resume from an older one (delete this "
                          f"step folder) or start over with --overwrite") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise FtuneError(f"{path}: unreadable ({e}); the checkpoint is damaged. Resume from an older one "
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+        raise FtuneError(f"{path}: unreadable ({type(e).__name__}: {str(e)[:200]}); the checkpoint is damaged. Resume from an older one "
                          f"(delete this step folder) or start over with --overwrite") from None
+
+
+FLOAT_FIELDS = ("loss_sum", "elapsed_s")  # the rest of trainer_state.json are counts
+
+
+def _number_ok(key: str, v) -> bool:
+    kinds = (int, float) if key in FLOAT_FIELDS else (int,)
+    return isinstance(v, kinds) and not isinstance(v, bool) and v >= 0 and v == v and v != float("inf")
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -133,14 +141,19 @@ def read_checkpoint(directory: Path) -> tuple[dict, dict, dict]:
                          f"resume from another checkpoint or start over with --overwrite")
     try:
         tree = unflatten_state(doc["state"], _read_tensors(directory / "state.safetensors"))
-    except StateFormatError as e:
-        raise FtuneError(f"{directory / 'state.json'}: damaged ({e}); resume from another checkpoint or start "
+    except (StateFormatError, RecursionError) as e:
+        raise FtuneError(f"{directory / 'state.json'}: damaged ({type(e).__name__}: {str(e)[:200]}); resume from another checkpoint or start "
                          f"over with --overwrite") from None
     meta = _read_json(directory / "trainer_state.json")
     missing = [k for k in (*STATE_FIELDS, "elapsed_s") if not isinstance(meta, dict) or k not in meta]
     if missing or any(k not in tree for k in ("optimizer", "scheduler", "rng", "hooks")):
         raise FtuneError(f"{directory}: checkpoint files lack {missing or 'state entries'}; resume from another "
                          f"checkpoint or start over with --overwrite")
+    wrong = [k for k in (*STATE_FIELDS, "elapsed_s") if not _number_ok(k, meta[k])]
+    if wrong:
+        raise FtuneError(f"{directory / 'trainer_state.json'}: {', '.join(f'{k}={meta[k]!r}' for k in wrong)} "
+                         f"{'is' if len(wrong) == 1 else 'are'} not what ftune writes (non-negative numbers); the file is "
+                         f"damaged or edited. Resume from another checkpoint or start over with --overwrite")
     return _read_tensors(directory / "trainable.safetensors"), tree, meta
 
 

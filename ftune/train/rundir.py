@@ -30,11 +30,20 @@ MARKER = ".ftune-run"  # JSON: ftune version, creation date, sha256 of the train
 RESOLVED = "ftune.yaml"
 
 
+# What a run directory of ftune holds; a folder with anything else in it is not (only) a run.
+RUN_FILES = {MARKER, RESOLVED, "metrics.jsonl", "run.json", "resumes.jsonl", "adalora_ranks.json", "sora_ranks.jsonl",
+             "adapter", "model", "checkpoints", "merged", "eval", "tensorboard"}
+
+
 def is_ftune_run(path: Path) -> bool:
-    """True for a directory ftune wrote as a training run."""
+    """True for a directory ftune wrote as a training run: it has the marker, or (a run from before the
+    marker) holds nothing but a run's files and a resolved config. A user's project folder whose config
+    happens to be called ftune.yaml has other files in it, and is not a run."""
     if (path / MARKER).is_file():
         return True
-    try:  # runs from before the marker: their resolved config
+    if any(p.name not in RUN_FILES and not p.name.startswith((".tmp-", ".old-")) for p in path.iterdir()):
+        return False
+    try:
         data = yaml.safe_load((path / RESOLVED).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
@@ -64,7 +73,7 @@ def plan(final: Path, resume: bool, overwrite: bool, artifact: str) -> str:
     saved = has_checkpoint(final)
     if resume and saved:
         return "resume"
-    if not saved and not (final / artifact).is_dir():
+    if not saved and not (final / artifact).is_dir() and (final / MARKER).is_file():
         return "stage"  # an unfinished run with nothing saved: start it over (see module docstring)
     if resume:
         raise FtuneError(f"--resume: {final} holds a finished run with no checkpoint to continue from; "
