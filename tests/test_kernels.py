@@ -126,13 +126,40 @@ def test_loss_without_logits_matches_transformers_normalisation():
 
 
 def test_checkpointed_layers_are_the_first_share():
-    from ftune.memory import layer_codes
+    from ftune.kernels.plan import layer_codes
 
     assert layer_codes(ModelConfig(path="-", gradient_checkpointing=True), 28) == ["C"] * 28
     assert layer_codes(ModelConfig(path="-", gradient_checkpointing=True, checkpoint_fraction=0.5,
                                    offload_activations=True), 4) == ["c", "c", "K", "K"]
     assert layer_codes(ModelConfig(path="-", checkpoint_fraction=0.5), 4) == ["K"] * 4
     assert layer_codes(ModelConfig(path="-", layer_plan="2a 1M1k"), 4, on_cuda=False) == ["A", "A", "M", "K"]
+
+
+@pytest.mark.parametrize("text,what", [("3x", "unknown letter 'x'"), ("K", "the letter 'K' has no count before it"),
+                                       ("2a 4", "the count 4 has no letter after it"),
+                                       ("3K,1C", "unexpected ',' after '3K'"), ("0K4C", "a run of 0 layers"),
+                                       ("", "it is empty")])
+def test_a_bad_layer_plan_says_what_is_wrong_and_shows_the_grammar(text, what):
+    from ftune.kernels.plan import parse_plan
+
+    with pytest.raises(FtuneError) as e:
+        parse_plan(text)
+    assert str(e.value).startswith(f"model.layer_plan: {text!r} is not a layer plan ({what}")
+    assert "e.g. 14a8c6K" in str(e.value) and "M recomputes the MLP's gate/up" in str(e.value)
+
+
+def test_layer_plan_letters_round_trip():
+    from ftune.kernels.plan import LETTERS, LayerPlan, check_plan, parse_plan, plan_text
+
+    for code in "".join(LETTERS) + "".join(LETTERS).lower():
+        assert LayerPlan.from_code(code).code == code
+    assert plan_text([LayerPlan.from_code(c) for c in parse_plan(" 14a 8c6K")]) == "14a8c6K"
+    check_plan(ModelConfig(path="-", layer_plan="1A1K"), 2)
+    with pytest.raises(FtuneError, match=r"'3C' covers 3 decoder layers; the model has 2 \(e.g. 1a1K\)"):
+        check_plan(ModelConfig(path="-", layer_plan="3C"), 2)
+    with pytest.raises(FtuneError, match="codes A and M need ftune's fast path"):
+        check_plan(ModelConfig(path="-", layer_plan="1M1K"), 2, fast_path=False)
+
 
 
 # ---------------------------------------------------------------- the whole training forward
@@ -208,14 +235,13 @@ def test_layer_plan_config_sets_each_layer_and_checks_its_length():
 def test_layer_plans_change_memory_not_math(codes):
     """Recomputing the attention block, the MLP's gate/up, or both, per layer: same loss and gradients as
     keeping everything (plans only move work between forward and backward)."""
-    from ftune.kernels.fast import LayerPlan
+    from ftune.kernels.plan import LayerPlan
 
-    letters = {"K": (False, False), "A": (True, False), "M": (False, True), "C": (True, True)}
     keep, planned = tiny_qwen2(seed=2), tiny_qwen2(seed=2)
     apply_kernels(keep, ModelConfig(path="-", kernels="torch"), "cpu")
     apply_kernels(planned, ModelConfig(path="-", kernels="torch"), "cpu")
     for layer, code in zip(planned.model.layers, codes):
-        layer._ftune_layer = LayerPlan(*letters[code])
+        layer._ftune_layer = LayerPlan.from_code(code)
     batch = collate(rows([6, 9, 4]), 0)
     assert_all_close(loss_and_grads(planned, batch), loss_and_grads(keep, batch), tol=1e-5)
 
@@ -318,17 +344,16 @@ def test_offloaded_layer_plans_on_gpu_match_keeping_everything(codes, prefetch, 
     """Offloading what a layer saves (with or without recompute), each tensor fetched on demand (0) or
     prefetched: same loss and gradients as keeping everything on the GPU."""
     import ftune.kernels.offload as off
-    from ftune.kernels.fast import LayerPlan
+    from ftune.kernels.plan import LayerPlan
 
     monkeypatch.setattr(off, "MIN_NUMEL", 1)
     monkeypatch.setattr(off, "PREFETCH_LAYERS", prefetch)
     monkeypatch.setattr(off, "MIN_PREFETCH_BYTES", 0)
-    letters = {"K": (False, False), "A": (True, False), "M": (False, True), "C": (True, True)}
     keep, planned = tiny_qwen2(seed=3).cuda(), tiny_qwen2(seed=3).cuda()
     apply_kernels(keep, ModelConfig(path="-", kernels="liger"), "cuda")
     apply_kernels(planned, ModelConfig(path="-", kernels="liger"), "cuda")
     for layer, code in zip(planned.model.layers, codes):
-        layer._ftune_layer = LayerPlan(*letters[code.upper()], offload=code.islower())
+        layer._ftune_layer = LayerPlan.from_code(code)
     planned.model.layers[0]._ftune_plan.offload = True
     batch = {k: v.cuda() for k, v in collate(rows([70, 33, 110]), 0).items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -5,6 +5,7 @@ Every kernel has a pure-PyTorch reference it is tested against (tests/test_kerne
 ops.py (RMSNorm, RoPE, SwiGLU: liger-kernel or PyTorch), lora.py (fused LoRA projections),
 mlp.py (norm + SwiGLU MLP block), loss.py (linear cross-entropy without logits), attention.py
 (packed variable-length attention), offload.py (saved activations to CPU), fast.py (the layer forward).
+plan.py reads `model.layer_plan` (and the legacy checkpointing settings) into one plan per decoder layer.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ftune.errors import FtuneError
+from ftune.kernels.plan import check_forward, layer_plans, plan_text
 
 
 def resolve_kernels(name: str, device: torch.device | str) -> str:
@@ -27,34 +29,6 @@ def resolve_kernels(name: str, device: torch.device | str) -> str:
     return name
 
 
-PLAN_CODES = {"K": (False, False), "A": (True, False), "M": (False, True), "C": (True, True)}
-
-
-def layer_plans(n_layers: int, cfg, on_cuda: bool) -> list:
-    """Each decoder layer's LayerPlan: `model.layer_plan` when given, else the first
-    round(checkpoint_fraction × n) layers recompute attention and MLP (their saved inputs offloaded to CPU
-    with offload_activations) and the rest keep their activations. Offloading needs CUDA."""
-    from ftune.kernels.fast import LayerPlan
-    from ftune.memory import layer_codes
-
-    codes = layer_codes(cfg, n_layers, on_cuda)
-    if len(codes) != n_layers:
-        raise FtuneError(f"model.layer_plan: {cfg.layer_plan!r} covers {len(codes)} decoder layers; the model has "
-                         f"{n_layers} (e.g. {n_layers // 2}a{n_layers - n_layers // 2}K)")
-    return [LayerPlan(*PLAN_CODES[c.upper()], offload=c.islower()) for c in codes]
-
-
-def plan_text(plans: list) -> str:
-    """The compact form of a plan list ("14a8c6K"), as `model.layer_plan` takes it."""
-    out, prev, count = [], None, 0
-    for code in [p.code for p in plans] + [None]:
-        if code != prev and prev is not None:
-            out.append(f"{count}{prev}")
-            count = 0
-        prev, count = code, count + 1
-    return "".join(out)
-
-
 def _decoder_layers(model):
     return getattr(getattr(model, "model", None), "layers", None)
 
@@ -68,7 +42,7 @@ def apply_kernels(model, cfg, device) -> str:
     layers = _decoder_layers(model)
     n = len(layers) if layers is not None else 0
     on_cuda = torch.device(device).type == "cuda"
-    plans = layer_plans(n, cfg, on_cuda)
+    plans = layer_plans(cfg, n, on_cuda)
     note = ""
     if kind != "none":
         reason = unsupported_reason(model)
@@ -77,9 +51,7 @@ def apply_kernels(model, cfg, device) -> str:
                 raise FtuneError(f"model.kernels: {cfg.kernels} does not support {reason}; use auto or none")
             kind, note = "none", f" (fast path off: {reason})"
     if kind == "none":
-        if any(p.recompute_attn != p.recompute_mlp for p in plans):
-            raise FtuneError(f"model.layer_plan: codes A and M need ftune's fast path (model.kernels: auto on a CUDA "
-                             f"GPU, liger or torch); transformers' own forward{note} recomputes whole layers: use K and C")
+        check_forward([p.code for p in plans], fast_path=False, why=note)
         if layers is None:  # not a decoder stack ftune knows: transformers' switch for the whole model
             if cfg.gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
