@@ -169,7 +169,8 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str | None = None):
     """The base model on `device`, in the configured dtype / 4-bit, with the chosen attention backend and
-    training kernels (`ftune.kernels.apply_kernels`)."""
+    transformers' own forward. Training installs its kernels on top (`ftune.kernels.apply_kernels`, called
+    by `ftune.train.loop.build_training`); eval and merge keep this forward."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -196,10 +197,6 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str
     model.config.use_cache = False
     if quant is not None:
         keep_4bit_layout(model)
-    from ftune.kernels import apply_kernels
-
-    # The training forward (fused kernels, selective checkpointing); eval and generation keep HF's own.
-    model._ftune_kernels = apply_kernels(model, cfg, torch.device(device))
     return model
 
 

@@ -162,6 +162,24 @@ def test_layer_plan_letters_round_trip():
 
 
 
+def test_load_model_only_loads_and_training_installs_the_kernels(tiny_model_dir):
+    """eval and merge get transformers' own forward from load_model; build_training adds the fast path."""
+    from types import SimpleNamespace
+
+    from ftune.config import load_config
+    from ftune.models import load_model
+    from ftune.train.loop import build_training
+
+    model = load_model(ModelConfig(path=str(tiny_model_dir), kernels="torch"))
+    assert not hasattr(model, "_ftune_plan") and not hasattr(model.model.layers[0], "_ftune_layer")
+    cfg = load_config(None, ["model.kernels=torch", "model.layer_plan=1C1K"], base={
+        "model": {"path": str(tiny_model_dir)}, "data": {"train": "-"}, "method": {"name": "lora"}}, check_files=False)
+    accelerator = SimpleNamespace(device=torch.device("cpu"), prepare=lambda *a: a)
+    model = build_training(cfg, accelerator, total_steps=1)[0]
+    assert "fast path (torch); layer plan 1C1K" in model._ftune_kernels
+    assert [layer._ftune_layer.code for layer in model.model.layers] == ["C", "K"]
+
+
 # ---------------------------------------------------------------- the whole training forward
 
 def tiny_qwen2(seed: int = 0, dropout: float = 0.0):

@@ -6,6 +6,9 @@ ops.py (RMSNorm, RoPE, SwiGLU: liger-kernel or PyTorch), lora.py (fused LoRA pro
 mlp.py (norm + SwiGLU MLP block), loss.py (linear cross-entropy without logits), attention.py
 (packed variable-length attention), offload.py (saved activations to CPU), fast.py (the layer forward).
 plan.py reads `model.layer_plan` (and the legacy checkpointing settings) into one plan per decoder layer.
+
+`apply_kernels` is part of building a training run (ftune.train.loop.build_training): `models.load_model`
+only loads, so eval, merge and generation run transformers' own forward.
 """
 
 from __future__ import annotations
