@@ -10,6 +10,7 @@ import torch
 
 from ftune.config.schema import ModelConfig
 from ftune.errors import FtuneError
+from ftune.quant import is_4bit
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "tokenizer*"]
@@ -239,7 +240,7 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = total = 0
     for p in model.parameters():
         n = p.numel()
-        if getattr(p, "quant_state", None) is not None:
+        if is_4bit(p):
             n = p.quant_state.shape.numel() if hasattr(p.quant_state, "shape") else n * 2
         total += n
         trainable += n if p.requires_grad else 0
