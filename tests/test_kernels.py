@@ -285,6 +285,33 @@ def test_unsupported_model_falls_back_or_is_refused():
         apply_kernels(model, ModelConfig(path="-", kernels="liger"), "cpu")
 
 
+def test_a_broken_liger_is_reported_not_hidden(monkeypatch):
+    """liger-kernel installed but failing to import: auto warns once and takes the PyTorch kernels; an
+    explicit liger is an error naming the failure. Not installed: auto is silent, liger says so."""
+    import sys
+    import warnings
+
+    import ftune.kernels as kernels
+    import ftune.kernels.ops as ops
+
+    monkeypatch.setattr(ops, "liger_installed", lambda: True)
+    monkeypatch.setitem(sys.modules, "liger_kernel.ops.rms_norm", None)  # importing it raises ImportError
+    monkeypatch.setattr(kernels, "_warned", set())
+    with pytest.warns(UserWarning, match=r"liger-kernel is installed but fails \(.*Error.*PyTorch kernels instead"):
+        assert kernels.resolve_kernels("auto", "cuda") == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        assert kernels.resolve_kernels("auto", "cuda") == "torch"
+    with pytest.raises(FtuneError, match=r"model.kernels: liger: liger-kernel is installed but fails"):
+        kernels.resolve_kernels("liger", "cuda")
+    monkeypatch.setattr(ops, "liger_installed", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.resolve_kernels("auto", "cuda") == "torch"
+    with pytest.raises(FtuneError, match=r"liger-kernel is not installed \(pip install liger-kernel\)"):
+        kernels.resolve_kernels("liger", "cuda")
+
+
 # ---------------------------------------------------------------- GPU: liger kernels, varlen attention, offload
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

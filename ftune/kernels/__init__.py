@@ -13,22 +13,39 @@ only loads, so eval, merge and generation run transformers' own forward.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ftune.errors import FtuneError
 from ftune.kernels.plan import check_forward, layer_plans, plan_text
 
 
+_warned: set[str] = set()
+
+
 def resolve_kernels(name: str, device: torch.device | str) -> str:
-    """auto = liger on CUDA when liger-kernel imports, else ftune's PyTorch kernels on CUDA, none on CPU."""
-    from ftune.kernels.ops import liger_available
+    """auto = liger on CUDA when liger-kernel works there, else ftune's PyTorch kernels on CUDA (with a
+    warning, once, when liger-kernel is installed but broken), none on CPU. An explicit liger that cannot
+    run is an error."""
+    from ftune.kernels.ops import liger_installed, liger_problem
 
     on_cuda = torch.device(device).type == "cuda"
     if name == "auto":
-        return ("liger" if liger_available() else "torch") if on_cuda else "none"
-    if name == "liger" and not (on_cuda and liger_available()):
-        raise FtuneError("model.kernels: liger needs a CUDA GPU and the liger-kernel package "
-                         "(pip install liger-kernel); use auto, torch or none")
+        if not on_cuda:
+            return "none"
+        problem = liger_problem(device)
+        if problem is not None and liger_installed() and problem not in _warned:  # broken, not absent: say so
+            _warned.add(problem)
+            warnings.warn(f"model.kernels: auto: {problem}; using ftune's PyTorch kernels instead", stacklevel=2)
+        return "liger" if problem is None else "torch"
+    if name == "liger":
+        if not on_cuda:
+            raise FtuneError("model.kernels: liger needs a CUDA GPU and the liger-kernel package "
+                             "(pip install liger-kernel); use auto, torch or none")
+        problem = liger_problem(device)
+        if problem is not None:
+            raise FtuneError(f"model.kernels: liger: {problem}; use auto or torch for ftune's PyTorch kernels")
     return name
 
 
