@@ -9,6 +9,7 @@ Activation bytes per token per decoder layer follow what each path saves for bac
   per `model.layer_plan` letter (fast path): K all of the above; A without the attention block (normed
                                         h, q, k, v, out); M without gate and up; C only the layer and MLP
                                         inputs (2·hidden); lower case (offloaded) 0. transformers' forward: C = hidden
+                                        (the letters and their meaning: ftune/kernels/plan.py)
 plus one layer's working set during backward, and the loss: chunked on the fast path, the full
 tokens × vocab logits in bf16 + their fp32 copy and gradient otherwise. Expect ±15%: the allocator's
 fragmentation and library workspaces are not modelled.
@@ -16,11 +17,12 @@ fragmentation and library workspaces are not modelled.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from ftune.errors import FtuneError
+from ftune.kernels.plan import check_plan, layer_codes
 from ftune.perf import GIB, GPUS, Arch, arch_from_config, gpu_spec, read_model_config
+
 
 @dataclass
 class MemoryEstimate:
@@ -42,21 +44,6 @@ def _weight_bytes(arch: Arch, quantization: str, double_quant: bool, dtype_bytes
         return arch.params * dtype_bytes
     per_block = (1 + 4 / 256) if double_quant else 4  # absmax per 64 weights: 8-bit (+fp32 per 256) or fp32
     return linear * (0.5 + per_block / 64) + other * 2
-
-
-def expand_plan(text: str) -> list[str]:
-    """`model.layer_plan` ("14a8c6K") as one code letter per decoder layer (["a", …, "K"])."""
-    return [code for count, code in re.findall(r"(\d+)\s*([KAMCkamc])", text) for _ in range(int(count))]
-
-
-def layer_codes(m, n_layers: int, on_cuda: bool = True) -> list[str]:
-    """Each decoder layer's plan letter for model config `m` (see kernels.layer_plans, which builds the same)."""
-    if m.layer_plan:
-        codes = expand_plan(m.layer_plan)
-    else:
-        k = round(m.checkpoint_fraction * n_layers) if m.gradient_checkpointing else 0
-        codes = ["c" if m.offload_activations else "C"] * k + ["K"] * (n_layers - k)
-    return codes if on_cuda else [c.upper() for c in codes]
 
 
 def _fast_path(run, on_cuda: bool) -> bool:
@@ -116,6 +103,7 @@ def describe(est: MemoryEstimate, gpu: tuple | None) -> str:
 
 def memory_report(run, method, gpu_name: str | None = None) -> str:
     """The `ftune validate` line: the estimate for `run` (trained with `method`) on the named GPU, else the detected one."""
+    check_plan(run.model, fast_path=run.model.kernels != "none")  # even when the estimate is skipped below
     gpu = gpu_spec(gpu_name)
     if gpu_name is not None and gpu is None:
         raise FtuneError(f"--gpu: unknown GPU {gpu_name!r}; known: {', '.join(GPUS)}")
@@ -127,6 +115,7 @@ def memory_report(run, method, gpu_name: str | None = None) -> str:
         arch = arch_from_config(hf)
     except (TypeError, KeyError):
         return "memory estimate: skipped (config.json is not a Llama-style decoder)"
+    check_plan(run.model, arch.layers)  # the plan covers the model's decoder layers
     if method.trainable_params is None:
         return f"memory estimate: skipped (method {method.name!r} does not say how many parameters it trains)"
     return describe(estimate_memory(run, method, arch, on_cuda=True), gpu)

@@ -10,6 +10,7 @@ import torch
 
 from ftune.config.schema import ModelConfig
 from ftune.errors import FtuneError
+from ftune.quant import is_4bit
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "tokenizer*"]
@@ -179,7 +180,8 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str | None = None):
     """The base model on `device`, in the configured dtype / 4-bit, with the chosen attention backend and
-    training kernels (`ftune.kernels.apply_kernels`)."""
+    transformers' own forward. Training installs its kernels on top (`ftune.kernels.apply_kernels`, called
+    by `ftune.train.loop.build_training`); eval and merge keep this forward."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -210,10 +212,6 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str
     model.config.use_cache = False
     if quant is not None:
         keep_4bit_layout(model)
-    from ftune.kernels import apply_kernels
-
-    # The training forward (fused kernels, selective checkpointing); eval and generation keep HF's own.
-    model._ftune_kernels = apply_kernels(model, cfg, torch.device(device))
     return model
 
 
@@ -256,7 +254,7 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = total = 0
     for p in model.parameters():
         n = p.numel()
-        if getattr(p, "quant_state", None) is not None:
+        if is_4bit(p):
             n = p.quant_state.shape.numel() if hasattr(p.quant_state, "shape") else n * 2
         total += n
         trainable += n if p.requires_grad else 0

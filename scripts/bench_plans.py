@@ -1,10 +1,10 @@
 """Per-layer memory plans for the QLoRA (or LoRA) 7B case, ftune only, on one loaded model.
 
-    python scripts/bench_plans.py --plans "22c6K,8o14c6K,12a10c6K" --out plans-out
+    python scripts/bench_plans.py --plans "22c6K,14a8c6K,12a10c6K" --out plans-out
 
-A plan is a run of counts and codes over the decoder layers, first layer first (kernels/fast.py,
-`LayerPlan.code`): K keep everything, A recompute the attention block, M recompute the MLP's gate/up,
-C both; lower case = what the layer saves is offloaded to pinned CPU memory. For each plan: median
+A plan is a run of counts and letters over the decoder layers, first layer first, as `model.layer_plan`
+takes it (ftune/kernels/plan.py): K keep everything, A recompute the attention block, M recompute the
+MLP's gate/up, C both; lower case = what the layer saves is offloaded to pinned CPU memory. For each plan: median
 step time over `--steps` after `--warmup`, tokens/s, peak allocated memory, and the gradient of one
 fixed batch against the first plan's (plans change where activations live, never the math). `--gaps`
 profiles two steps of the first and the best plan with CUDA activity only and lists where the compute
@@ -29,11 +29,12 @@ from bench import CASES, ftune_config, make_batches  # noqa: E402
 from bench_setup import Run, free_gpu, make_checkpoint, qwen2_config, timed_steps  # noqa: E402
 
 def parse_plan(text: str, n: int) -> list:
-    from types import SimpleNamespace
+    """A --plans entry as n LayerPlans, read and checked as `model.layer_plan` is."""
+    from ftune.kernels.plan import LayerPlan, check_covers, parse_plan as parse
 
-    from ftune.kernels import layer_plans
-
-    return layer_plans(n, SimpleNamespace(layer_plan=text), on_cuda=True)
+    codes = parse(text)
+    check_covers(codes, n, text)
+    return [LayerPlan.from_code(c) for c in codes]
 
 
 def set_plan(model, plans: list) -> None:

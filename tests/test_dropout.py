@@ -194,12 +194,12 @@ def test_dropout_keeps_nothing_more_for_backward():
 def test_recomputed_layers_draw_the_same_masks():
     """Activation checkpointing (C) and the MLP's input-only mode (M) replay the RNG: same loss and
     gradients as keeping everything, dropout 0.3 everywhere."""
-    from ftune.kernels.fast import LayerPlan
+    from ftune.kernels.plan import LayerPlan
 
     keep, planned = tiny_qwen2(seed=7, dropout=0.3), tiny_qwen2(seed=7, dropout=0.3)
     apply_kernels(keep, ModelConfig(path="-", kernels="torch"), "cpu")
     apply_kernels(planned, ModelConfig(path="-", kernels="torch"), "cpu")
-    planned.model.layers[0]._ftune_layer, planned.model.layers[1]._ftune_layer = LayerPlan(True, True), LayerPlan(False, True)
+    planned.model.layers[0]._ftune_layer, planned.model.layers[1]._ftune_layer = LayerPlan.from_code("C"), LayerPlan.from_code("M")
     batch = collate(rows([6, 9, 4]), 0)
     torch.manual_seed(11)
     want = loss_and_grads(keep, batch)

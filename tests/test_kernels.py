@@ -126,13 +126,59 @@ def test_loss_without_logits_matches_transformers_normalisation():
 
 
 def test_checkpointed_layers_are_the_first_share():
-    from ftune.memory import layer_codes
+    from ftune.kernels.plan import layer_codes
 
     assert layer_codes(ModelConfig(path="-", gradient_checkpointing=True), 28) == ["C"] * 28
     assert layer_codes(ModelConfig(path="-", gradient_checkpointing=True, checkpoint_fraction=0.5,
                                    offload_activations=True), 4) == ["c", "c", "K", "K"]
     assert layer_codes(ModelConfig(path="-", checkpoint_fraction=0.5), 4) == ["K"] * 4
     assert layer_codes(ModelConfig(path="-", layer_plan="2a 1M1k"), 4, on_cuda=False) == ["A", "A", "M", "K"]
+
+
+@pytest.mark.parametrize("text,what", [("3x", "unknown letter 'x'"), ("K", "the letter 'K' has no count before it"),
+                                       ("2a 4", "the count 4 has no letter after it"),
+                                       ("3K,1C", "unexpected ',' after '3K'"), ("0K4C", "a run of 0 layers"),
+                                       ("", "it is empty")])
+def test_a_bad_layer_plan_says_what_is_wrong_and_shows_the_grammar(text, what):
+    from ftune.kernels.plan import parse_plan
+
+    with pytest.raises(FtuneError) as e:
+        parse_plan(text)
+    assert str(e.value).startswith(f"model.layer_plan: {text!r} is not a layer plan ({what}")
+    assert "e.g. 14a8c6K" in str(e.value) and "M recomputes the MLP's gate/up" in str(e.value)
+
+
+def test_layer_plan_letters_round_trip():
+    from ftune.kernels.plan import LETTERS, LayerPlan, check_plan, parse_plan, plan_text
+
+    for code in "".join(LETTERS) + "".join(LETTERS).lower():
+        assert LayerPlan.from_code(code).code == code
+    assert plan_text([LayerPlan.from_code(c) for c in parse_plan(" 14a 8c6K")]) == "14a8c6K"
+    check_plan(ModelConfig(path="-", layer_plan="1A1K"), 2)
+    with pytest.raises(FtuneError, match=r"'3C' covers 3 decoder layers; the model has 2 \(e.g. 1a1K\)"):
+        check_plan(ModelConfig(path="-", layer_plan="3C"), 2)
+    with pytest.raises(FtuneError, match="codes A and M need ftune's fast path"):
+        check_plan(ModelConfig(path="-", layer_plan="1M1K"), 2, fast_path=False)
+
+
+
+def test_load_model_only_loads_and_training_installs_the_kernels(tiny_model_dir):
+    """eval and merge get transformers' own forward from load_model; build_training adds the fast path."""
+    from types import SimpleNamespace
+
+    from ftune.config import load_config
+    from ftune.models import load_model
+    from ftune.methods import get_method
+    from ftune.train.loop import build_training
+
+    model = load_model(ModelConfig(path=str(tiny_model_dir), kernels="torch"))
+    assert not hasattr(model, "_ftune_plan") and not hasattr(model.model.layers[0], "_ftune_layer")
+    cfg = load_config(None, ["model.kernels=torch", "model.layer_plan=1C1K"], base={
+        "model": {"path": str(tiny_model_dir)}, "data": {"train": "-"}, "method": {"name": "lora"}}, check_files=False)
+    accelerator = SimpleNamespace(device=torch.device("cpu"), prepare=lambda *a: a)
+    model = build_training(cfg, get_method(cfg.method.name), accelerator, total_steps=1)[0]
+    assert "fast path (torch); layer plan 1C1K" in model._ftune_kernels
+    assert [layer._ftune_layer.code for layer in model.model.layers] == ["C", "K"]
 
 
 # ---------------------------------------------------------------- the whole training forward
@@ -208,14 +254,13 @@ def test_layer_plan_config_sets_each_layer_and_checks_its_length():
 def test_layer_plans_change_memory_not_math(codes):
     """Recomputing the attention block, the MLP's gate/up, or both, per layer: same loss and gradients as
     keeping everything (plans only move work between forward and backward)."""
-    from ftune.kernels.fast import LayerPlan
+    from ftune.kernels.plan import LayerPlan
 
-    letters = {"K": (False, False), "A": (True, False), "M": (False, True), "C": (True, True)}
     keep, planned = tiny_qwen2(seed=2), tiny_qwen2(seed=2)
     apply_kernels(keep, ModelConfig(path="-", kernels="torch"), "cpu")
     apply_kernels(planned, ModelConfig(path="-", kernels="torch"), "cpu")
     for layer, code in zip(planned.model.layers, codes):
-        layer._ftune_layer = LayerPlan(*letters[code])
+        layer._ftune_layer = LayerPlan.from_code(code)
     batch = collate(rows([6, 9, 4]), 0)
     assert_all_close(loss_and_grads(planned, batch), loss_and_grads(keep, batch), tol=1e-5)
 
@@ -239,6 +284,33 @@ def test_unsupported_model_falls_back_or_is_refused():
         apply_kernels(model, ModelConfig(path="-", kernels="torch"), "cpu")
     with pytest.raises(FtuneError, match="liger needs a CUDA GPU"):
         apply_kernels(model, ModelConfig(path="-", kernels="liger"), "cpu")
+
+
+def test_a_broken_liger_is_reported_not_hidden(monkeypatch):
+    """liger-kernel installed but failing to import: auto warns once and takes the PyTorch kernels; an
+    explicit liger is an error naming the failure. Not installed: auto is silent, liger says so."""
+    import sys
+    import warnings
+
+    import ftune.kernels as kernels
+    import ftune.kernels.ops as ops
+
+    monkeypatch.setattr(ops, "liger_installed", lambda: True)
+    monkeypatch.setitem(sys.modules, "liger_kernel.ops.rms_norm", None)  # importing it raises ImportError
+    monkeypatch.setattr(kernels, "_warned", set())
+    with pytest.warns(UserWarning, match=r"liger-kernel is installed but fails \(.*Error.*PyTorch kernels instead"):
+        assert kernels.resolve_kernels("auto", "cuda") == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        assert kernels.resolve_kernels("auto", "cuda") == "torch"
+    with pytest.raises(FtuneError, match=r"model.kernels: liger: liger-kernel is installed but fails"):
+        kernels.resolve_kernels("liger", "cuda")
+    monkeypatch.setattr(ops, "liger_installed", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.resolve_kernels("auto", "cuda") == "torch"
+    with pytest.raises(FtuneError, match=r"liger-kernel is not installed \(pip install liger-kernel\)"):
+        kernels.resolve_kernels("liger", "cuda")
 
 
 # ---------------------------------------------------------------- GPU: liger kernels, varlen attention, offload
@@ -318,17 +390,16 @@ def test_offloaded_layer_plans_on_gpu_match_keeping_everything(codes, prefetch, 
     """Offloading what a layer saves (with or without recompute), each tensor fetched on demand (0) or
     prefetched: same loss and gradients as keeping everything on the GPU."""
     import ftune.kernels.offload as off
-    from ftune.kernels.fast import LayerPlan
+    from ftune.kernels.plan import LayerPlan
 
     monkeypatch.setattr(off, "MIN_NUMEL", 1)
     monkeypatch.setattr(off, "PREFETCH_LAYERS", prefetch)
     monkeypatch.setattr(off, "MIN_PREFETCH_BYTES", 0)
-    letters = {"K": (False, False), "A": (True, False), "M": (False, True), "C": (True, True)}
     keep, planned = tiny_qwen2(seed=3).cuda(), tiny_qwen2(seed=3).cuda()
     apply_kernels(keep, ModelConfig(path="-", kernels="liger"), "cuda")
     apply_kernels(planned, ModelConfig(path="-", kernels="liger"), "cuda")
     for layer, code in zip(planned.model.layers, codes):
-        layer._ftune_layer = LayerPlan(*letters[code.upper()], offload=code.islower())
+        layer._ftune_layer = LayerPlan.from_code(code)
     planned.model.layers[0]._ftune_plan.offload = True
     batch = {k: v.cuda() for k, v in collate(rows([70, 33, 110]), 0).items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -78,9 +78,23 @@ def test_memory_estimate_follows_the_layer_plan():
     assert on_cpu.activations == pytest.approx(estimate(run_cfg(layer_plan="28C"), arch, on_cuda=False).activations)
 
 
-def test_a_bad_layer_plan_is_a_clear_config_error(make_config):
-    result = invoke("validate", make_config({"model": {"layer_plan": "3x"}}))
-    assert result.exit_code == 2 and "model.layer_plan" in result.output and "Traceback" not in result.output
+def test_a_bad_layer_plan_is_a_clear_config_error(make_config, monkeypatch):
+    """`ftune validate` and `ftune train` (before any weights load) refuse a plan that does not parse, does
+    not cover the model's 2 decoder layers, or asks for A/M without the fast path: one message, exit 2."""
+    import ftune.train.loop as loop
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loop, "load_model", no_loading)
+    for plan, message in [("3x", "'3x' is not a layer plan (unknown letter 'x'"),
+                          ("3C", "'3C' covers 3 decoder layers; the model has 2"),
+                          ("1A1K", "codes A and M need ftune's fast path")]:
+        extra = {"model": {"layer_plan": plan, "kernels": "none"}}
+        for command in ("validate", "train"):
+            result = invoke(command, make_config(extra))
+            assert result.exit_code == 2 and "Traceback" not in result.output, (command, result.output)
+            assert f"error: model.layer_plan: {message}" in result.output, (command, result.output)
 
 
 def test_validate_prints_a_memory_estimate(make_config):

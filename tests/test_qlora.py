@@ -19,6 +19,7 @@ from safetensors.torch import load_file  # noqa: E402
 from ftune.config import load_config  # noqa: E402
 from ftune.config.schema import ModelConfig, TrainConfig  # noqa: E402
 from ftune.errors import ConfigError, FtuneError  # noqa: E402
+from ftune.kernels import apply_kernels  # noqa: E402
 from ftune.methods import REGISTRY, PrepareContext  # noqa: E402
 from ftune.methods.lora import LoraConfig  # noqa: E402
 from ftune.methods.qlora import QLoraConfig  # noqa: E402
@@ -66,9 +67,12 @@ def _run_cfg(tiny_dir, tmp, **method):
 
 
 def _prepared(tiny_dir, tmp_path, dtype="auto", checkpointing=False, **method):
+    """The 4-bit base as training builds it (loop.build_training): loaded, its training forward installed
+    (on CPU: transformers' own, checkpointed with `checkpointing`), then QLoRA's changes."""
     cfg = _run_cfg(tiny_dir, tmp_path, **method)
-    model = load_model(ModelConfig(path=str(tiny_dir), quantization="nf4", dtype=dtype,
-                                   gradient_checkpointing=checkpointing), "cpu")
+    model_cfg = ModelConfig(path=str(tiny_dir), quantization="nf4", dtype=dtype, gradient_checkpointing=checkpointing)
+    model = load_model(model_cfg, "cpu")
+    apply_kernels(model, model_cfg, "cpu")
     REGISTRY["qlora"].prepare(model, cfg.method, PrepareContext(run=cfg, total_steps=1))
     return model
 

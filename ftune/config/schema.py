@@ -54,8 +54,8 @@ class ModelConfig(Section):
     offload_activations: bool = Field(
         False, description="With gradient_checkpointing on the fast path (CUDA): keep the checkpointed layers' saved inputs in pinned CPU memory, copied on a side stream.")
     layer_plan: str | None = Field(
-        None, pattern=r"^\s*(\d+\s*[KAMCkamc]\s*)+$",
-        description="Per-layer memory plan, first layer first, overriding gradient_checkpointing, checkpoint_fraction and offload_activations: runs of <count><code> covering every decoder layer, e.g. 14a8c6K. K keeps all activations, A recomputes the attention block, M recomputes the MLP's gate/up, C both; lower case also sends what the layer saves to pinned CPU memory (CUDA fast path). docs/BENCHMARKS.md shows how to pick one.")
+        None,
+        description="Per-layer memory plan, first layer first, overriding gradient_checkpointing, checkpoint_fraction and offload_activations: runs of <count><letter> covering every decoder layer, e.g. 14a8c6K. K keeps all activations, A recomputes the attention block, M recomputes the MLP's gate/up, C both (A and M need the fast path); lower case also sends what the layer saves to pinned CPU memory (CUDA fast path). Checked by `ftune validate` and before training loads the model. docs/BENCHMARKS.md shows how to pick one.")
     kernels: Literal["auto", "liger", "torch", "none"] = Field(
         "auto", description="Training forward: auto = ftune's fused path with liger-kernel's Triton kernels on CUDA (its PyTorch kernels without liger), transformers' own forward on CPU; none = transformers' forward.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repo to run. Off unless you trust it.")

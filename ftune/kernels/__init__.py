@@ -5,54 +5,48 @@ Every kernel has a pure-PyTorch reference it is tested against (tests/test_kerne
 ops.py (RMSNorm, RoPE, SwiGLU: liger-kernel or PyTorch), lora.py (fused LoRA projections),
 mlp.py (norm + SwiGLU MLP block), loss.py (linear cross-entropy without logits), attention.py
 (packed variable-length attention), offload.py (saved activations to CPU), fast.py (the layer forward).
+plan.py reads `model.layer_plan` (and the legacy checkpointing settings) into one plan per decoder layer.
+
+`apply_kernels` is part of building a training run (ftune.train.loop.build_training): `models.load_model`
+only loads, so eval, merge and generation run transformers' own forward.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ftune.errors import FtuneError
+from ftune.kernels.plan import check_forward, layer_plans, plan_text
+
+
+_warned: set[str] = set()
 
 
 def resolve_kernels(name: str, device: torch.device | str) -> str:
-    """auto = liger on CUDA when liger-kernel imports, else ftune's PyTorch kernels on CUDA, none on CPU."""
-    from ftune.kernels.ops import liger_available
+    """auto = liger on CUDA when liger-kernel works there, else ftune's PyTorch kernels on CUDA (with a
+    warning, once, when liger-kernel is installed but broken), none on CPU. An explicit liger that cannot
+    run is an error."""
+    from ftune.kernels.ops import liger_installed, liger_problem
 
     on_cuda = torch.device(device).type == "cuda"
     if name == "auto":
-        return ("liger" if liger_available() else "torch") if on_cuda else "none"
-    if name == "liger" and not (on_cuda and liger_available()):
-        raise FtuneError("model.kernels: liger needs a CUDA GPU and the liger-kernel package "
-                         "(pip install liger-kernel); use auto, torch or none")
+        if not on_cuda:
+            return "none"
+        problem = liger_problem(device)
+        if problem is not None and liger_installed() and problem not in _warned:  # broken, not absent: say so
+            _warned.add(problem)
+            warnings.warn(f"model.kernels: auto: {problem}; using ftune's PyTorch kernels instead", stacklevel=2)
+        return "liger" if problem is None else "torch"
+    if name == "liger":
+        if not on_cuda:
+            raise FtuneError("model.kernels: liger needs a CUDA GPU and the liger-kernel package "
+                             "(pip install liger-kernel); use auto, torch or none")
+        problem = liger_problem(device)
+        if problem is not None:
+            raise FtuneError(f"model.kernels: liger: {problem}; use auto or torch for ftune's PyTorch kernels")
     return name
-
-
-PLAN_CODES = {"K": (False, False), "A": (True, False), "M": (False, True), "C": (True, True)}
-
-
-def layer_plans(n_layers: int, cfg, on_cuda: bool) -> list:
-    """Each decoder layer's LayerPlan: `model.layer_plan` when given, else the first
-    round(checkpoint_fraction × n) layers recompute attention and MLP (their saved inputs offloaded to CPU
-    with offload_activations) and the rest keep their activations. Offloading needs CUDA."""
-    from ftune.kernels.fast import LayerPlan
-    from ftune.memory import layer_codes
-
-    codes = layer_codes(cfg, n_layers, on_cuda)
-    if len(codes) != n_layers:
-        raise FtuneError(f"model.layer_plan: {cfg.layer_plan!r} covers {len(codes)} decoder layers; the model has "
-                         f"{n_layers} (e.g. {n_layers // 2}a{n_layers - n_layers // 2}K)")
-    return [LayerPlan(*PLAN_CODES[c.upper()], offload=c.islower()) for c in codes]
-
-
-def plan_text(plans: list) -> str:
-    """The compact form of a plan list ("14a8c6K"), as `model.layer_plan` takes it."""
-    out, prev, count = [], None, 0
-    for code in [p.code for p in plans] + [None]:
-        if code != prev and prev is not None:
-            out.append(f"{count}{prev}")
-            count = 0
-        prev, count = code, count + 1
-    return "".join(out)
 
 
 def _decoder_layers(model):
@@ -68,7 +62,7 @@ def apply_kernels(model, cfg, device) -> str:
     layers = _decoder_layers(model)
     n = len(layers) if layers is not None else 0
     on_cuda = torch.device(device).type == "cuda"
-    plans = layer_plans(n, cfg, on_cuda)
+    plans = layer_plans(cfg, n, on_cuda)
     note = ""
     if kind != "none":
         reason = unsupported_reason(model)
@@ -77,9 +71,7 @@ def apply_kernels(model, cfg, device) -> str:
                 raise FtuneError(f"model.kernels: {cfg.kernels} does not support {reason}; use auto or none")
             kind, note = "none", f" (fast path off: {reason})"
     if kind == "none":
-        if any(p.recompute_attn != p.recompute_mlp for p in plans):
-            raise FtuneError(f"model.layer_plan: codes A and M need ftune's fast path (model.kernels: auto on a CUDA "
-                             f"GPU, liger or torch); transformers' own forward{note} recomputes whole layers: use K and C")
+        check_forward([p.code for p in plans], fast_path=False, why=note)
         if layers is None:  # not a decoder stack ftune knows: transformers' switch for the whole model
             if cfg.gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

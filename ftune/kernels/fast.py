@@ -12,7 +12,7 @@ Memory is managed per layer (`LayerPlan`): the attention block can be recomputed
 non-reentrant checkpoint), the MLP block can save only its input (recomputing gate/up, never down), and
 whatever a layer still saves can go to pinned CPU memory during forward and come back before backward
 needs it (offload.py). Recomputing costs GPU time; offloading costs PCIe bandwidth, which is free while
-the GPU computes, so a plan (`model.layer_plan`, built in kernels/__init__.py) mixes the two.
+the GPU computes, so a plan (`model.layer_plan`, read by kernels/plan.py) mixes the two.
 Modules the fused Functions cannot take (DoRA, AdaLoRA/SoRA layers, trainable base weights as in full
 fine-tuning) are called as they are, with the same norm/RoPE/SwiGLU/attention kernels. LoRA dropout is
 fused (masks redrawn in backward from a seed: kernels/dropout.py).
@@ -32,25 +32,9 @@ from ftune.kernels.lora import project
 from ftune.kernels.loss import lm_loss
 from ftune.kernels.mlp import fused_mlp, mlp_fusable
 from ftune.kernels.ops import Ops
+from ftune.kernels.plan import LayerPlan
 
 SUPPORTED = {"llama", "qwen2", "mistral"}
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """How one decoder layer trades memory for time in training."""
-
-    recompute_attn: bool = False  # attention block recomputed in backward (keeps only its input)
-    recompute_mlp: bool = False  # MLP keeps its input, recomputes gate/up in backward
-    offload: bool = False  # what the layer saves goes to pinned CPU memory (needs CUDA)
-
-    @property
-    def code(self) -> str:
-        """The layer's letter in `model.layer_plan`: K keep, A attention / M MLP / C both recomputed; lower
-        case = offloaded."""
-        c = "C" if self.recompute_attn and self.recompute_mlp else "A" if self.recompute_attn else \
-            "M" if self.recompute_mlp else "K"
-        return c.lower() if self.offload else c
 
 
 @dataclass

@@ -21,6 +21,7 @@ from torch import nn
 
 from ftune.kernels import dropout as drop
 from ftune.layers.lora import LoraLinear
+from ftune.quant import dequantize
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -36,11 +37,7 @@ def base_of(module: nn.Module) -> nn.Module:
 
 def frozen_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The base layer's weight in `dtype`; a bitsandbytes 4-bit weight is dequantized (a transient copy)."""
-    w = layer.weight
-    if getattr(w, "quant_state", None) is not None:
-        import bitsandbytes.functional as bnbf
-
-        w = bnbf.dequantize_4bit(w.data, w.quant_state)
+    w = dequantize(layer.weight)
     return w if w.dtype == dtype else w.to(dtype)
 
 

@@ -7,6 +7,7 @@ never upcast a whole activation to fp32 and recompute cheap intermediates in bac
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
@@ -96,12 +97,30 @@ LIGER = Ops("liger", _liger_rms_norm, _liger_rope, _liger_swiglu, _liger_silu_mu
             fused_loss=True)
 
 
-def liger_available() -> bool:
+def liger_installed() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def liger_problem(device: torch.device | str | None = None) -> str | None:
+    """Why liger-kernel's kernels cannot be used here (None when they can): not installed, or installed but
+    failing to import or, given a CUDA `device`, to run one tiny RMSNorm (a broken triton, a version clash)."""
+    if not liger_installed():
+        return "liger-kernel is not installed (pip install liger-kernel)"
     try:
-        import liger_kernel.ops.rms_norm  # noqa: F401  (imports triton too)
-    except Exception:
-        return False
-    return True
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction  # imports triton too
+
+        if device is not None and torch.device(device).type == "cuda":
+            x = torch.ones(2, 64, device=device, dtype=torch.bfloat16)
+            LigerRMSNormFunction.apply(x, torch.ones(64, device=device, dtype=torch.bfloat16), 1e-6)
+    except Exception as e:  # noqa: BLE001 — a broken install fails in any way; it is reported, not hidden
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        return f"liger-kernel is installed but fails ({type(e).__name__}: {first})"
+    return None
+
+
+def liger_available() -> bool:
+    """liger-kernel imports (tests and benchmarks ask this; resolve_kernels asks liger_problem)."""
+    return liger_problem() is None
 
 
 def ops_for(name: str) -> Ops:

@@ -21,8 +21,11 @@ from ftune.data import Split, load_examples, load_split, resolve_labels
 from ftune.data.collate import collate_batch, count_targets, epoch_order
 from ftune.errors import FtuneError, Interrupted, RunFailed
 from ftune.io import atomic_dir, file_sha256, remove_stale_temps, write_json_atomic, write_text_atomic
+from ftune.kernels import apply_kernels, resolve_kernels
+from ftune.kernels.plan import check_plan
 from ftune.methods import Method, PrepareContext, get_method
 from ftune.models import bf16_preferred, count_parameters, load_model, load_tokenizer
+from ftune.perf import read_model_config
 from ftune.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from ftune.hooks import TrainState
 from ftune.train.hooks import BudgetHook, QualityGateHook
@@ -61,9 +64,19 @@ def micro_batches(state: TrainState, dataset, cfg: RunConfig, world: int, rank: 
 
 
 def build_training(cfg: RunConfig, method: Method, accelerator, total_steps: int):
-    """(model, optimizer, scheduler, hooks) as `ftune train` trains them: base model with its kernels,
-    the method's changes and hooks, the optimizer over the method's parameter groups, wrapped by accelerate."""
-    model = load_model(cfg.model, accelerator.device)
+    """(model, optimizer, scheduler, hooks) as `ftune train` trains them: base model with its training
+    kernels (`model._ftune_kernels` says which), the method's changes and hooks, the optimizer over the
+    method's parameter groups, wrapped by accelerate. The layer plan is checked before any weights load."""
+    device = accelerator.device
+    try:  # config.json when local or cached, for the plan's layer count (an unreadable one is load_model's to report)
+        hf = read_model_config(cfg.model.path)
+    except (ValueError, OSError):
+        hf = None
+    n_layers = hf.get("num_hidden_layers") if isinstance(hf, dict) else None
+    check_plan(cfg.model, n_layers if isinstance(n_layers, int) else None,
+               fast_path=resolve_kernels(cfg.model.kernels, device) != "none")
+    model = load_model(cfg.model, device)
+    model._ftune_kernels = apply_kernels(model, cfg.model, device)  # the training forward; eval and merge keep HF's
     hooks = method.prepare(model, cfg.method, PrepareContext(run=cfg, total_steps=total_steps)) or []
     hooks += [BudgetHook(cfg.train.budget.max_minutes, cfg.train.budget.max_tokens), QualityGateHook(cfg.train.quality_gates)]
     groups = method.param_groups(model, cfg.method, cfg.train) if method.param_groups else default_param_groups(model, cfg.train)
