@@ -39,5 +39,5 @@ def load_examples(path: str, cfg: DataConfig, labels: list[str] | None) -> list[
 
 def load_split(path: str, cfg: DataConfig, tokenizer, labels: list[str] | None) -> Split:
     examples = load_examples(path, cfg, labels)
-    dataset, stats = tokenize_split(tokenizer, examples, cfg, path)
+    dataset, stats = tokenize_split(tokenizer, examples, cfg, path, labels)
     return Split(path, examples, dataset, stats)

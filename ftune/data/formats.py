@@ -31,6 +31,8 @@ class Example:
     label: str | None = None
     text: str = ""  # classification: the raw input text, for prediction files
     messages: list[dict] = field(default_factory=list)
+    template: str = ""  # classification, alpaca: the prompt is template.format(**fields)
+    fields: dict[str, str] = field(default_factory=dict)  # so the input text can be shortened to fit max_length
 
 
 def _where(path: Path, i: int, lines: list[int] | None = None) -> str:
@@ -200,14 +202,15 @@ def render(rows: list[dict], cfg: DataConfig, path: str | Path, labels: list[str
             if text is not None and label is not None:
                 template = cfg.prompt_template or CLASSIFICATION_TEMPLATE
                 out.append(Example(row=i + 1, prompt=template.format(text=text), target=cfg.label_prefix + label, label=label,
-                                   text=text))
+                                   text=text, template=template, fields={"text": text}))
         elif cfg.format == "alpaca":
             instruction = _text(row, cols.instruction, where, problems)
             extra = _text(row, cols.input, where, problems, required=False) or ""
             output = _text(row, cols.output, where, problems)
             if instruction is not None and output is not None:
                 template = cfg.prompt_template or (ALPACA_TEMPLATE if extra.strip() else ALPACA_NO_INPUT)
-                out.append(Example(row=i + 1, prompt=template.format(instruction=instruction, input=extra), target=output))
+                fields = {"instruction": instruction, "input": extra}
+                out.append(Example(row=i + 1, prompt=template.format(**fields), target=output, template=template, fields=fields))
         elif cfg.format == "chat":
             messages = _messages(row.get(cols.messages), cols.messages, where, problems)
             if messages is not None:

@@ -18,6 +18,7 @@ from rich.console import Console
 from ftune.config import RunConfig, load_config, load_resolved
 from ftune.config.loader import RESOLVED_NAME
 from ftune.data import Split, load_examples, load_split, resolve_labels
+from ftune.data.tokenize import classification_prompts
 from ftune.errors import FtuneError
 from ftune.eval import metrics as M
 from ftune.eval import report as R
@@ -37,7 +38,8 @@ def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[
         result = lm_loss(model, dataset, tokenizer.pad_token_id, cfg.eval.batch_size, progress)
         _require_finite(torch.tensor([result["loss"]]), "the loss")
         return {"summary": {"loss": result["loss"], "perplexity": result["perplexity"]}, "report": result, "predictions": []}
-    prompts = [e.prompt for e in examples]
+    # Long inputs are shortened exactly as training shortened them (the label's room kept free).
+    prompts, shortened = classification_prompts(tokenizer, examples, cfg.data, labels)
     gold = [e.label for e in examples]
     if cfg.eval.mode == "generate":
         outputs, pred = generate_labels(model, tokenizer, prompts, labels, cfg, progress)
@@ -64,13 +66,16 @@ def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[
     predictions = []
     for i, (e, p) in enumerate(zip(examples, pred)):
         row = {"row": e.row, "text": e.text, "gold": e.label, "pred": p}
+        if shortened[i]:
+            row["text_shortened"] = True  # its text was cut to fit data.max_length, as in training
         if conf is not None:
             row["confidence"] = round(conf[i], 6)
             row["scores"] = {lab: round(float(x), 6) for lab, x in zip(labels, probs[i])}
         if outputs is not None:
             row["output"] = outputs[i]
         predictions.append(row)
-    return {"summary": summary, "report": report, "predictions": predictions, "confidence": conf}
+    return {"summary": summary, "report": report, "predictions": predictions, "confidence": conf,
+            "shortened": sum(shortened)}
 
 
 def _require_finite(scores: torch.Tensor, what: str) -> None:
@@ -154,6 +159,10 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
     meta = {"target": str(Path(target).resolve()), "kind": kind, "model": cfg.model.path, "method": cfg.method.name if kind in ("run", "merged") else "base",
             "dataset": str(Path(data).resolve()), "dataset_sha256": file_sha256(data), "examples": n, "mode": cfg.eval.mode,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    if cfg.data.format == "classification":
+        meta["texts_shortened"] = result["shortened"]
+        if result["shortened"]:
+            console.print(f"{result['shortened']} of {n} texts shortened to fit data.max_length {cfg.data.max_length} (as in training)")
     if run_dir is not None and (run_dir / "run.json").is_file():
         meta["run"] = read_json_file(run_dir / "run.json", "it is the run's summary; train the run again or delete the file")
     _write_report(out_dir, result, meta, cfg, labels, console)
