@@ -59,3 +59,75 @@ def test_a_long_classification_row_trains_with_its_label_and_eval_sees_the_same_
     assert [r.get("text_shortened", False) for r in rows] == [False] * 5 + [True]
     assert rows[5]["text"] == LONG_TEXT  # the file keeps the whole text
     assert json.loads((report_dir / "report.json").read_text())["meta"]["texts_shortened"] == 1
+
+
+# ---------------------------------------------------------------- 2. CJK labels in confusion.png
+
+CJK = {"positive": "正面", "negative": "负面", "other": "其他"}
+
+
+def cjk_config(make_config, tmp_path):
+    train = write_jsonl(tmp_path / "zh_train.jsonl", [r | {"label": CJK[r["label"]]} for r in CLS_TRAIN])
+    test = write_jsonl(tmp_path / "zh_test.jsonl", [r | {"label": CJK[r["label"]]} for r in CLS_TEST])
+    return make_config({"data": {"train": str(train), "test": str(test)}}, out_dir=tmp_path / "zh")
+
+
+def eval_without_glyph_warnings(*args) -> tuple:
+    import logging
+    import warnings
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("matplotlib").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = ok(*args)
+    finally:
+        logging.getLogger("matplotlib").removeHandler(handler)
+    messages = [str(w.message) for w in caught] + records
+    assert not [m for m in messages if "Glyph" in m or "missing from font" in m], messages
+    return result
+
+
+def test_chinese_labels_draw_without_glyph_warnings(make_config, tmp_path):
+    from ftune.eval.report import label_font
+
+    config = cjk_config(make_config, tmp_path)
+    result = eval_without_glyph_warnings("eval", config)
+    report_dir = tmp_path / "zh-base" / "eval" / "zh_test"
+    assert (report_dir / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (report_dir / "report.md").read_text(encoding="utf-8")
+    if label_font(list(CJK.values())) is None:  # no CJK font installed (as on the test machines): numbered axes
+        assert "## Confusion matrix axes" in md and "| 0 | 正面 |" in md and "| 2 | 其他 |" in md
+        assert "confusion.png numbers its axes" in result.output
+    else:  # a CJK font is installed: the labels are drawn with it
+        assert "## Confusion matrix axes" not in md
+
+
+def test_numbered_axes_when_no_font_covers_the_labels(make_config, tmp_path, monkeypatch):
+    import ftune.eval.report as report
+
+    monkeypatch.setattr(report, "_font_covering", lambda chars: None)
+    eval_without_glyph_warnings("eval", cjk_config(make_config, tmp_path))
+    md = (tmp_path / "zh-base" / "eval" / "zh_test" / "report.md").read_text(encoding="utf-8")
+    assert "| # | label |" in md and "| 0 | 正面 |" in md and "| 1 | 负面 |" in md and "| 2 | 其他 |" in md
+
+
+def test_a_font_that_covers_the_labels_is_chosen(tmp_path):
+    """'ℊ' is not in matplotlib's default DejaVu Sans but is in its STIX fonts (shipped with matplotlib, so
+    some font always has it): the label is drawn in a font that has it, with no warning."""
+    import warnings
+
+    from matplotlib.ft2font import FT2Font
+
+    from ftune.eval.report import label_font, save_confusion_png
+
+    font = label_font(["ℊ", "positive"])
+    assert font is not None and not font.endswith("DejaVuSans.ttf") and ord("ℊ") in FT2Font(font).get_charmap()
+    assert label_font(["positive"]).endswith("DejaVuSans.ttf")  # the default, when it covers them
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        save_confusion_png([[1, 0], [0, 1]], ["ℊ", "positive"], tmp_path / "cm.png")
+    assert not [str(w.message) for w in caught if "Glyph" in str(w.message)]

@@ -171,6 +171,7 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
 
 def _write_report(out_dir: Path, result: dict, meta: dict, cfg: RunConfig, labels, console: Console) -> None:
     title = f"{meta['method']} on {Path(meta['dataset']).name}"
+    axis_index = None
     body = {"meta": meta, "eval_config": cfg.eval.model_dump(mode="json"), "summary": result["summary"], "metrics": result["report"]}
     if cfg.data.format == "classification":
         gold = [p["gold"] for p in result["predictions"]]
@@ -180,7 +181,9 @@ def _write_report(out_dir: Path, result: dict, meta: dict, cfg: RunConfig, label
             body["threshold_sweep"] = M.threshold_sweep(gold, pred, result["confidence"], labels, cfg.eval.reject_label)
         matrix, axis = M.confusion(gold, pred, labels, invalid_label=INVALID)
         R.save_confusion_png(matrix, axis, out_dir / "confusion.png")
-        write_text_atomic(out_dir / "report.md", R.to_markdown(result["report"], title, top, meta={k: v for k, v in meta.items() if k != "run"}))
+        axis_index = axis if R.label_font(axis) is None else None  # the PNG numbers its axes: list the names
+        write_text_atomic(out_dir / "report.md", R.to_markdown(result["report"], title, top, meta={k: v for k, v in meta.items() if k != "run"},
+                                                              axis_index=axis_index))
         console.print(R.metrics_table(result["report"], title))
         reject = R.reject_table(result["report"])
         if reject is not None:
@@ -198,3 +201,5 @@ def _write_report(out_dir: Path, result: dict, meta: dict, cfg: RunConfig, label
     write_jsonl_atomic(out_dir / "predictions.jsonl", result["predictions"])
     write_json_atomic(out_dir / "report.json", body)
     console.print(f"report: {out_dir}/report.json, report.md" + (", predictions.jsonl, confusion.png" if cfg.data.format == "classification" else ""))
+    if cfg.data.format == "classification" and axis_index is not None:
+        console.print("confusion.png numbers its axes (no installed font draws these labels): report.md lists the numbers")
