@@ -185,7 +185,8 @@ def test_bad_classification_rows_are_all_reported_with_line_and_field(tmp_path):
     assert e.problems == [
         f"{path}:3: field 'text': missing",
         f"{path}:4: field 'text': empty",
-        f"{path}:5: field 'label': label 'spam' is not in the label set (3 labels from data.labels); add it there or fix the row",
+        f"{path}: field 'label': label 'spam' is not in the label set (3 labels from data.labels): 1 row (line 5); "
+        "add it to the label set or fix the rows",
         f"{path}:6: field 'text': expected text, got int 7",
         f"{path}:7: field 'label': empty",
     ]

@@ -131,3 +131,48 @@ def test_a_font_that_covers_the_labels_is_chosen(tmp_path):
         warnings.simplefilter("always")
         save_confusion_png([[1, 0], [0, 1]], ["ℊ", "positive"], tmp_path / "cm.png")
     assert not [str(w.message) for w in caught if "Glyph" in str(w.message)]
+
+
+# ---------------------------------------------------------------- 3. gold labels outside the label set at eval
+
+def raw_test_file(tmp_path) -> Path:
+    """CLS_TEST plus 7 rows labelled 'spam' and 2 labelled 'ham', none of them in the label set."""
+    rows = list(CLS_TEST)
+    rows += [{"text": "hello bob", "label": "spam"}] * 7 + [{"text": "hi alice", "label": "ham"}] * 2
+    rows.insert(1, {"text": "what is this", "label": "ham"})  # line 2
+    return write_jsonl(tmp_path / "raw.jsonl", rows[:-1])
+
+
+def test_unknown_gold_labels_are_one_line_per_label(make_config, tmp_path):
+    raw = raw_test_file(tmp_path)
+    result = invoke("eval", make_config(), "--data", raw)
+    assert result.exit_code == 2
+    assert "bad data (2 problem(s)):" in result.output
+    lines = [line.strip() for line in result.output.splitlines() if "is not in the label set" in line]
+    assert lines == [
+        f"- {raw}: field 'label': label 'ham' is not in the label set (3 labels read from the train file): 2 rows "
+        "(line 2, line 14); add it to the label set or fix the rows, or set eval.reject_label and "
+        "eval.unknown_labels=reject to score them as out-of-scope",
+        f"- {raw}: field 'label': label 'spam' is not in the label set (3 labels read from the train file): 7 rows "
+        "(line 7, line 8, line 9, line 10, line 11, …); add it to the label set or fix the rows, or set eval.reject_label "
+        "and eval.unknown_labels=reject to score them as out-of-scope",
+    ]
+    result = invoke("eval", make_config(), "--data", raw, "eval.reject_label=other")
+    assert result.exit_code == 2 and "or set eval.unknown_labels=reject to score them as 'other'" in result.output
+    result = invoke("eval", make_config(), "--data", raw, "eval.unknown_labels=reject")
+    assert result.exit_code == 2 and "eval.unknown_labels: reject needs eval.reject_label" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unknown_gold_labels_can_be_scored_as_the_reject_label(make_config, tmp_path):
+    raw = raw_test_file(tmp_path)
+    out = tmp_path / "report"
+    result = ok("eval", make_config(), "--data", raw, "--out", out, "eval.reject_label=other", "eval.unknown_labels=reject")
+    assert "9 of 14 rows had a gold label outside the label set, scored as 'other' (eval.unknown_labels: reject): " \
+           "'spam' 7, 'ham' 2" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["unknown_labels_mapped"] == {"to": "other", "rows": {"spam": 7, "ham": 2}}
+    assert report["metrics"]["reject"]["n_out_of_scope"] == 1 + 9  # the 'ok music' row and the mapped ones
+    rows = predictions(out)
+    assert [r["gold"] for r in rows if "gold_original" in r] == ["other"] * 9
+    assert [r["gold_original"] for r in rows if "gold_original" in r] == ["ham"] + ["spam"] * 7 + ["ham"]

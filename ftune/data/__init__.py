@@ -33,8 +33,11 @@ def resolve_labels(cfg: DataConfig) -> list[str] | None:
     return labels
 
 
-def load_examples(path: str, cfg: DataConfig, labels: list[str] | None) -> list[Example]:
-    return render(read_rows(path), cfg, path, labels)
+def load_examples(path: str, cfg: DataConfig, labels: list[str] | None, unknown_to: str | None = None,
+                  unknown_hint: str = "") -> list[Example]:
+    """The file's rows checked and rendered; gold labels outside `labels` are an error, or become
+    `unknown_to` (see formats.render)."""
+    return render(read_rows(path), cfg, path, labels, unknown_to, unknown_hint)
 
 
 def load_split(path: str, cfg: DataConfig, tokenizer, labels: list[str] | None) -> Split:

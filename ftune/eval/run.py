@@ -10,6 +10,7 @@ Targets:
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -66,6 +67,8 @@ def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[
     predictions = []
     for i, (e, p) in enumerate(zip(examples, pred)):
         row = {"row": e.row, "text": e.text, "gold": e.label, "pred": p}
+        if e.original_label is not None:
+            row["gold_original"] = e.original_label  # outside the label set; scored as gold (eval.unknown_labels: reject)
         if shortened[i]:
             row["text_shortened"] = True  # its text was cut to fit data.max_length, as in training
         if conf is not None:
@@ -131,6 +134,27 @@ def resolve_target(target: str, config: str | None, overrides: list[str]) -> tup
     raise FtuneError(f"{target}: not a run directory, a model directory or a config file")
 
 
+def _unknown_labels(cfg: RunConfig, labels: list[str]) -> tuple[str | None, str]:
+    """(label that gold labels outside the label set become, or None; hint for the error listing them)."""
+    reject = cfg.eval.reject_label
+    if reject is not None and reject not in labels:
+        raise FtuneError(f"eval.reject_label: {reject!r} is not one of the {len(labels)} labels")
+    if cfg.eval.unknown_labels == "reject":
+        if reject is None:
+            raise FtuneError("eval.unknown_labels: reject needs eval.reject_label (the label that gold labels outside the "
+                             "label set become); set it, or use eval.unknown_labels=error")
+        return reject, ""
+    if reject is not None:
+        return None, f", or set eval.unknown_labels=reject to score them as {reject!r}"
+    return None, ", or set eval.reject_label and eval.unknown_labels=reject to score them as out-of-scope"
+
+
+def mapped_labels(examples) -> dict[str, int]:
+    """Rows per gold label outside the label set that eval.unknown_labels: reject mapped, most first."""
+    counts = Counter(e.original_label for e in examples if e.original_label is not None)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def run_eval(target: str, data: str | None = None, config: str | None = None, out: str | None = None,
              overrides: list[str] = (), console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
@@ -140,8 +164,8 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
         raise FtuneError("no data to evaluate: pass --data FILE (or set data.test / data.eval in the config)")
     tokenizer = load_tokenizer(cfg.model)
     labels = resolve_labels(cfg.data)
-    split = Split(data, load_examples(data, cfg.data, labels), None, None) if cfg.data.format == "classification" \
-        else load_split(data, cfg.data, tokenizer, labels)
+    split = Split(data, load_examples(data, cfg.data, labels, *_unknown_labels(cfg, labels)), None, None) \
+        if cfg.data.format == "classification" else load_split(data, cfg.data, tokenizer, labels)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(cfg.model, device)
     if kind == "run":
@@ -160,6 +184,13 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
             "dataset": str(Path(data).resolve()), "dataset_sha256": file_sha256(data), "examples": n, "mode": cfg.eval.mode,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     if cfg.data.format == "classification":
+        mapped = mapped_labels(split.examples[:n])
+        if cfg.eval.unknown_labels == "reject":
+            meta["unknown_labels_mapped"] = {"to": cfg.eval.reject_label, "rows": mapped}
+        if mapped:
+            console.print(f"{sum(mapped.values())} of {n} rows had a gold label outside the label set, scored as "
+                          f"{cfg.eval.reject_label!r} (eval.unknown_labels: reject): "
+                          + ", ".join(f"{lab!r} {count}" for lab, count in mapped.items()))
         meta["texts_shortened"] = result["shortened"]
         if result["shortened"]:
             console.print(f"{result['shortened']} of {n} texts shortened to fit data.max_length {cfg.data.max_length} (as in training)")
