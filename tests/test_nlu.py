@@ -176,3 +176,87 @@ def test_unknown_gold_labels_can_be_scored_as_the_reject_label(make_config, tmp_
     rows = predictions(out)
     assert [r["gold"] for r in rows if "gold_original" in r] == ["other"] * 9
     assert [r["gold_original"] for r in rows if "gold_original" in r] == ["ham"] + ["spam"] * 7 + ["ham"]
+
+
+# ---------------------------------------------------------------- 4. compare and sweep honesty
+
+def test_compare_shows_reject_f1_and_false_accept_rate_when_reports_have_them(make_config, tmp_path):
+    from ftune.eval.compare import COLUMNS
+
+    config = make_config(out_dir=tmp_path / "base")
+    ok("eval", config, "--out", tmp_path / "with", "eval.reject_label=other")
+    ok("eval", config, "--out", tmp_path / "without")
+    report = json.loads((tmp_path / "with" / "report.json").read_text())
+    reject = report["metrics"]["reject"]
+    assert report["summary"]["false_accept_rate"] == reject["false_accept_rate"]
+    # false accept: the share of out-of-scope examples ("ok music") given an in-scope label
+    gold_pred = [(r["gold"], r["pred"]) for r in predictions(tmp_path / "with")]
+    assert reject["false_accept_rate"] == sum(p != "other" for g, p in gold_pred if g == "other") / 1
+
+    md = ok("eval", tmp_path / "with" / "report.json", tmp_path / "without" / "report.json", "--compare", "--markdown").output
+    lines = md.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == list(COLUMNS[:7]) + ["reject F1", "false accept"] + list(COLUMNS[7:])
+    with_row = [c.strip() for c in lines[2].strip("|").split("|")]
+    without_row = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert with_row[7:9] == [f"{reject['f1']:.3f}", f"{reject['false_accept_rate']:.3f}"]
+    assert without_row[7:9] == ["—", "—"]
+    table = ok("eval", tmp_path / "with" / "report.json", tmp_path / "without" / "report.json", "--compare").output
+    assert "reject F1" in table and "false accept" in table
+    # reports without a reject label keep the plain table
+    md = ok("eval", tmp_path / "without" / "report.json", "--compare", "--markdown").output
+    assert md.splitlines()[0] == "| " + " | ".join(COLUMNS) + " |"
+
+
+def test_a_sweep_whose_best_is_no_threshold_says_so(make_config, tmp_path, monkeypatch):
+    import torch
+
+    from ftune.eval import metrics
+    from ftune.eval import run as eval_run
+
+    # Scores that put every gold label first (so no rejection can help), in CLS_TEST's order.
+    def perfect(model, tokenizer, prompts, label_ids, *args, **kwargs):
+        scores = torch.tensor([[0.0 if lab == row["label"] else -3.0 for lab in LABELS] for row in CLS_TEST])
+        return scores, torch.ones(len(LABELS))
+
+    monkeypatch.setattr(eval_run, "label_logprobs", perfect)
+    result = ok("eval", make_config(), "--out", tmp_path / "r", "eval.reject_label=other")
+    out = " ".join(result.output.split())
+    assert ("confidence threshold sweep: no confidence threshold improves macro-F1 on this set (macro-F1 1.000 "
+            "without one); leave eval.threshold unset") in out
+    assert "best 0.000" not in out
+    body = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert body["threshold_sweep"]["improves"] is False and body["threshold_sweep"]["best_threshold"] == 0.0
+    assert body["threshold_sweep"]["chosen_on"] == "the evaluated set itself"
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## Confidence threshold sweep\n\n- no confidence threshold improves macro-F1 on this set" in md
+
+    # The out-of-scope row ("ok music") predicted positive, with the least confidence: rejecting it helps,
+    # and the threshold is reported with the caveat that it was chosen on this set.
+    def one_unsure_miss(*args, **kwargs):
+        scores, ones = perfect(*args, **kwargs)
+        scores[2] = torch.tensor([0.0, -3.0, -0.5])
+        return scores, ones
+
+    monkeypatch.setattr(eval_run, "label_logprobs", one_unsure_miss)
+    result = ok("eval", make_config(), "--out", tmp_path / "r2", "eval.reject_label=other")
+    sweep = json.loads((tmp_path / "r2" / "report.json").read_text())["threshold_sweep"]
+    assert sweep["improves"] is True and sweep["best_macro_f1"] == 1.0
+    assert (f"confidence threshold sweep: threshold {sweep['best_threshold']:.3f} gives macro-F1 1.000 vs "
+            f"{sweep['macro_f1_without_threshold']:.3f} without one; chosen on this evaluated set itself, so the gain is "
+            "optimistic and not reproducible on new traffic") in " ".join(result.output.split())
+
+    # Known cases: rejecting the least confident prediction helps in one, no threshold helps in the other.
+    labels = ["a", "b", "other"]
+    helps = metrics.threshold_sweep(["a", "other"], ["a", "b"], [0.9, 0.4], labels, "other")
+    assert helps["improves"] and helps["best_threshold"] > 0 and helps["best_macro_f1"] > helps["macro_f1_without_threshold"]
+    useless = metrics.threshold_sweep(["a", "b", "other"], ["a", "b", "other"], [0.9, 0.4, 0.8], labels, "other")
+    assert not useless["improves"] and useless["best_threshold"] == 0.0
+
+    from ftune.eval.report import sweep_lines
+
+    assert sweep_lines(useless) == ["no confidence threshold improves macro-F1 on this set (macro-F1 1.000 without one); "
+                                    "leave eval.threshold unset"]
+    lines = sweep_lines(helps)
+    assert lines[0].startswith(f"threshold {helps['best_threshold']:.3f} gives macro-F1 ")
+    assert "not reproducible on new traffic" in lines[1]

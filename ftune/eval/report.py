@@ -105,6 +105,19 @@ def confusions_table(top: Sequence[tuple[str, str, int]]) -> Table:
     return table
 
 
+def sweep_lines(sweep: dict) -> list[str]:
+    """What a threshold sweep (`metrics.threshold_sweep`) found, in plain words: a threshold only when one
+    improves macro-F1, always with the caveat that it was chosen on the evaluated set itself."""
+    base = sweep.get("macro_f1_without_threshold")
+    if not sweep.get("improves", sweep["best_threshold"] > 0):
+        without = f" (macro-F1 {_num(base)} without one)" if base is not None else ""
+        return [f"no confidence threshold improves macro-F1 on this set{without}; leave eval.threshold unset"]
+    vs = f" vs {_num(base)} without one" if base is not None else ""
+    return [f"threshold {_num(sweep['best_threshold'])} gives macro-F1 {_num(sweep['best_macro_f1'])}{vs}",
+            "chosen on this evaluated set itself, so the gain is optimistic and not reproducible on new traffic: "
+            "confirm it on a held-out set before setting eval.threshold"]
+
+
 def _md_cell(value: Any) -> str:
     # A pipe or newline would break the table row, and "<invalid>" would vanish as an HTML tag.
     return str(value).replace("|", "\\|").replace("<", "\\<").replace("\n", " ")

@@ -55,6 +55,7 @@ def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[
     reject = cfg.eval.reject_label
     if reject is not None and reject not in labels:
         raise FtuneError(f"eval.reject_label: {reject!r} is not one of the {len(labels)} labels")
+    scored = pred  # before any threshold: what the sweep starts from
     if cfg.eval.threshold is not None and conf is not None:
         if reject is None:
             raise FtuneError("eval.threshold: needs eval.reject_label (low-confidence predictions become that label)")
@@ -63,7 +64,8 @@ def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[
     summary = {"accuracy": report["accuracy"], "macro_f1": report["macro"]["f1"], "micro_f1": report["micro"]["f1"],
                "weighted_f1": report["weighted"]["f1"]}
     if reject is not None:
-        summary |= {"in_scope_macro_f1": report["in_scope"]["macro"]["f1"], "reject_f1": report["reject"]["f1"]}
+        summary |= {"in_scope_macro_f1": report["in_scope"]["macro"]["f1"], "reject_f1": report["reject"]["f1"],
+                    "false_accept_rate": report["reject"]["false_accept_rate"]}
     predictions = []
     for i, (e, p) in enumerate(zip(examples, pred)):
         row = {"row": e.row, "text": e.text, "gold": e.label, "pred": p}
@@ -77,7 +79,7 @@ def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[
         if outputs is not None:
             row["output"] = outputs[i]
         predictions.append(row)
-    return {"summary": summary, "report": report, "predictions": predictions, "confidence": conf,
+    return {"summary": summary, "report": report, "predictions": predictions, "confidence": conf, "scored": scored,
             "shortened": sum(shortened)}
 
 
@@ -209,22 +211,21 @@ def _write_report(out_dir: Path, result: dict, meta: dict, cfg: RunConfig, label
         pred = [p["pred"] for p in result["predictions"]]
         top = M.top_confusions(gold, pred, k=10)
         if cfg.eval.reject_label and result.get("confidence") is not None:
-            body["threshold_sweep"] = M.threshold_sweep(gold, pred, result["confidence"], labels, cfg.eval.reject_label)
+            body["threshold_sweep"] = M.threshold_sweep(gold, result["scored"], result["confidence"], labels, cfg.eval.reject_label)
         matrix, axis = M.confusion(gold, pred, labels, invalid_label=INVALID)
         R.save_confusion_png(matrix, axis, out_dir / "confusion.png")
         axis_index = axis if R.label_font(axis) is None else None  # the PNG numbers its axes: list the names
+        sweep = R.sweep_lines(body["threshold_sweep"]) if "threshold_sweep" in body else None
         write_text_atomic(out_dir / "report.md", R.to_markdown(result["report"], title, top, meta={k: v for k, v in meta.items() if k != "run"},
-                                                              axis_index=axis_index))
+                                                              axis_index=axis_index, sweep_lines=sweep))
         console.print(R.metrics_table(result["report"], title))
         reject = R.reject_table(result["report"])
         if reject is not None:
             console.print(reject)
         if top:
             console.print(R.confusions_table(top))
-        if "threshold_sweep" in body:
-            s = body["threshold_sweep"]
-            console.print(f"confidence threshold sweep: best {s['best_threshold']:.3f} → macro-F1 {s['best_macro_f1']:.3f} "
-                          f"(set eval.threshold to apply it)")
+        if sweep:
+            console.print("confidence threshold sweep: " + "; ".join(sweep), markup=False, highlight=False)
     else:
         s = result["summary"]
         write_text_atomic(out_dir / "report.md", f"# {title}\n\n| loss | perplexity |\n|---:|---:|\n| {s['loss']:.4f} | {s['perplexity']:.3f} |\n")
