@@ -106,14 +106,53 @@ def test_truncation_and_dropped_examples_are_counted(tokenizer, data_dir, tmp_pa
     assert (s.stats.truncated, s.stats.dropped) == (2, 0)  # 7 and 8 words: 9 and 10 tokens
     assert shown(tokenizer, s.dataset[7])[0] == ["<s>", "one", "two", "three", "four", "five", "six", "seven"]
 
-    # Classification rows are 9 tokens: at 8 the EOS is cut; a long prompt leaves no target at all.
+    # Classification rows are 9 tokens: at 8 the input text is shortened, never the label or its EOS.
     path = write_jsonl(tmp_path / "long.jsonl", [{"text": "great movie", "label": "positive"},
                                                  {"text": "one two three four five", "label": "other"}])
     s = split_of(tokenizer, path, format="classification", max_length=8)
-    # truncated counts the kept examples that were cut; the dropped one is counted once, as dropped
-    assert (s.stats.examples, s.stats.truncated, s.stats.dropped) == (1, 1, 1)
-    assert shown(tokenizer, s.dataset[0])[1] == ["-"] * 7 + ["positive"]
-    assert (s.stats.tokens, s.stats.target_tokens) == (8, 1)
+    assert (s.stats.examples, s.stats.truncated, s.stats.dropped) == (2, 2, 0)
+    assert shown(tokenizer, s.dataset[0]) == (["<s>", "Text", ":", "great", "Label", ":", "positive", "</s>"],
+                                              ["-"] * 6 + ["positive", "</s>"])
+    assert shown(tokenizer, s.dataset[1])[0] == ["<s>", "Text", ":", "one", "Label", ":", "other", "</s>"]
+    assert (s.stats.tokens, s.stats.target_tokens) == (16, 4)
+
+    # When even an empty text leaves no room for the longest target (here 4 tokens: " good bad fine" + EOS),
+    # the end is cut as before, and an example with no target token left is dropped (counted once, as
+    # dropped; truncated counts the kept examples that were cut).
+    path = write_jsonl(tmp_path / "tight.jsonl", [{"text": "great", "label": "positive"},
+                                                  {"text": "ok", "label": "good bad fine"},
+                                                  {"text": "one two three four five", "label": "other"}])
+    s = split_of(tokenizer, path, format="classification", max_length=8)
+    assert (s.stats.examples, s.stats.truncated, s.stats.dropped) == (2, 1, 1)
+    assert shown(tokenizer, s.dataset[0])[0] == ["<s>", "Text", ":", "great", "Label", ":", "positive", "</s>"]
+    assert shown(tokenizer, s.dataset[1])[1] == ["-"] * 6 + ["good", "bad"]
+
+
+def test_a_long_input_is_shortened_for_the_longest_label(tokenizer, tmp_path):
+    """Every prompt keeps room for the longest label's target (as eval scores them all after one prompt);
+    the template's head and tail ("Label :") stay whole."""
+    words = "one two three four five six seven eight nine ten".split() * 20
+    path = write_jsonl(tmp_path / "long.jsonl", [{"text": " ".join(words), "label": "positive"},
+                                                 {"text": "ok", "label": "good bad fine"}])
+    s = split_of(tokenizer, path, format="classification", max_length=16)
+    assert (s.stats.examples, s.stats.truncated, s.stats.dropped) == (2, 1, 0)
+    tokens, targets = shown(tokenizer, s.dataset[0])
+    # 16 - 4 (" good bad fine" + EOS, the longest target) = 12 prompt tokens: BOS, Text :, 7 words, Label :
+    assert tokens == ["<s>", "Text", ":", *words[:7], "Label", ":", "positive", "</s>"]
+    assert [t for t in targets if t != "-"] == ["positive", "</s>"]
+
+    # Alpaca: the input is cut first, then the instruction; the response stays whole.
+    path = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "say hello", "input": " ".join(words), "output": "hello bob"},
+                                                   {"instruction": " ".join(words), "input": "to bob", "output": "hello bob"}])
+    s = split_of(tokenizer, path, format="alpaca", max_length=24)
+    assert (s.stats.examples, s.stats.truncated, s.stats.dropped) == (2, 2, 0)
+    tokens, targets = shown(tokenizer, s.dataset[0])
+    assert tokens[:6] == ["<s>", "###", "Instruction", ":", "say", "hello"] and len(tokens) == 24
+    assert tokens[-6:] == ["###", "Response", ":", "hello", "bob", "</s>"]
+    assert [t for t in targets if t != "-"] == ["hello", "bob", "</s>"]
+    tokens, _ = shown(tokenizer, s.dataset[1])  # the input emptied first, then the instruction cut
+    assert tokens == ["<s>", "###", "Instruction", ":", *words[:11], "###", "Input", ":", "###", "Response", ":",
+                      "hello", "bob", "</s>"]
 
 
 # ---------------------------------------------------------------- labels
@@ -146,7 +185,8 @@ def test_bad_classification_rows_are_all_reported_with_line_and_field(tmp_path):
     assert e.problems == [
         f"{path}:3: field 'text': missing",
         f"{path}:4: field 'text': empty",
-        f"{path}:5: field 'label': label 'spam' is not in the label set (3 labels from data.labels); add it there or fix the row",
+        f"{path}: field 'label': label 'spam' is not in the label set (3 labels from data.labels): 1 row (line 5); "
+        "add it to the label set or fix the rows",
         f"{path}:6: field 'text': expected text, got int 7",
         f"{path}:7: field 'label': empty",
     ]

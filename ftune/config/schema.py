@@ -164,6 +164,10 @@ class EvalConfig(Section):
     length_normalize: bool = Field(False, description="Score: divide each label's log-likelihood by its token count.")
     reject_label: str | None = Field(None, description="Out-of-scope label (e.g. other): adds in-scope and rejection metrics.")
     threshold: float | None = Field(None, ge=0, le=1, description="Predictions with probability below this become reject_label.")
+    unknown_labels: Literal["error", "reject"] = Field(
+        "error", description="`ftune eval` on rows whose gold label is outside the label set: error = stop, one message per unknown "
+                             "label (its row count and first rows); reject = score them as reject_label (which it needs), "
+                             "reporting how many rows of each unknown label were mapped.")
     max_new_tokens: int = Field(16, ge=1, description="Generate mode: tokens to generate per example.")
     max_examples: int | None = Field(None, ge=1, description="Evaluate only the first N examples (quick checks).")
 

@@ -33,11 +33,14 @@ def resolve_labels(cfg: DataConfig) -> list[str] | None:
     return labels
 
 
-def load_examples(path: str, cfg: DataConfig, labels: list[str] | None) -> list[Example]:
-    return render(read_rows(path), cfg, path, labels)
+def load_examples(path: str, cfg: DataConfig, labels: list[str] | None, unknown_to: str | None = None,
+                  unknown_hint: str = "") -> list[Example]:
+    """The file's rows checked and rendered; gold labels outside `labels` are an error, or become
+    `unknown_to` (see formats.render)."""
+    return render(read_rows(path), cfg, path, labels, unknown_to, unknown_hint)
 
 
 def load_split(path: str, cfg: DataConfig, tokenizer, labels: list[str] | None) -> Split:
     examples = load_examples(path, cfg, labels)
-    dataset, stats = tokenize_split(tokenizer, examples, cfg, path)
+    dataset, stats = tokenize_split(tokenizer, examples, cfg, path, labels)
     return Split(path, examples, dataset, stats)

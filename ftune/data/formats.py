@@ -31,6 +31,29 @@ class Example:
     label: str | None = None
     text: str = ""  # classification: the raw input text, for prediction files
     messages: list[dict] = field(default_factory=list)
+    original_label: str | None = None  # classification: a gold label outside the label set, mapped to `label`
+    template: str = ""  # classification, alpaca: the prompt is template.format(**fields)
+    fields: dict[str, str] = field(default_factory=dict)  # so the input text can be shortened to fit max_length
+
+
+def _loc(path: Path, i: int, lines: list[int] | None = None) -> str:
+    """Row i (0-based) without the file name, for a list of rows in one message."""
+    if path.suffix == ".jsonl":
+        return f"line {lines[i] if lines else i + 1}"
+    if path.suffix in (".csv", ".tsv"):
+        return f"line {i + 2} (row {i + 1})"
+    return f"row {i + 1}"
+
+
+SHOWN_ROWS = 5  # rows named in one unknown-label message
+
+
+def _unknown_label_problem(path: Path, column: str, label: str, rows: list[str], n_labels: int, source: str, hint: str) -> str:
+    """One line for every row whose gold label is `label`, outside the label set: the count and the first rows."""
+    shown = ", ".join(rows[:SHOWN_ROWS]) + (", …" if len(rows) > SHOWN_ROWS else "")
+    count = f"{len(rows)} row{'s' if len(rows) != 1 else ''}"
+    return (f"{path}: field {column!r}: label {label!r} is not in the label set ({n_labels} labels {source}): {count} ({shown}); "
+            f"add it to the label set or fix the rows{hint}")
 
 
 def _where(path: Path, i: int, lines: list[int] | None = None) -> str:
@@ -179,10 +202,14 @@ def _text(row: dict, column: str, where: str, problems: list, required: bool = T
     return value
 
 
-def render(rows: list[dict], cfg: DataConfig, path: str | Path, labels: list[str] | None = None) -> list[Example]:
-    """Check and render every row; raise one DataError listing all bad rows."""
+def render(rows: list[dict], cfg: DataConfig, path: str | Path, labels: list[str] | None = None,
+           unknown_to: str | None = None, unknown_hint: str = "") -> list[Example]:
+    """Check and render every row; raise one DataError listing all bad rows. A gold label outside `labels`
+    is one problem per distinct label (count and first rows), or, with `unknown_to` (eval.unknown_labels:
+    reject), that row's label becomes `unknown_to` and the original is kept in Example.original_label."""
     path, cols, problems, out = Path(path), cfg.columns, [], []
     label_set = set(labels) if labels else None
+    unknown: dict[str, list[str]] = {}  # label -> rows, in first-seen order; its problem goes where it was first seen
     _check_columns(rows, cfg, path)
     lines = _jsonl_lines(path, len(rows))
     for i, row in enumerate(rows):
@@ -193,22 +220,30 @@ def render(rows: list[dict], cfg: DataConfig, path: str | Path, labels: list[str
             if isinstance(label, int) and not isinstance(label, bool):
                 label = str(label)
             label = _text({cols.label: label}, cols.label, where, problems)
+            original = None
             if label is not None:
                 label = label.strip()
                 if label_set is not None and label not in label_set:
-                    problems.append(f"{where}: field {cols.label!r}: label {label!r} is not in the label set "
-                                    f"({len(label_set)} labels from data.labels); add it there or fix the row")
+                    if unknown_to is not None:
+                        original, label = label, unknown_to
+                    else:
+                        if label not in unknown:
+                            unknown[label] = []
+                            problems.append(_Unknown(label))
+                        unknown[label].append(_loc(path, i, lines))
+                        label = None
             if text is not None and label is not None:
                 template = cfg.prompt_template or CLASSIFICATION_TEMPLATE
                 out.append(Example(row=i + 1, prompt=template.format(text=text), target=cfg.label_prefix + label, label=label,
-                                   text=text))
+                                   text=text, template=template, fields={"text": text}, original_label=original))
         elif cfg.format == "alpaca":
             instruction = _text(row, cols.instruction, where, problems)
             extra = _text(row, cols.input, where, problems, required=False) or ""
             output = _text(row, cols.output, where, problems)
             if instruction is not None and output is not None:
                 template = cfg.prompt_template or (ALPACA_TEMPLATE if extra.strip() else ALPACA_NO_INPUT)
-                out.append(Example(row=i + 1, prompt=template.format(instruction=instruction, input=extra), target=output))
+                fields = {"instruction": instruction, "input": extra}
+                out.append(Example(row=i + 1, prompt=template.format(**fields), target=output, template=template, fields=fields))
         elif cfg.format == "chat":
             messages = _messages(row.get(cols.messages), cols.messages, where, problems)
             if messages is not None:
@@ -220,10 +255,19 @@ def render(rows: list[dict], cfg: DataConfig, path: str | Path, labels: list[str
             if text is not None:
                 out.append(Example(row=i + 1, target=text))
     if problems:
-        raise DataError(problems)
+        source = "from data.labels" if cfg.labels is not None else "read from the train file"
+        raise DataError([_unknown_label_problem(path, cols.label, p.label, unknown[p.label], len(label_set), source, unknown_hint)
+                         if isinstance(p, _Unknown) else p for p in problems])
     if not out:
         raise FtuneError(f"{path}: no rows")
     return out
+
+
+@dataclass(frozen=True)
+class _Unknown:
+    """Where the problem of a label outside the label set goes in the list, filled in once all rows are read."""
+
+    label: str
 
 
 REQUIRED = {"classification": ("text", "label"), "alpaca": ("instruction", "output"), "chat": ("messages",), "text": ("text",)}

@@ -3,6 +3,11 @@
 Prompt and target are tokenized separately and concatenated, so the ids a label is scored with at eval
 time are exactly the ids it was trained on. Labels are -100 where no loss is taken.
 
+Truncation keeps the target whole. A classification or alpaca example longer than data.max_length has its
+input text shortened from the end (the template around it, BOS included, stays whole) until prompt and
+target fit: the label or response is what the example teaches, and cutting the end would cut it.
+`fit_prompt` is that rule; eval calls it too, so a prompt is scored exactly as it was trained.
+
 A cache entry is `cache_root/<key>/{data/, stats.json, manifest.json}`; the manifest holds the SHA-256 of
 every other file, checked before the entry is used: an entry that was edited (relabelled rows train a model
 on the wrong answers), damaged or half-deleted is rebuilt, never trained on. The check catches corruption
@@ -25,7 +30,7 @@ from ftune.errors import WriteError
 from ftune.io import atomic_dir, file_sha256, remove_stale_temps, write_json_atomic
 
 IGNORE = -100
-CACHE_VERSION = "3"  # bump when the tokenized layout changes (2: entries carry manifest.json)
+CACHE_VERSION = "4"  # bump when the tokenized layout changes (2: entries carry manifest.json; 4: input text shortened)
 MANIFEST = "manifest.json"
 _cache_off_warned: set[str] = set()  # cache roots already reported unwritable, to warn once
 
@@ -33,20 +38,94 @@ _cache_off_warned: set[str] = set()  # cache roots already reported unwritable, 
 @dataclass
 class TokenStats:
     examples: int
-    truncated: int  # examples cut at max_length
+    truncated: int  # examples cut to max_length: input text shortened (target whole) or, failing that, the end cut
     dropped: int  # examples left with no target token after truncation
     tokens: int
     target_tokens: int
 
 
-def encode_prompt_target(tokenizer, prompt: str, target: str, cfg: DataConfig) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) for one prompt/target pair, before truncation."""
-    p = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else _bos(tokenizer)
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A prompt's ids as training and eval feed them (special tokens such as BOS added)."""
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else _bos(tokenizer)
+
+
+def target_ids(tokenizer, target: str, cfg: DataConfig) -> list[int]:
+    """A target's ids: its text, then EOS when data.add_eos."""
     t = tokenizer(target, add_special_tokens=False)["input_ids"]
     if cfg.add_eos and tokenizer.eos_token_id is not None:
         t = t + [tokenizer.eos_token_id]
+    return t
+
+
+def encode_prompt_target(tokenizer, prompt: str, target: str, cfg: DataConfig) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one prompt/target pair, before truncation."""
+    p, t = prompt_ids(tokenizer, prompt), target_ids(tokenizer, target, cfg)
     labels = (p if cfg.train_on_prompt else [IGNORE] * len(p)) + t
     return p + t, labels
+
+
+# The template fields that may be shortened, first cut first: the input text, never the label or response.
+CUT_FIELDS = {"classification": ("text",), "alpaca": ("input", "instruction")}
+
+
+def label_room(tokenizer, labels: list[str], cfg: DataConfig) -> int:
+    """Tokens the longest label's target takes (prefix, label, EOS): a classification prompt gets
+    max_length minus this, for every example, so eval (which scores every label after one prompt) sees the
+    prompt training saw."""
+    return max(len(target_ids(tokenizer, cfg.label_prefix + lab, cfg)) for lab in labels)
+
+
+def fit_prompt(tokenizer, ex: Example, cfg: DataConfig, room: int) -> tuple[str, bool] | None:
+    """(prompt, shortened): the example's prompt, tokenizing to at most `room` tokens. When it is longer, its
+    input fields (CUT_FIELDS) are cut from their end, at token boundaries, while the rest of the template
+    stays whole. None when even empty input fields leave the prompt longer than `room`."""
+    if len(prompt_ids(tokenizer, ex.prompt)) <= room:
+        return ex.prompt, False
+    names = [n for n in CUT_FIELDS.get(cfg.format, ()) if ex.fields.get(n)]
+    if not ex.template or not names:
+        return None
+    fields = dict(ex.fields)
+
+    def fits(values: dict) -> bool:
+        return len(prompt_ids(tokenizer, ex.template.format(**values))) <= room
+
+    if not fits(fields | {n: "" for n in names}):
+        return None
+    for name in names:  # earlier fields are emptied before a later one is cut
+        if not fits(fields | {name: ""}):
+            fields[name] = ""  # emptying this field is not enough: cut the next one too
+            continue
+        cuts = _cut_points(tokenizer, fields[name])  # cuts[k]: the value keeping its first k tokens
+        lo, hi = 0, len(cuts) - 1  # the largest k whose cut fits: cuts[0] is empty and fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(fields | {name: cuts[mid]}):
+                lo = mid
+            else:
+                hi = mid - 1
+        fields[name] = cuts[lo]
+        return ex.template.format(**fields), True
+    return ex.template.format(**fields), True
+
+
+def classification_prompts(tokenizer, examples: list[Example], cfg: DataConfig, labels: list[str]) -> tuple[list[str], list[bool]]:
+    """(prompts, shortened) for scoring classification examples: each prompt fitted as training fitted it
+    (max_length minus the longest label's target). A prompt that cannot be fitted (its template alone is too
+    long) is returned whole; training dropped such an example."""
+    room = cfg.max_length - label_room(tokenizer, labels, cfg)
+    fitted = [fit_prompt(tokenizer, e, cfg, room) for e in examples]
+    return [f[0] if f else e.prompt for f, e in zip(fitted, examples)], [bool(f and f[1]) for f in fitted]
+
+
+def _cut_points(tokenizer, value: str) -> list[str]:
+    """value cut before each of its tokens (token start offsets of a fast tokenizer), trailing space
+    stripped (cuts[k] keeps k tokens; cuts[0] is empty); a slow tokenizer without offsets cuts at each character."""
+    try:
+        offsets = tokenizer(value, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        starts = [start for start, _ in offsets]
+    except (NotImplementedError, ValueError, TypeError, KeyError):
+        starts = list(range(len(value)))
+    return [""] + [value[:k].rstrip() for k in starts[1:]]
 
 
 def _bos(tokenizer) -> list[int]:
@@ -75,15 +154,22 @@ def encode_chat(tokenizer, messages: list[dict], cfg: DataConfig) -> tuple[list[
     return full, labels
 
 
-def encode(tokenizer, ex: Example, cfg: DataConfig) -> tuple[list[int], list[int], bool]:
-    """(input_ids, labels, truncated) for one example under the format's rules."""
+def encode(tokenizer, ex: Example, cfg: DataConfig, target_room: int | None = None) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated) for one example under the format's rules. Classification and alpaca
+    prompts are fitted to max_length minus `target_room` (default: this example's target length) with
+    fit_prompt; when no fitting can make the target fit, or for chat and text, the end is cut."""
     if cfg.format == "chat":
         ids, labels = encode_chat(tokenizer, ex.messages, cfg)
     elif cfg.format == "text":
         ids, labels = encode_prompt_target(tokenizer, "", ex.target, cfg)
         labels = list(ids)  # plain LM: every token is a target (BOS is never predicted: shift drops it)
     else:
-        ids, labels = encode_prompt_target(tokenizer, ex.prompt, ex.target, cfg)
+        room = cfg.max_length - (target_room if target_room is not None else len(target_ids(tokenizer, ex.target, cfg)))
+        fitted = fit_prompt(tokenizer, ex, cfg, room)
+        prompt, shortened = fitted if fitted is not None else (ex.prompt, False)
+        ids, labels = encode_prompt_target(tokenizer, prompt, ex.target, cfg)
+        if shortened and len(ids) <= cfg.max_length:
+            return ids, labels, True
     truncated = len(ids) > cfg.max_length
     return ids[: cfg.max_length], labels[: cfg.max_length], truncated
 
@@ -117,40 +203,46 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir or os.environ.get("FTUNE_CACHE") or Path.home() / ".cache" / "ftune") / "tokenized"
 
 
-def tokenize_split(tokenizer, examples: list[Example], cfg: DataConfig, path: str):
+def tokenize_split(tokenizer, examples: list[Example], cfg: DataConfig, path: str, labels: list[str] | None = None):
     """A `datasets.Dataset` with input_ids/labels (examples with no target dropped), and its stats.
+    Classification prompts are fitted for the longest of `labels` (the label set), as eval scores them.
     Cached under cache_root by file content + tokenizer + data settings; written atomically, checked on use."""
     import datasets
 
     datasets.disable_progress_bars()
-    labels_sig = json.dumps(sorted({e.label for e in examples if e.label is not None}))
+    label_set = list(labels) if cfg.format == "classification" and labels else None
+    labels_sig = json.dumps([sorted({e.label for e in examples if e.label is not None}), label_set])
     root = cache_root(cfg)
     target = root / _fingerprint(tokenizer, cfg, path, labels_sig)
     cached = _load_entry(target)
     if cached is not None:
         return cached
-    ds, stats = _tokenize(tokenizer, examples, cfg)
+    ds, stats = _tokenize(tokenizer, examples, cfg, label_set)
     return _store_entry(root, target, ds, stats), stats
 
 
-def _tokenize(tokenizer, examples: list[Example], cfg: DataConfig):
+def _tokenize(tokenizer, examples: list[Example], cfg: DataConfig, labels: list[str] | None = None):
     """(in-memory dataset, stats) of the examples: encoded, and those with no target token left dropped."""
     import datasets
 
-    rows = [{"row": e.row, "prompt": e.prompt, "target": e.target, "messages": json.dumps(e.messages)} for e in examples]
+    room = label_room(tokenizer, labels, cfg) if labels else None
+    rows = [{"row": e.row, "prompt": e.prompt, "target": e.target, "messages": json.dumps(e.messages),
+             "template": e.template, "fields": json.dumps(e.fields)} for e in examples]
 
     def batch_encode(batch):
         out = {"input_ids": [], "labels": [], "truncated": [], "row": batch["row"]}
-        for prompt, tgt, msgs, row in zip(batch["prompt"], batch["target"], batch["messages"], batch["row"]):
-            ex = Example(row=row, prompt=prompt, target=tgt, messages=json.loads(msgs))
-            ids, labels, cut = encode(tokenizer, ex, cfg)
+        for prompt, tgt, msgs, template, fields, row in zip(batch["prompt"], batch["target"], batch["messages"],
+                                                             batch["template"], batch["fields"], batch["row"]):
+            ex = Example(row=row, prompt=prompt, target=tgt, messages=json.loads(msgs), template=template,
+                         fields=json.loads(fields))
+            ids, labels, cut = encode(tokenizer, ex, cfg, room)
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["truncated"].append(cut)
         return out
 
     ds = datasets.Dataset.from_list(rows).map(batch_encode, batched=True, num_proc=cfg.num_proc if len(rows) > 256 else None,
-                                              remove_columns=["prompt", "target", "messages"])
+                                              remove_columns=["prompt", "target", "messages", "template", "fields"])
     n_before = len(ds)
     # Position 0 is never predicted (the causal shift), so a target there alone teaches nothing and would
     # make a micro-batch's loss 0/0: such examples count as having no target.

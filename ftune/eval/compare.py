@@ -10,6 +10,9 @@ from ftune.errors import FtuneError
 from ftune.io import read_json_file
 
 COLUMNS = ("run", "method", "trainable params", "precision", "recall", "F1", "accuracy", "train time", "peak mem")
+# After accuracy when some report has a reject label (eval.reject_label): that label's F1, and the share of
+# out-of-scope examples the model accepted as an in-scope label.
+REJECT_COLUMNS = ("reject F1", "false accept")
 
 
 def find_reports(target: str, dataset: str | None = None) -> list[Path]:
@@ -31,12 +34,14 @@ def compare_rows(targets: list[str], dataset: str | None = None) -> list[dict]:
         for report_path in find_reports(target, dataset):
             meta, metrics, run = _read_report(report_path)
             macro = metrics.get("macro") if isinstance(metrics.get("macro"), dict) else {}
+            reject = metrics.get("reject") if isinstance(metrics.get("reject"), dict) else {}
             rows.append({"run": target if len(find_reports(target, dataset)) == 1 else str(report_path.parent),
                          "method": str(meta.get("method", "?")), "dataset": Path(str(meta.get("dataset", "?"))).name,
                          "trainable_params": run.get("trainable_params"), "precision": macro.get("precision"),
                          "recall": macro.get("recall"), "f1": macro.get("f1"), "accuracy": metrics.get("accuracy"),
                          "loss": metrics.get("loss"), "train_seconds": run.get("train_seconds"),
-                         "peak_mem_gib": run.get("peak_mem_gib")})
+                         "peak_mem_gib": run.get("peak_mem_gib"), "reject_f1": reject.get("f1"),
+                         "false_accept_rate": reject.get("false_accept_rate")})
     return rows
 
 
@@ -51,7 +56,9 @@ def _read_report(path: Path) -> tuple[dict, dict, dict]:
     meta, metrics = body["meta"], body["metrics"]
     run = meta.get("run") if isinstance(meta.get("run"), dict) else {}
     macro = metrics.get("macro") if isinstance(metrics.get("macro"), dict) else {}
+    reject = metrics.get("reject") if isinstance(metrics.get("reject"), dict) else {}
     numbers = ({k: metrics.get(k) for k in ("accuracy", "loss")} | {f"macro.{k}": macro.get(k) for k in ("precision", "recall", "f1")}
+               | {f"reject.{k}": reject.get(k) for k in ("f1", "false_accept_rate")}
                | {k: run.get(k) for k in ("trainable_params", "train_seconds", "peak_mem_gib")})
     bad = [k for k, v in numbers.items() if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool))]
     if bad:
@@ -71,23 +78,39 @@ def _fmt(v, kind: str = "num") -> str:
     return f"{v:.3f}"
 
 
-def _cells(r: dict) -> list[str]:
+def _has_reject(rows: list[dict]) -> bool:
+    return any(r.get("reject_f1") is not None or r.get("false_accept_rate") is not None for r in rows)
+
+
+def columns(rows: list[dict]) -> tuple[str, ...]:
+    """COLUMNS, with REJECT_COLUMNS after accuracy when some report has a reject label."""
+    if not _has_reject(rows):
+        return COLUMNS
+    at = COLUMNS.index("accuracy") + 1
+    return COLUMNS[:at] + REJECT_COLUMNS + COLUMNS[at:]
+
+
+def _cells(r: dict, reject: bool) -> list[str]:
+    extra = [_fmt(r.get("reject_f1")), _fmt(r.get("false_accept_rate"))] if reject else []
     return [r["run"], r["method"], _fmt(r["trainable_params"], "int"), _fmt(r["precision"]), _fmt(r["recall"]),
-            _fmt(r["f1"]), _fmt(r["accuracy"]), _fmt(r["train_seconds"], "time"), _fmt(r["peak_mem_gib"], "mem")]
+            _fmt(r["f1"]), _fmt(r["accuracy"]), *extra, _fmt(r["train_seconds"], "time"), _fmt(r["peak_mem_gib"], "mem")]
 
 
 def compare_table(rows: list[dict]) -> Table:
     """The console table of `ftune eval --compare`."""
-    table = Table(title="comparison (macro averages)")
-    for c in COLUMNS:
+    reject = _has_reject(rows)
+    title = "comparison (macro averages" + ("; reject F1 and false-accept rate of the reject label)" if reject else ")")
+    table = Table(title=title)
+    for c in columns(rows):
         table.add_column(c, justify="left" if c in ("run", "method") else "right")
     for r in rows:
-        table.add_row(*_cells(r))
+        table.add_row(*_cells(r, reject))
     return table
 
 
 def compare_markdown(rows: list[dict]) -> str:
     """The same table as markdown (`ftune eval --compare --markdown`), to paste into a write-up."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    reject, cols = _has_reject(rows), columns(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cells(r, reject)) + " |" for r in rows]
     return "\n".join(lines) + "\n"

@@ -5,6 +5,7 @@ Reports are the dicts built by `ftune.eval.metrics.classification_report`.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -104,6 +105,19 @@ def confusions_table(top: Sequence[tuple[str, str, int]]) -> Table:
     return table
 
 
+def sweep_lines(sweep: dict) -> list[str]:
+    """What a threshold sweep (`metrics.threshold_sweep`) found, in plain words: a threshold only when one
+    improves macro-F1, always with the caveat that it was chosen on the evaluated set itself."""
+    base = sweep.get("macro_f1_without_threshold")
+    if not sweep.get("improves", sweep["best_threshold"] > 0):
+        without = f" (macro-F1 {_num(base)} without one)" if base is not None else ""
+        return [f"no confidence threshold improves macro-F1 on this set{without}; leave eval.threshold unset"]
+    vs = f" vs {_num(base)} without one" if base is not None else ""
+    return [f"threshold {_num(sweep['best_threshold'])} gives macro-F1 {_num(sweep['best_macro_f1'])}{vs}",
+            "chosen on this evaluated set itself, so the gain is optimistic and not reproducible on new traffic: "
+            "confirm it on a held-out set before setting eval.threshold"]
+
+
 def _md_cell(value: Any) -> str:
     # A pipe or newline would break the table row, and "<invalid>" would vanish as an HTML tag.
     return str(value).replace("|", "\\|").replace("<", "\\<").replace("\n", " ")
@@ -116,10 +130,12 @@ def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]], right_from: 
 
 
 def to_markdown(
-    report: dict, title: str, top: Sequence[tuple] | None = None, meta: dict | None = None
+    report: dict, title: str, top: Sequence[tuple] | None = None, meta: dict | None = None,
+    axis_index: Sequence[str] | None = None, sweep_lines: Sequence[str] | None = None,
 ) -> str:
     """A human-readable markdown report: meta lines, per-class and summary table, the reject
-    block when present, and the top confusions when given."""
+    block when present, the top confusions when given, the threshold sweep's lines when given, and
+    `axis_index` (confusion.png's axis labels) as an index → label table when the PNG numbers its axes."""
     parts = [f"# {title}"]
     if meta:
         parts.append("\n".join(f"- **{_md_cell(k)}**: {_md_cell(v)}" for k, v in meta.items()))
@@ -138,6 +154,12 @@ def to_markdown(
     if top:
         rows = [[g, p, str(c)] for g, p, c in top]
         parts.append("## Top confusions\n\n" + _md_table(["gold", "predicted", "count"], rows, 2))
+    if sweep_lines:
+        parts.append("## Confidence threshold sweep\n\n" + "\n".join(f"- {_md_cell(line)}" for line in sweep_lines))
+    if axis_index:
+        rows = [[str(i), label] for i, label in enumerate(axis_index)]
+        parts.append("## Confusion matrix axes\n\nNo installed font draws every label, so confusion.png numbers "
+                     "its axes:\n\n" + _md_table(["#", "label"], rows, 2))
     return "\n\n".join(parts) + "\n"
 
 
@@ -148,11 +170,15 @@ def save_confusion_png(
 
     The matrix may have one more column than rows (the `<invalid>` column from
     `metrics.confusion`): rows take axis_labels[:rows], columns axis_labels[:columns].
+    Labels are drawn in a font that has all their characters (`label_font`); when no installed
+    font has them, the axes show label numbers instead (the caller lists them: to_markdown's
+    axis_index), so no label is drawn as empty boxes.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+    from matplotlib.font_manager import FontProperties
 
     data = np.asarray(matrix, dtype=float)
     if data.ndim != 2 or data.size == 0:
@@ -169,8 +195,16 @@ def save_confusion_png(
     ax = fig.add_subplot()
     image = ax.imshow(data, cmap="Blues", interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    ax.set_xticks(range(n_cols), labels=list(axis_labels[:n_cols]), rotation=90, fontsize=fontsize)
-    ax.set_yticks(range(n_rows), labels=list(axis_labels[:n_rows]), fontsize=fontsize)
+    font = label_font(axis_labels[:max(n_rows, n_cols)])
+    if font is None:
+        names = [str(i) for i in range(len(axis_labels))]
+        ax.set_title("labels by number: see report.md", fontsize=fontsize + 1)
+        tick_font = {"fontsize": fontsize}
+    else:
+        names = list(axis_labels)
+        tick_font = {"fontproperties": FontProperties(fname=font, size=fontsize)}
+    ax.set_xticks(range(n_cols), labels=names[:n_cols], rotation=90, **tick_font)
+    ax.set_yticks(range(n_rows), labels=names[:n_rows], **tick_font)
     ax.set_xlabel("predicted")
     ax.set_ylabel("gold")
     if n_rows <= _MAX_ANNOTATED and n_cols <= _MAX_ANNOTATED:
@@ -197,3 +231,38 @@ def _annotate(ax: Any, data: np.ndarray, fontsize: int) -> None:
                 color = "white" if value > high else "black"
                 ax.text(j, i, f"{int(value)}", ha="center", va="center",
                         color=color, fontsize=fontsize)
+
+
+# Fonts whose charmap lists every character but draw each one as a placeholder box.
+_PLACEHOLDER_FONTS = ("Last Resort",)
+
+
+def label_font(labels: Sequence[str]) -> str | None:
+    """The file of a font that draws every character of `labels`: matplotlib's default font when it
+    does, else the first installed font (regular styles first) whose charmap covers them; None when no
+    installed font does (e.g. CJK labels on a machine without a CJK font)."""
+    chars = frozenset(ord(c) for label in labels for c in label if not c.isspace())
+    return _font_covering(chars)
+
+
+@functools.lru_cache(maxsize=64)
+def _font_covering(chars: frozenset) -> str | None:
+    from matplotlib import font_manager
+
+    default = font_manager.findfont(font_manager.FontProperties())
+    if chars <= _charmap(default):
+        return default
+    fonts = sorted((f for f in font_manager.fontManager.ttflist if not f.name.startswith(_PLACEHOLDER_FONTS)),
+                   key=lambda f: (f.style != "normal", f.weight not in (400, "normal", "regular"), f.name, f.fname))
+    return next((f.fname for f in fonts if chars <= _charmap(f.fname)), None)
+
+
+@functools.lru_cache(maxsize=None)
+def _charmap(path: str) -> frozenset:
+    """The code points a font file maps to glyphs; empty when the file cannot be read."""
+    from matplotlib.ft2font import FT2Font
+
+    try:
+        return frozenset(FT2Font(path).get_charmap())
+    except (OSError, RuntimeError, ValueError):
+        return frozenset()

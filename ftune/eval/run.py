@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from rich.console import Console
 from ftune.config import RunConfig, load_config, load_resolved
 from ftune.config.loader import RESOLVED_NAME
 from ftune.data import Split, load_examples, load_split, resolve_labels
+from ftune.data.tokenize import classification_prompts
 from ftune.errors import FtuneError
 from ftune.eval import metrics as M
 from ftune.eval import report as R
@@ -38,7 +40,8 @@ def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[
         result = lm_loss(model, dataset, tokenizer.pad_token_id, cfg.eval.batch_size, progress)
         _require_finite(torch.tensor([result["loss"]]), "the loss")
         return {"summary": {"loss": result["loss"], "perplexity": result["perplexity"]}, "report": result, "predictions": []}
-    prompts = [e.prompt for e in examples]
+    # Long inputs are shortened exactly as training shortened them (the label's room kept free).
+    prompts, shortened = classification_prompts(tokenizer, examples, cfg.data, labels)
     gold = [e.label for e in examples]
     if cfg.eval.mode == "generate":
         outputs, pred = generate_labels(model, tokenizer, prompts, labels, cfg, progress)
@@ -53,6 +56,7 @@ def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[
     reject = cfg.eval.reject_label
     if reject is not None and reject not in labels:
         raise FtuneError(f"eval.reject_label: {reject!r} is not one of the {len(labels)} labels")
+    scored = pred  # before any threshold: what the sweep starts from
     if cfg.eval.threshold is not None and conf is not None:
         if reject is None:
             raise FtuneError("eval.threshold: needs eval.reject_label (low-confidence predictions become that label)")
@@ -61,17 +65,23 @@ def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[
     summary = {"accuracy": report["accuracy"], "macro_f1": report["macro"]["f1"], "micro_f1": report["micro"]["f1"],
                "weighted_f1": report["weighted"]["f1"]}
     if reject is not None:
-        summary |= {"in_scope_macro_f1": report["in_scope"]["macro"]["f1"], "reject_f1": report["reject"]["f1"]}
+        summary |= {"in_scope_macro_f1": report["in_scope"]["macro"]["f1"], "reject_f1": report["reject"]["f1"],
+                    "false_accept_rate": report["reject"]["false_accept_rate"]}
     predictions = []
     for i, (e, p) in enumerate(zip(examples, pred)):
         row = {"row": e.row, "text": e.text, "gold": e.label, "pred": p}
+        if e.original_label is not None:
+            row["gold_original"] = e.original_label  # outside the label set; scored as gold (eval.unknown_labels: reject)
+        if shortened[i]:
+            row["text_shortened"] = True  # its text was cut to fit data.max_length, as in training
         if conf is not None:
             row["confidence"] = round(conf[i], 6)
             row["scores"] = {lab: round(float(x), 6) for lab, x in zip(labels, probs[i])}
         if outputs is not None:
             row["output"] = outputs[i]
         predictions.append(row)
-    return {"summary": summary, "report": report, "predictions": predictions, "confidence": conf}
+    return {"summary": summary, "report": report, "predictions": predictions, "confidence": conf, "scored": scored,
+            "shortened": sum(shortened)}
 
 
 def _require_finite(scores: torch.Tensor, what: str) -> None:
@@ -127,6 +137,27 @@ def resolve_target(target: str, config: str | None, overrides: list[str]) -> tup
     raise FtuneError(f"{target}: not a run directory, a model directory or a config file")
 
 
+def _unknown_labels(cfg: RunConfig, labels: list[str]) -> tuple[str | None, str]:
+    """(label that gold labels outside the label set become, or None; hint for the error listing them)."""
+    reject = cfg.eval.reject_label
+    if reject is not None and reject not in labels:
+        raise FtuneError(f"eval.reject_label: {reject!r} is not one of the {len(labels)} labels")
+    if cfg.eval.unknown_labels == "reject":
+        if reject is None:
+            raise FtuneError("eval.unknown_labels: reject needs eval.reject_label (the label that gold labels outside the "
+                             "label set become); set it, or use eval.unknown_labels=error")
+        return reject, ""
+    if reject is not None:
+        return None, f", or set eval.unknown_labels=reject to score them as {reject!r}"
+    return None, ", or set eval.reject_label and eval.unknown_labels=reject to score them as out-of-scope"
+
+
+def mapped_labels(examples) -> dict[str, int]:
+    """Rows per gold label outside the label set that eval.unknown_labels: reject mapped, most first."""
+    counts = Counter(e.original_label for e in examples if e.original_label is not None)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def run_eval(target: str, data: str | None = None, config: str | None = None, out: str | None = None,
              overrides: list[str] = (), console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
@@ -138,8 +169,8 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
     check_report_dir(out_dir, Path(data))
     tokenizer = load_tokenizer(cfg.model)
     labels = resolve_labels(cfg.data)
-    split = Split(data, load_examples(data, cfg.data, labels), None, None) if cfg.data.format == "classification" \
-        else load_split(data, cfg.data, tokenizer, labels)
+    split = Split(data, load_examples(data, cfg.data, labels, *_unknown_labels(cfg, labels)), None, None) \
+        if cfg.data.format == "classification" else load_split(data, cfg.data, tokenizer, labels)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(cfg.model, device)
     if kind == "run":
@@ -156,6 +187,17 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
     meta = {"target": str(Path(target).resolve()), "kind": kind, "model": cfg.model.path, "method": cfg.method.name if kind in ("run", "merged") else "base",
             "dataset": str(Path(data).resolve()), "dataset_sha256": file_sha256(data), "examples": n, "mode": cfg.eval.mode,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    if cfg.data.format == "classification":
+        mapped = mapped_labels(split.examples[:n])
+        if cfg.eval.unknown_labels == "reject":
+            meta["unknown_labels_mapped"] = {"to": cfg.eval.reject_label, "rows": mapped}
+        if mapped:
+            console.print(f"{sum(mapped.values())} of {n} rows had a gold label outside the label set, scored as "
+                          f"{cfg.eval.reject_label!r} (eval.unknown_labels: reject): "
+                          + ", ".join(f"{lab!r} {count}" for lab, count in mapped.items()))
+        meta["texts_shortened"] = result["shortened"]
+        if result["shortened"]:
+            console.print(f"{result['shortened']} of {n} texts shortened to fit data.max_length {cfg.data.max_length} (as in training)")
     if run_dir is not None and (run_dir / "run.json").is_file():
         meta["run"] = read_json_file(run_dir / "run.json", "it is the run's summary; train the run again or delete the file")
     _write_report(out_dir, result, meta, cfg, labels, console)
@@ -197,26 +239,28 @@ def _is_our_report(path: Path) -> bool:
 def _write_report(out_dir: Path, result: dict, meta: dict, cfg: RunConfig, labels, console: Console) -> None:
     write_json_atomic(out_dir / REPORT_MARKER, {"written_by": "ftune eval"})
     title = f"{meta['method']} on {Path(meta['dataset']).name}"
+    axis_index = None
     body = {"meta": meta, "eval_config": cfg.eval.model_dump(mode="json"), "summary": result["summary"], "metrics": result["report"]}
     if cfg.data.format == "classification":
         gold = [p["gold"] for p in result["predictions"]]
         pred = [p["pred"] for p in result["predictions"]]
         top = M.top_confusions(gold, pred, k=10)
         if cfg.eval.reject_label and result.get("confidence") is not None:
-            body["threshold_sweep"] = M.threshold_sweep(gold, pred, result["confidence"], labels, cfg.eval.reject_label)
+            body["threshold_sweep"] = M.threshold_sweep(gold, result["scored"], result["confidence"], labels, cfg.eval.reject_label)
         matrix, axis = M.confusion(gold, pred, labels, invalid_label=INVALID)
         R.save_confusion_png(matrix, axis, out_dir / "confusion.png")
-        write_text_atomic(out_dir / "report.md", R.to_markdown(result["report"], title, top, meta={k: v for k, v in meta.items() if k != "run"}))
+        axis_index = axis if R.label_font(axis) is None else None  # the PNG numbers its axes: list the names
+        sweep = R.sweep_lines(body["threshold_sweep"]) if "threshold_sweep" in body else None
+        write_text_atomic(out_dir / "report.md", R.to_markdown(result["report"], title, top, meta={k: v for k, v in meta.items() if k != "run"},
+                                                              axis_index=axis_index, sweep_lines=sweep))
         console.print(R.metrics_table(result["report"], title))
         reject = R.reject_table(result["report"])
         if reject is not None:
             console.print(reject)
         if top:
             console.print(R.confusions_table(top))
-        if "threshold_sweep" in body:
-            s = body["threshold_sweep"]
-            console.print(f"confidence threshold sweep: best {s['best_threshold']:.3f} → macro-F1 {s['best_macro_f1']:.3f} "
-                          f"(set eval.threshold to apply it)")
+        if sweep:
+            console.print("confidence threshold sweep: " + "; ".join(sweep), markup=False, highlight=False)
     else:
         s = result["summary"]
         write_text_atomic(out_dir / "report.md", f"# {title}\n\n| loss | perplexity |\n|---:|---:|\n| {s['loss']:.4f} | {s['perplexity']:.3f} |\n")
@@ -224,3 +268,5 @@ def _write_report(out_dir: Path, result: dict, meta: dict, cfg: RunConfig, label
     write_jsonl_atomic(out_dir / "predictions.jsonl", result["predictions"])
     write_json_atomic(out_dir / "report.json", body)
     console.print(f"report: {out_dir}/report.json, report.md" + (", predictions.jsonl, confusion.png" if cfg.data.format == "classification" else ""))
+    if cfg.data.format == "classification" and axis_index is not None:
+        console.print("confusion.png numbers its axes (no installed font draws these labels): report.md lists the numbers")
