@@ -18,10 +18,10 @@ from rich.console import Console
 
 from ftune.config import load_config
 from ftune.config.schema import RunConfig
-from ftune.export.peft_io import read_adapter
+from ftune.layers.peft_format import anchored, read_adapter
 from ftune.layers.sora import SoraLinear, pruned_lora, soft_threshold_
 from ftune.methods import PrepareContext, get_method
-from ftune.methods.sora import GATE_GROUP, RANKS_FILE, SoraConfig, anchored, lambda_at, sora_modules
+from ftune.methods.sora import GATE_GROUP, RANKS_FILE, SoraConfig, lambda_at, sora_modules
 from ftune.hooks import TrainState
 from ftune.train.optim import build_optimizer, build_scheduler
 
