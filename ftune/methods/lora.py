@@ -21,6 +21,7 @@ from ftune.layers.inject import wrap_targets
 from ftune.layers.lora import LoraLinear
 from ftune.layers.peft_format import load_lora, lora_merge, save_lora
 from ftune.methods import Method, register
+from ftune.param_groups import decay_groups, trainable
 from ftune.perf import adapter_params
 
 
@@ -58,14 +59,9 @@ def load(model, cfg: LoraConfig, artifact_dir: Path):
 def param_groups(model, cfg: LoraConfig, train_cfg) -> list[dict]:
     """LoRA+: B gets lr × ratio. Weight decay applies to A and B, not to DoRA's magnitudes."""
     ratio = cfg.loraplus_lr_ratio or 1.0
-    groups: dict[tuple, list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lr = train_cfg.lr * (ratio if ".lora_B." in name else 1.0)
-        wd = 0.0 if p.ndim < 2 else train_cfg.weight_decay
-        groups.setdefault((lr, wd), []).append(p)
-    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+    b = {id(p) for name, p in model.named_parameters() if ".lora_B." in name}
+    return decay_groups(trainable(model), train_cfg.weight_decay,
+                        lambda p: train_cfg.lr * (ratio if id(p) in b else 1.0))
 
 
 METHOD = register(Method(

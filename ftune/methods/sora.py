@@ -42,6 +42,7 @@ from ftune.layers.inject import adapter_modules, wrap_targets
 from ftune.layers.peft_format import load_lora, lora_merge, save_pruned_lora
 from ftune.layers.sora import SoraLinear, soft_threshold_
 from ftune.methods import Method, register
+from ftune.param_groups import decay_groups, trainable
 from ftune.perf import adapter_params
 
 GATE_GROUP = "sora_gates"  # the `name` of the optimizer param group holding the gates
@@ -156,17 +157,12 @@ def prepare(model, cfg: SoraConfig, ctx) -> list:
 def param_groups(model, cfg: SoraConfig, train_cfg) -> list[dict]:
     """A and B as in LoRA (weight decay on 2-D tensors); the gates alone, at gate_lr, never decayed:
     weight decay would be a second, L2 shrinkage fighting the L1 one."""
-    decay, no_decay, gates = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.endswith("lora_gate"):
-            gates.append(p)
-        else:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
-              {"params": gates, "lr": cfg.gate_lr or train_cfg.lr, "weight_decay": 0.0, "name": GATE_GROUP}]
-    return [g for g in groups if g["params"]]
+    gates = [m.lora_gate for m in sora_modules(model).values() if m.lora_gate.requires_grad]
+    gate_ids = {id(g) for g in gates}
+    groups = decay_groups([p for p in trainable(model) if id(p) not in gate_ids], train_cfg.weight_decay)
+    if gates:
+        groups.append({"params": gates, "lr": cfg.gate_lr or train_cfg.lr, "weight_decay": 0.0, "name": GATE_GROUP})
+    return groups
 
 
 def save(model, cfg: SoraConfig, out_dir: Path) -> None:
