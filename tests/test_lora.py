@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ftune.errors import ConfigError
-from ftune.layers.lora import LoraLinear, lora_modules
+from ftune.layers.inject import adapter_modules
+from ftune.layers.lora import LoraLinear
 from ftune.methods import get_method
 from ftune.methods.lora import LoraConfig
 
@@ -113,8 +114,8 @@ def test_adapter_round_trips_through_peft(tiny_model_dir, tmp_path, variant):
     from ftune.methods.lora import inject
 
     inject(model, cfg, seed=0)
-    assert sorted(lora_modules(model)) and len(lora_modules(model)) == 2 * len(LINEARS)
-    for i, layer in enumerate(lora_modules(model).values()):
+    assert sorted(adapter_modules(model)) and len(adapter_modules(model)) == 2 * len(LINEARS)
+    for i, layer in enumerate(adapter_modules(model).values()):
         perturb(layer, seed=i)
     adapted = logits(model)
     assert (adapted - before).abs().max() > 1e-3
@@ -138,7 +139,7 @@ def test_adapter_round_trips_through_peft(tiny_model_dir, tmp_path, variant):
             new = merge(name, p.data)
             if new is not None:
                 p.copy_(new)
-    assert merge.modules == set(lora_modules(model))
+    assert merge.modules == set(adapter_modules(model))
     torch.testing.assert_close(logits(merged), adapted, rtol=0, atol=1e-5)
 
 
@@ -150,8 +151,8 @@ def test_peft_reads_selected_target_modules(tiny_model_dir, tmp_path):
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
     model = load_base(tiny_model_dir)
     inject(model, cfg, seed=0)
-    assert sorted(lora_modules(model)) == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
-    for layer in lora_modules(model).values():
+    assert sorted(adapter_modules(model)) == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    for layer in adapter_modules(model).values():
         perturb(layer)
     get_method("lora").save(model, cfg, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]

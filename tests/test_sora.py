@@ -9,7 +9,6 @@ import io
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,12 +17,14 @@ from rich.console import Console
 
 from ftune.config import load_config
 from ftune.config.schema import RunConfig
-from ftune.export.peft_io import read_adapter
+from ftune.layers.peft_format import anchored, read_adapter
 from ftune.layers.sora import SoraLinear, pruned_lora, soft_threshold_
 from ftune.methods import PrepareContext, get_method
-from ftune.methods.sora import GATE_GROUP, RANKS_FILE, SoraConfig, anchored, lambda_at, sora_modules
-from ftune.hooks import TrainState
+from ftune.methods.sora import GATE_GROUP, RANKS_FILE, SoraConfig, lambda_at, sora_modules
+from ftune.data.collate import count_targets
+from ftune.hooks import Hook, TrainState
 from ftune.train.optim import build_optimizer, build_scheduler
+from ftune.train.step import train_step
 
 METHOD = get_method("sora")
 
@@ -49,32 +50,33 @@ def prepared(run: RunConfig, seed: int = 0):
     return model, hooks
 
 
+class ZeroGateGrads(Hook):
+    """Listed before SoraHook: the gates' gradients are zero when the optimizer steps."""
+
+    def after_backward(self, state: TrainState) -> None:
+        for m in sora_modules(state.model).values():
+            m.lora_gate.grad.zero_()
+
+
 def train_steps(model, hooks, run: RunConfig, run_dir: Path, steps: int, zero_gate_grads: bool = False) -> TrainState:
-    """The loop's order of calls (backward, after_backward, step, scheduler, after_optimizer_step) on a fixed batch."""
+    """`steps` optimizer steps through the loop's own `train_step` (one micro-batch, a fixed batch)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
     groups = METHOD.param_groups(model, run.method, run.train)
-    optimizer = build_optimizer(groups, run.train, torch.device("cpu"))
+    optimizer = build_optimizer(groups, run.train, accelerator.device)
     scheduler = build_scheduler(optimizer, run.train, steps)
-    accelerator = SimpleNamespace(unwrap_model=lambda m: m, is_main_process=True)
     state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, cfg=run,
                        run_dir=run_dir, total_steps=steps)
+    hooks = ([ZeroGateGrads()] if zero_gate_grads else []) + list(hooks)
     torch.manual_seed(1)
     ids = torch.randint(0, 64, (4, 12))
+    batch = {"input_ids": ids, "labels": ids}
     model.train()
     for h in hooks:
         h.on_train_start(state)
     while state.step < steps:
-        model(input_ids=ids, labels=ids).loss.backward()
-        if zero_gate_grads:
-            for m in sora_modules(model).values():
-                m.lora_gate.grad.zero_()
-        for h in hooks:
-            h.after_backward(state)
-        optimizer.step()
-        scheduler.step()
-        state.step += 1
-        for h in hooks:
-            h.after_optimizer_step(state)
-        optimizer.zero_grad(set_to_none=True)
+        train_step(state, hooks, [batch], count_targets(ids))
     model.eval()
     return state
 

@@ -177,9 +177,9 @@ def _raise(code: int):
 
 @pytest.mark.parametrize("code, name", [(errno.ENOSPC, "ENOSPC"), (errno.EROFS, "EROFS"), (errno.EDQUOT, "EDQUOT")])
 def test_artifact_write_fails(code, name, make_config, tmp_path, monkeypatch):
-    import ftune.export.peft_io as peft_io
+    import ftune.layers.peft_format as peft_format
 
-    monkeypatch.setattr(peft_io, "save_file", _raise(code))
+    monkeypatch.setattr(peft_format, "save_file", _raise(code))
     run = tmp_path / "run"
     refused("train", make_config(), names=str(run / "adapter"), says=name)
     assert not (run / "adapter").exists()

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from ftune.config import load_resolved, resolved_yaml
 from ftune.errors import FtuneError
 from ftune.io import atomic_dir, remove_stale_temps, write_error, write_json_atomic, write_text_atomic
+from ftune.layers.peft_format import AdapterMerge
 from ftune.methods import get_method
 from ftune.models import DTYPES, check_model_files, load_model, load_tokenizer, resolve_source
 
@@ -118,7 +119,7 @@ def verify_merge(cfg, method, artifact: Path, merged: Path) -> float:
     return float((logits[0] - logits[1]).abs().max())
 
 
-def _merge_shards(shards: list[Path], merge, dtype, out: Path, console: Console) -> set[str]:
+def _merge_shards(shards: list[Path], merge: AdapterMerge, dtype, out: Path, console: Console) -> set[str]:
     from rich.progress import track
 
     touched = set()
@@ -151,7 +152,7 @@ def _finite(merged: torch.Tensor | None, name: str) -> torch.Tensor | None:
     return merged
 
 
-def _merge_in_memory(cfg, merge, dtype, out: Path) -> set[str]:
+def _merge_in_memory(cfg, merge: AdapterMerge, dtype, out: Path) -> set[str]:
     model_cfg = cfg.model.model_copy(update={"quantization": "none", "dtype": "fp32"})
     model = load_model(model_cfg, "cpu")
     touched = set()

@@ -13,6 +13,7 @@ from torch import nn
 
 from ftune.layers.lora import AdapterLayer, adapter_input, dense_weight
 
+TRIPLET = ("lora_A", "lora_E", "lora_B")  # Q, Λ, P in PEFT's names: the parameters of one layer
 RANKNUM_EPS = 1e-5  # PEFT adds this to ranknum before dividing; kept so PEFT and ftune agree exactly
 
 
@@ -106,7 +107,3 @@ def orthogonal_regularizer(layers) -> torch.Tensor:
         count += len(mats)
     return total / count
 
-
-def adalora_modules(model: nn.Module) -> dict[str, AdaLoraLinear]:
-    """Every injected AdaLoRA layer, by qualified name (relative to `model`)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, AdaLoraLinear)}

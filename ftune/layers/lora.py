@@ -1,16 +1,15 @@
-"""LoRA linear layer (with rsLoRA scaling and DoRA) and its injection into a model.
+"""LoRA linear layer (with rsLoRA scaling and DoRA) and the base class of every adapter layer.
 
 Written here rather than taken from PEFT at run time: ftune's methods (SoRA's gates, AdaLoRA's SVD
 triplets) and speed paths plug into one small module, without PEFT's per-forward adapter dispatch.
 Parameter names follow PEFT's (`base_layer`, `lora_A`, `lora_B`, `lora_magnitude_vector`) so the saved
-adapter is PEFT's format with only a key prefix added.
+adapter is PEFT's format with only a key prefix added. Injection: `ftune.layers.inject`; the file
+format: `ftune.layers.peft_format`.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,7 @@ def is_linear(module: nn.Module) -> bool:
 def dense_weight(layer: nn.Linear) -> torch.Tensor:
     """The layer's weight as a dense tensor, dequantizing a bitsandbytes 4-bit weight."""
     weight = layer.weight
-    if getattr(weight, "quant_state", None) is not None:
+    if getattr(weight, "quant_state", None) is not None:  # TODO(is_4bit)
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(weight.data, weight.quant_state)
@@ -112,49 +111,3 @@ def merge_lora_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sc
     if magnitude is not None:
         merged = merged * (magnitude.float() / merged.norm(p=2, dim=1)).unsqueeze(1)
     return merged
-
-
-def linear_names(model: nn.Module) -> list[str]:
-    """Qualified names of the linear layers LoRA can target; the output head is left out."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [name for name, m in model.named_modules() if is_linear(m) and m is not head and not isinstance(m, LoraLinear)
-            and not any(part.startswith("lora_") for part in name.split("."))]
-
-
-def match_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
-    """Module names selected by `targets` ('all-linear' or leaf names / regex-free suffixes, PEFT-style)."""
-    names = linear_names(model)
-    if targets == "all-linear":
-        return names
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    chosen = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-        raise ValueError(f"target_modules {missing} not found in the model; its linear layers are: {', '.join(leaves)}")
-    return chosen
-
-
-def pattern_value(name: str, pattern: dict, default):
-    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module name ending in it (as a regex)."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def inject_lora(model: nn.Module, names: list[str], make) -> dict[str, nn.Module]:
-    """Replace each named linear with `make(name, linear)`; returns the new modules by name."""
-    new = {}
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = make(name, getattr(parent, child))
-        setattr(parent, child, layer)
-        new[name] = layer
-    return new
-
-
-def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every injected adapter module (any class with a `base_layer`), by qualified name."""
-    return {n: m for n, m in model.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")}

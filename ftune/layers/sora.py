@@ -1,7 +1,7 @@
 """SoRA's gated LoRA linear, the soft-threshold (proximal) step on its gates, and its pruning to plain LoRA.
 
 The layer keeps PEFT's LoRA names (`base_layer`, `lora_A`, `lora_B`) and adds one vector, `lora_gate`, so
-`lora_modules` finds it like any LoRA layer; after training, `pruned_lora` folds the gate into B and keeps
+`ftune.layers.inject.adapter_modules` finds it like any adapter layer; after training, `pruned_lora` folds the gate into B and keeps
 only the live ranks, which is an ordinary LoRA factor pair PEFT can load.
 """
 

@@ -28,23 +28,14 @@ from rich.console import Console
 from rich.table import Table
 
 from ftune.config.schema import MethodConfig
-from ftune.errors import ConfigError, FtuneError
-from ftune.export.peft_io import FIX, WEIGHTS_NAME, check_fit, check_merge_shape, read_adapter, save_adapter
-from ftune.io import write_text_atomic
-from ftune.layers.adalora import (
-    AdaLoraLinear,
-    adalora_modules,
-    adalora_scaling,
-    merge_adalora_weight,
-    orthogonal_regularizer,
-)
-from ftune.layers.lora import inject_lora
-from ftune.methods import Method, register
-from ftune.methods import lora as lora_method
+from ftune.errors import ConfigError
 from ftune.hooks import Hook, TrainState
+from ftune.io import write_text_atomic
+from ftune.layers.adalora import TRIPLET, AdaLoraLinear, orthogonal_regularizer
+from ftune.layers.inject import wrap_targets
+from ftune.layers.peft_format import adalora_merge, load_adalora, save_adalora
+from ftune.methods import Method, register
 from ftune.perf import adapter_params
-
-TRIPLET = ("lora_A", "lora_E", "lora_B")
 
 
 class AdaLoraConfig(MethodConfig):
@@ -218,7 +209,7 @@ def rank_table(ranks: dict[str, int], init_budget: int) -> Table:
 
 def inject(model, cfg: AdaLoraConfig, seed: int) -> dict[str, AdaLoraLinear]:
     """Freeze the model and wrap the target linears; seeded so P and Q's init is reproducible."""
-    return lora_method.wrap_targets(model, cfg.target_modules, seed, lambda name, linear: AdaLoraLinear(linear, cfg.init_r, cfg.lora_alpha, cfg.lora_dropout))
+    return wrap_targets(model, cfg.target_modules, seed, lambda name, linear: AdaLoraLinear(linear, cfg.init_r, cfg.lora_alpha, cfg.lora_dropout))
 
 
 def prepare(model, cfg: AdaLoraConfig, ctx) -> list:
@@ -228,87 +219,17 @@ def prepare(model, cfg: AdaLoraConfig, ctx) -> list:
     return [RankAllocatorHook(layers, cfg, ctx.total_steps)]
 
 
-def adapter_config(model, cfg: AdaLoraConfig, rank_pattern: dict) -> dict:
-    """PEFT's AdaLoraConfig fields (the ones that matter to loading; PEFT fills the rest with defaults)."""
-    total_step = getattr(model, "adalora_total_step", None) or cfg.tinit + cfg.tfinal + 1
-    return {
-        "peft_type": "ADALORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": getattr(model.config, "_name_or_path", None),
-        "init_r": cfg.init_r, "target_r": cfg.target_r, "tinit": cfg.tinit, "tfinal": cfg.tfinal, "deltaT": cfg.deltaT,
-        "beta1": cfg.beta1, "beta2": cfg.beta2, "orth_reg_weight": cfg.orth_reg_weight, "total_step": total_step,
-        "rank_pattern": rank_pattern,
-        "lora_alpha": cfg.lora_alpha,
-        "lora_dropout": cfg.lora_dropout,
-        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in adalora_modules(model)}),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-    }
-
-
 def save(model, cfg: AdaLoraConfig, out_dir: Path) -> None:
-    """Only the kept triplets are written, as PEFT's `save_pretrained` does after resizing by rank_pattern."""
-    tensors, pattern = {}, {}
-    for name, layer in adalora_modules(model).items():
-        tensors |= {f"{name}.{k}": v for k, v in layer.kept().items()}
-        pattern[f"{name}.lora_E"] = layer.rank_mask.tolist()
-    save_adapter(out_dir, adapter_config(model, cfg, pattern), tensors)
-
-
-def _read(artifact_dir: Path) -> tuple[dict, dict, dict[str, int]]:
-    config, tensors = read_adapter(artifact_dir, "ADALORA", required=("lora_alpha", "init_r"))
-    ranks = {k.removesuffix(".lora_A"): v.shape[0] for k, v in tensors.items() if k.endswith(".lora_A")}
-    return config, tensors, ranks
-
-
-def _check_triplets(tensors: dict, ranks: dict[str, int], artifact_dir: Path) -> None:
-    """Each module has A, E, B of one rank (a cut or edited file fails here, not deep in a matmul)."""
-    for name, r in ranks.items():
-        parts = [tensors.get(f"{name}.{p}") for p in TRIPLET]
-        if any(t is None for t in parts) or parts[1].shape[0] != r or parts[2].shape[-1] != r:
-            raise FtuneError(f"{artifact_dir / WEIGHTS_NAME}: {name}: lora_A/lora_E/lora_B missing or of different "
-                             f"ranks; {FIX}")
+    """PEFT's AdaLoRA adapter of the kept triplets; PEFT's config needs the schedule's total_step."""
+    total_step = getattr(model, "adalora_total_step", None) or cfg.tinit + cfg.tfinal + 1
+    save_adalora(model, out_dir, init_r=cfg.init_r, target_r=cfg.target_r, tinit=cfg.tinit, tfinal=cfg.tfinal,
+                 deltaT=cfg.deltaT, beta1=cfg.beta1, beta2=cfg.beta2, orth_reg_weight=cfg.orth_reg_weight,
+                 total_step=total_step, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
 
 
 def load(model, cfg: AdaLoraConfig, artifact_dir: Path):
-    """Inject layers of the saved (pruned) ranks, scaled by the trained init_r, and load the weights strictly."""
-    config, tensors, ranks = _read(artifact_dir)
-    check_fit(model, tensors, artifact_dir)
-    _check_triplets(tensors, ranks, artifact_dir)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    inject_lora(model, list(ranks), lambda name, linear: AdaLoraLinear(
-        linear, ranks[name], config["lora_alpha"], 0.0, ranknum=config["init_r"]))
-    params = dict(model.named_parameters())
-    expected = {f"{n}.{part}" for n in ranks for part in TRIPLET}
-    if set(tensors) != expected:
-        raise FtuneError(f"{artifact_dir}: adapter does not fit the model (missing {sorted(expected - set(tensors))[:3]}, "
-                         f"unexpected {sorted(set(tensors) - expected)[:3]})")
-    with torch.no_grad():
-        for k, v in tensors.items():
-            params[k].copy_(v.to(params[k].dtype))
-    return model
-
-
-def merge_fn(artifact_dir: Path):
-    """f(weight_name, W) -> W + s · B (A ⊙ E) for every base weight the adapter touches, else None."""
-    config, tensors, ranks = _read(artifact_dir)
-    _check_triplets(tensors, ranks, artifact_dir)
-    scaling = adalora_scaling(config["lora_alpha"], config["init_r"])
-
-    def merge(weight_name: str, weight: torch.Tensor):
-        module = weight_name.removesuffix(".weight")
-        if module not in ranks or not weight_name.endswith(".weight"):
-            return None
-        a, e, b = (tensors[f"{module}.{part}"] for part in TRIPLET)
-        check_merge_shape(module, weight, a, b, artifact_dir)
-        return merge_adalora_weight(weight, a, e, b, scaling).to(weight.dtype)
-
-    merge.modules = set(ranks)
-    return merge
+    """Layers of the saved (pruned) ranks, scaled by the trained init_r, weights loaded strictly."""
+    return load_adalora(model, artifact_dir)
 
 
 METHOD = register(Method(
@@ -318,7 +239,7 @@ METHOD = register(Method(
     prepare=prepare,
     save=save,
     load=load,
-    merge_fn=merge_fn,
+    merge_fn=adalora_merge,
     trainable_params=lambda arch, cfg: adapter_params(arch, cfg.init_r, cfg.target_modules),
     quantized_base=True,
 ))

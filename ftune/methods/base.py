@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ftune.config.schema import MethodConfig, RunConfig
+from ftune.layers.peft_format import AdapterMerge
 
 
 @dataclass
@@ -35,8 +36,9 @@ class Method:
     # Apply a saved artifact to a freshly loaded base model; returns the model to evaluate.
     load: Callable[[Any, MethodConfig, Path], Any]
     artifact: str = "adapter"  # sub-directory of the run dir the artifact lives in
-    # For adapters: read the artifact dir, return f(weight_name, tensor) -> merged tensor or None (unchanged).
-    merge_fn: Callable[[Path], Callable] | None = None
+    # For adapters: read the artifact dir, return an AdapterMerge (merge(weight_name, tensor) -> merged tensor,
+    # or None for a weight left unchanged; .modules: every adapted module).
+    merge_fn: Callable[[Path], AdapterMerge] | None = None
     quantized_base: bool = False  # may train on a 4-bit base
     requires_quantized: bool = False  # only makes sense on a 4-bit base (qlora)
     # Optimizer parameter groups; default: trainable params, no weight decay on biases/norms (see train.optim).

@@ -34,6 +34,7 @@ from ftune.config.schema import MethodConfig
 from ftune.errors import FtuneError
 from ftune.methods import Method, full, register
 from ftune.hooks import Hook
+from ftune.param_groups import decay_groups
 
 
 class LisaConfig(MethodConfig):
@@ -151,10 +152,7 @@ def param_groups(model, cfg: LisaConfig, train_cfg) -> list[dict]:
     """Embeddings, head and every decoder layer, trainable now or not: the optimizer is built once, before
     any switch, and torch optimizers skip a parameter whose grad is None. No decay on 1-D tensors."""
     params = {id(p): p for p in always_trained(model)} | {id(p): p for p in find_layers(model).parameters()}
-    decay = [p for p in params.values() if p.ndim >= 2]
-    no_decay = [p for p in params.values() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    return decay_groups(params.values(), train_cfg.weight_decay)
 
 
 def checkpoint_params(model, cfg: LisaConfig, state) -> set[str]:

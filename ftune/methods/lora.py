@@ -14,14 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from ftune.config.schema import MethodConfig
-from ftune.errors import ConfigError
-from ftune.export.peft_io import lora_adapter_config, lora_merge_fn, lora_tensors, load_lora_adapter, save_adapter
-from ftune.layers.lora import LoraLinear, inject_lora, match_targets
+from ftune.layers.inject import wrap_targets
+from ftune.layers.lora import LoraLinear
+from ftune.layers.peft_format import load_lora, lora_merge, save_lora
 from ftune.methods import Method, register
+from ftune.param_groups import decay_groups, trainable
 from ftune.perf import adapter_params
 
 
@@ -37,19 +37,6 @@ class LoraConfig(MethodConfig):
     loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: B's learning rate is lr × this ratio (16 is typical).")
 
 
-def wrap_targets(model, target_modules, seed: int, make) -> dict:
-    """Freeze the model and replace each target linear with `make(name, linear)`; seeded so the adapters'
-    init is reproducible. Shared by every adapter method (LoRA, QLoRA, AdaLoRA, SoRA)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        names = match_targets(model, target_modules)
-    except ValueError as e:
-        raise ConfigError([f"method.target_modules: {e}"]) from None
-    torch.manual_seed(seed)
-    return inject_lora(model, names, make)
-
-
 def inject(model, cfg: LoraConfig, seed: int) -> None:
     wrap_targets(model, cfg.target_modules, seed, lambda name, linear: LoraLinear(
         linear, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora, cfg.use_dora))
@@ -61,26 +48,20 @@ def prepare(model, cfg: LoraConfig, ctx) -> list:
 
 
 def save(model, cfg: LoraConfig, out_dir: Path) -> None:
-    config = lora_adapter_config(model, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
-    save_adapter(out_dir, config, lora_tensors(model))
+    save_lora(model, out_dir, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+              use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
 
 
 def load(model, cfg: LoraConfig, artifact_dir: Path):
-    return load_lora_adapter(model, artifact_dir)
+    return load_lora(model, artifact_dir)
 
 
 def param_groups(model, cfg: LoraConfig, train_cfg) -> list[dict]:
     """LoRA+: B gets lr × ratio. Weight decay applies to A and B, not to DoRA's magnitudes."""
     ratio = cfg.loraplus_lr_ratio or 1.0
-    groups: dict[tuple, list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lr = train_cfg.lr * (ratio if ".lora_B." in name else 1.0)
-        wd = 0.0 if p.ndim < 2 else train_cfg.weight_decay
-        groups.setdefault((lr, wd), []).append(p)
-    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+    b = {id(p) for name, p in model.named_parameters() if ".lora_B." in name}
+    return decay_groups(trainable(model), train_cfg.weight_decay,
+                        lambda p: train_cfg.lr * (ratio if id(p) in b else 1.0))
 
 
 METHOD = register(Method(
@@ -90,7 +71,7 @@ METHOD = register(Method(
     prepare=prepare,
     save=save,
     load=load,
-    merge_fn=lora_merge_fn,
+    merge_fn=lora_merge,
     trainable_params=lambda arch, cfg: adapter_params(arch, cfg.r, cfg.target_modules),
     quantized_base=True,
     param_groups=param_groups,

@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from ftune.errors import FtuneError
-from ftune.export.peft_io import lora_merge_fn
+from ftune.layers.peft_format import lora_merge
 from ftune.methods import Method, lora, register
 
 
@@ -35,7 +35,7 @@ class QLoraConfig(lora.LoraConfig):
         True, description="Keep LayerNorm/RMSNorm weights in fp32 (tiny, steadier numerics); the embedding and head are never upcast.")
 
 
-def is_4bit(module: nn.Module) -> bool:
+def is_4bit(module: nn.Module) -> bool:  # TODO(is_4bit)
     """A bitsandbytes 4-bit linear: its weight carries a quant_state."""
     return getattr(getattr(module, "weight", None), "quant_state", None) is not None
 
@@ -82,7 +82,7 @@ METHOD = register(Method(
     prepare=prepare,
     save=lora.save,
     load=lora.load,
-    merge_fn=lora_merge_fn,
+    merge_fn=lora_merge,
     trainable_params=lora.METHOD.trainable_params,
     quantized_base=True,
     requires_quantized=True,

@@ -28,7 +28,6 @@ adapter and of `target_modules`. Mergeable like LoRA (`ftune merge`).
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -38,12 +37,12 @@ from pydantic import Field, model_validator
 
 from ftune.config.schema import MethodConfig
 from ftune.errors import FtuneError
-from ftune.export.peft_io import load_lora_adapter, lora_adapter_config, lora_merge_fn, save_adapter
-from ftune.methods import lora as lora_method
-from ftune.layers.sora import SoraLinear, pruned_lora, soft_threshold_
+from ftune.hooks import Hook, TrainState, lr_factor, warmup_steps
+from ftune.layers.inject import adapter_modules, wrap_targets
+from ftune.layers.peft_format import load_lora, lora_merge, save_pruned_lora
+from ftune.layers.sora import SoraLinear, soft_threshold_
 from ftune.methods import Method, register
-from ftune.hooks import Hook, TrainState
-from ftune.hooks import lr_factor, warmup_steps
+from ftune.param_groups import decay_groups, trainable
 from ftune.perf import adapter_params
 
 GATE_GROUP = "sora_gates"  # the `name` of the optimizer param group holding the gates
@@ -93,18 +92,12 @@ def shrink_budget(cfg: SoraConfig, train_cfg, gate_lr: float, total_steps: int) 
 
 
 def sora_modules(model) -> dict[str, SoraLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, SoraLinear)}
-
-
-def anchored(name: str) -> str:
-    """A rank_pattern key that matches exactly this module: PEFT tests `re.match(rf"(.*\\.)?({key})$", name)`,
-    so a bare name would also match any module whose name ends in `.<name>`, and its dots match any char."""
-    return "^" + re.escape(name)
+    return adapter_modules(model, SoraLinear)
 
 
 def inject(model, cfg: SoraConfig, seed: int) -> dict[str, SoraLinear]:
     """Freeze the model and wrap the target linears; seeded so A's init is reproducible."""
-    return lora_method.wrap_targets(model, cfg.target_modules, seed, lambda name, linear: SoraLinear(linear, cfg.r, cfg.lora_alpha, cfg.lora_dropout))
+    return wrap_targets(model, cfg.target_modules, seed, lambda name, linear: SoraLinear(linear, cfg.r, cfg.lora_alpha, cfg.lora_dropout))
 
 
 class SoraHook(Hook):
@@ -164,50 +157,22 @@ def prepare(model, cfg: SoraConfig, ctx) -> list:
 def param_groups(model, cfg: SoraConfig, train_cfg) -> list[dict]:
     """A and B as in LoRA (weight decay on 2-D tensors); the gates alone, at gate_lr, never decayed:
     weight decay would be a second, L2 shrinkage fighting the L1 one."""
-    decay, no_decay, gates = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.endswith("lora_gate"):
-            gates.append(p)
-        else:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
-              {"params": gates, "lr": cfg.gate_lr or train_cfg.lr, "weight_decay": 0.0, "name": GATE_GROUP}]
-    return [g for g in groups if g["params"]]
-
-
-def export_tensors(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Module name -> (A', B') of its live ranks; modules whose gates are all zero are left out."""
-    out = {}
-    for name, module in sora_modules(model).items():
-        pair = pruned_lora(module)
-        if pair is not None:
-            out[name] = pair
-    if not out:
-        # Everything pruned: the adapter is the identity. PEFT cannot load an adapter with no target, so
-        # keep one rank of the first module with B' = 0 (exactly the base model's output).
-        name, module = next(iter(sora_modules(model).items()))
-        warnings.warn(f"sora: every gate is zero (λ too large?); the adapter is a no-op rank-1 stub on {name}")
-        out[name] = (module.lora_A.weight[:1].float(), torch.zeros_like(module.lora_B.weight[:, :1]).float())
-    return out
+    gates = [m.lora_gate for m in sora_modules(model).values() if m.lora_gate.requires_grad]
+    gate_ids = {id(g) for g in gates}
+    groups = decay_groups([p for p in trainable(model) if id(p) not in gate_ids], train_cfg.weight_decay)
+    if gates:
+        groups.append({"params": gates, "lr": cfg.gate_lr or train_cfg.lr, "weight_decay": 0.0, "name": GATE_GROUP})
+    return groups
 
 
 def save(model, cfg: SoraConfig, out_dir: Path) -> None:
-    pairs = export_tensors(model)
-    ranks = {name: a.shape[0] for name, (a, _) in pairs.items()}
-    config = lora_adapter_config(model, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 use_rslora=False, use_dora=False, rank_pattern={anchored(n): r for n, r in ranks.items()})
-    config["target_modules"] = sorted(ranks)  # full names: a pruned-away module gets no adapter at all
-    tensors = {}
-    for name, (a, b) in pairs.items():
-        tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = a, b
-    save_adapter(out_dir, config, tensors)
+    """Plain LoRA of the live ranks (the gate folded into B), per-module ranks, pruned modules left out."""
+    save_pruned_lora(model, out_dir, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
 
 
 def load(model, cfg: SoraConfig, artifact_dir: Path):
     """The artifact is plain LoRA (ranks from the tensors' shapes), so it loads like LoRA's."""
-    return load_lora_adapter(model, artifact_dir)
+    return load_lora(model, artifact_dir)
 
 
 METHOD = register(Method(
@@ -217,7 +182,7 @@ METHOD = register(Method(
     prepare=prepare,
     save=save,
     load=load,
-    merge_fn=lora_merge_fn,
+    merge_fn=lora_merge,
     trainable_params=lambda arch, cfg: adapter_params(arch, cfg.r, cfg.target_modules),
     quantized_base=True,
     param_groups=param_groups,

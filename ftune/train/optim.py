@@ -7,16 +7,12 @@ import torch
 
 from ftune.errors import FtuneError
 from ftune.hooks import lr_factor, warmup_steps
+from ftune.param_groups import decay_groups, trainable
 
 
 def default_param_groups(model, train_cfg) -> list[dict]:
     """Trainable parameters; no weight decay on biases, norms and other 1-D tensors."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    return decay_groups(trainable(model), train_cfg.weight_decay)
 
 
 def build_optimizer(groups: list[dict], train_cfg, device: torch.device):
