@@ -19,12 +19,42 @@ from ftune.errors import FtuneError
 app = typer.Typer(
     help="Config-driven fine-tuning of open LLMs: `ftune train CONFIG key=value …`, then `ftune merge RUN_DIR` "
          "and `ftune eval RUN_DIR`.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+    no_args_is_help=True, pretty_exceptions_enable=False)
 # Piped output (CI logs, `| tee`) gets a wide fixed width instead of rich's 80 columns, so tables stay readable.
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 out = Console(width=None if sys.stdout.isatty() else 160)
 
 OVERRIDES_HELP = "Dotted key=value overrides applied after the config, e.g. train.lr=1e-4 method.r=16."
+
+
+def version_line() -> str:
+    """`ftune X (torch Y, transformers Z, Python W)` from the installed packages' metadata: nothing heavy is imported."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ftune import __version__
+
+    def installed(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    python = ".".join(map(str, sys.version_info[:3]))
+    return f"ftune {__version__} (torch {installed('torch')}, transformers {installed('transformers')}, Python {python})"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(version_line())
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                 help="Print ftune's version with the torch and transformers it runs on, and exit."),
+) -> None:
+    pass
 
 
 def _print_error(e: Exception) -> None:
