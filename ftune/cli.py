@@ -19,12 +19,42 @@ from ftune.errors import FtuneError
 app = typer.Typer(
     help="Config-driven fine-tuning of open LLMs: `ftune train CONFIG key=value …`, then `ftune merge RUN_DIR` "
          "and `ftune eval RUN_DIR`.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+    no_args_is_help=True, pretty_exceptions_enable=False)
 # Piped output (CI logs, `| tee`) gets a wide fixed width instead of rich's 80 columns, so tables stay readable.
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 out = Console(width=None if sys.stdout.isatty() else 160)
 
 OVERRIDES_HELP = "Dotted key=value overrides applied after the config, e.g. train.lr=1e-4 method.r=16."
+
+
+def version_line() -> str:
+    """`ftune X (torch Y, transformers Z, Python W)` from the installed packages' metadata: nothing heavy is imported."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ftune import __version__
+
+    def installed(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    python = ".".join(map(str, sys.version_info[:3]))
+    return f"ftune {__version__} (torch {installed('torch')}, transformers {installed('transformers')}, Python {python})"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(version_line())
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                 help="Print ftune's version with the torch and transformers it runs on, and exit."),
+) -> None:
+    pass
 
 
 def _print_error(e: Exception) -> None:
@@ -71,7 +101,9 @@ def train(
     import ftune.methods  # noqa: F401  (registers the methods the config's `method:` is checked against)
     from ftune.config import load_config, resolved_yaml
 
-    cfg = load_config(config, overrides or [])
+    warnings: list[str] = []
+    cfg = load_config(config, overrides or [], warnings=warnings)
+    _print_warnings(warnings)
     if dry_run:
         out.print(resolved_yaml(cfg), highlight=False, markup=False)
         return
@@ -125,16 +157,36 @@ def validate(
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="Estimate memory for this GPU (h100, h200, a100-80gb, a100-40gb, "
                                                           "l40s, l4, a10, rtx4090) instead of the detected one."),
+    full: bool = typer.Option(False, "--full", help="Also print the whole resolved config (every key, defaults included)."),
 ):
-    """Check a config (every problem at once), print it resolved and a GPU memory estimate; no model is loaded."""
+    """Check a config (every problem at once); print a summary and a GPU memory estimate; no model is loaded.
+    Missing data files are reported after the estimate (exit 2), which needs no data."""
     from ftune.config import load_config, resolved_yaml
     from ftune.memory import memory_report
     from ftune.methods import get_method  # also registers the methods the config is checked against
+    from ftune.summary import summary_lines
 
-    cfg = load_config(config, overrides or [])
-    out.print(resolved_yaml(cfg), highlight=False, markup=False)
-    err.print(f"[green]ok[/]: {escape(config)} is valid ({cfg.method.name}, output {escape(cfg.run_dir)})")
-    err.print(escape(memory_report(cfg, get_method(cfg.method.name), gpu)), highlight=False)
+    missing: list[str] = []
+    warnings: list[str] = []
+    cfg = load_config(config, overrides or [], missing_files=missing, warnings=warnings)
+    method = get_method(cfg.method.name)
+    if full:
+        out.print(resolved_yaml(cfg), highlight=False, markup=False)
+    for line in summary_lines(cfg, method):
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
+    out.print(memory_report(cfg, method, gpu), highlight=False, markup=False, soft_wrap=True)
+    _print_warnings(warnings)
+    if missing:
+        from ftune.errors import ConfigError
+
+        raise ConfigError(missing, header=f"{config} is valid except for its data files")
+    err.print(f"[green]ok[/]: {escape(config)} is valid ({cfg.method.name}, output {escape(cfg.run_dir)})"
+              + ("" if full else "; --full prints every key"))
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    for w in warnings:
+        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
 
 
 @app.command()

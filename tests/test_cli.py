@@ -146,8 +146,8 @@ def test_validate_and_dry_run_print_the_resolved_config_and_write_nothing(make_c
     out = tmp_path / "never"
     config = make_config(out_dir=out)
     before = sorted(tmp_path.rglob("*"))
-    result = ok(*command, config, "method.r=2")
-    printed = yaml.safe_load(result.stdout)
+    result = ok(*command, config, "method.r=2", *(["--full"] if command == ["validate"] else []))
+    printed = yaml.safe_load(result.stdout.split("\nmodel:    ")[0])  # validate --full: the dump, then the summary
     assert printed["method"]["r"] == 2 and printed["method"]["name"] == "lora"
     assert printed["output_dir"] == str(out) and printed["data"]["train"].endswith("cls_train.jsonl")
     assert sorted(tmp_path.rglob("*")) == before and not ftune_cache.exists()

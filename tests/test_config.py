@@ -196,7 +196,8 @@ def test_cross_field_rules_are_reported_together(make_config, data_dir):
                               f"data.labels={data_dir / 'labels.txt'}"]) == [
         "train.eval_every: set, but data.eval is not; add an eval file or remove eval_every",
         "data.prompt_template: unknown field {txt} (allowed: {text})",
-        "data.test: file not found: missing.jsonl",
+        f"data.test: file not found: missing.jsonl (relative to {Path.cwd()}); create it, or point to your file "
+        "with data.test=PATH",
     ]
     # reject_label is checked against an inline label list
     assert problems_of(path, ["train.eval_every=null", "data.prompt_template=null", "eval.reject_label=spam",
@@ -213,7 +214,8 @@ def test_format_specific_keys(make_config):
 
 def test_missing_train_file(make_config, tmp_path):
     path = make_config({"data": {"train": str(tmp_path / "nope.jsonl")}})
-    assert problems_of(path) == [f"data.train: file not found: {tmp_path / 'nope.jsonl'}"]
+    assert problems_of(path) == [f"data.train: file not found: {tmp_path / 'nope.jsonl'}; create it, or point to your "
+                                 "file with data.train=PATH"]
 
 
 # ---------------------------------------------------------------- the resolved config

@@ -110,3 +110,45 @@ def test_compare_without_reports_is_a_clear_error(tmp_path):
 
     with pytest.raises(FtuneError, match="no eval report found"):
         compare_rows([str(tmp_path)])
+
+
+def test_cli_eval_uses_the_current_cache_api_and_scores_like_a_full_forward(make_config, tiny_model, tokenizer, tmp_path,
+                                                                          monkeypatch, recwarn):
+    """`ftune eval` hands the KV cache over under the name this transformers takes (no deprecation warning),
+    and every probability it writes equals the one from a full forward per label without a cache."""
+    from conftest import CLS_TEST, invoke
+
+    from ftune.config import load_config
+    from ftune.data.formats import CLASSIFICATION_TEMPLATE
+
+    monkeypatch.chdir(tmp_path)
+    config = make_config()
+    out = tmp_path / "report"
+    result = invoke("eval", config, "--out", out)
+    assert result.exit_code == 0, result.output
+    about_cache = [w for w in recwarn.list if issubclass(w.category, (FutureWarning, DeprecationWarning))
+                   and ("past_key_values" in str(w.message) or "cache" in str(w.message).lower())]
+    assert about_cache == [], [str(w.message) for w in about_cache]
+
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    labels = list(rows[0]["scores"])
+    data = load_config(config).data
+    ids = label_token_ids(tokenizer, labels, data)
+    assert [row["text"] for row in rows] == [e["text"] for e in CLS_TEST]
+    for row, example in zip(rows, CLS_TEST):
+        prompt = CLASSIFICATION_TEMPLATE.format(text=example["text"])
+        expected = torch.softmax(torch.tensor([brute_force(tiny_model, tokenizer, prompt, x) for x in ids]), -1)
+        assert torch.allclose(torch.tensor(list(row["scores"].values())), expected, atol=1e-5)
+
+
+def test_the_cache_keyword_is_read_from_the_forward_signature():
+    """transformers before the rename (the GPU image's 5.17) takes `past_key_values`; after it, `cache`."""
+    from ftune.eval.scoring import cache_kwarg
+
+    class Old:
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None): ...
+
+    class New:
+        def forward(self, input_ids=None, cache=None, use_cache=None): ...
+
+    assert (cache_kwarg(Old), cache_kwarg(New)) == ("past_key_values", "cache")

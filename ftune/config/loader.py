@@ -132,11 +132,52 @@ def available_recipes() -> dict[str, Path]:
 
 def compose(config_path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> tuple[dict, dict]:
     """Raw merged dict and each key's source, before validation."""
-    sources: dict[tuple, str] = {}
+    c = _compose(config_path, overrides, base)
+    return c.merged, c.sources
+
+
+class _Composed:
+    """What composing found: the merged dict, each key's source, and what the method checks need to know."""
+
+    def __init__(self):
+        self.merged: dict = {}
+        self.sources: dict[tuple, str] = {}
+        self.recipe_path: Path | None = None
+        self.recipe: dict = {}               # the recipe file's settings (method_specific and description removed)
+        self.method_specific: list[str] = []
+        self.user: dict = {}                 # the config file's own settings
+        self.user_label = "config"
+        self.user_method_for: str | None = None  # the method the config file's method keys were written for
+        self.recipe_from_cli = False
+        self.problems: list[str] = []        # found while composing, reported with the validation problems
+
+
+def _recipe_method(recipe: Any, cfg_path: Path | None) -> str | None:
+    """method.name of a recipe (name or path), None when it cannot be read."""
+    if not isinstance(recipe, str):
+        return None
+    found = find_recipe(recipe, cfg_path)
+    if found is None:
+        return None
+    try:
+        method = read_yaml(found).get("method")
+    except FtuneError:
+        return None
+    return method.get("name") if isinstance(method, dict) else None
+
+
+def _compose(config_path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> _Composed:
+    c = _Composed()
+    sources = c.sources
     cli, problems = parse_overrides(list(overrides))
     cfg_path = Path(config_path) if config_path is not None else None
     user = base if base is not None else (read_yaml(cfg_path) if cfg_path else {})
+    c.user, c.user_label = user, str(cfg_path) if cfg_path else "config"
     recipe = cli.get("recipe", user.get("recipe"))
+    c.recipe_from_cli = "recipe" in cli and cli.get("recipe") != user.get("recipe")
+    user_method = user.get("method")
+    c.user_method_for = (user_method.get("name") if isinstance(user_method, dict) and user_method.get("name")
+                         else _recipe_method(user.get("recipe"), cfg_path))
     merged: dict = {}
     if recipe is not None:
         if not isinstance(recipe, str):
@@ -149,33 +190,127 @@ def compose(config_path: str | Path | None, overrides: list[str] = (), base: dic
             else:
                 rec = read_yaml(found)
                 rec.pop("description", None)
+                c.method_specific = _method_specific(rec.pop("method_specific", []), found, problems)
+                c.recipe_path, c.recipe = found, rec
                 merged = _merge(merged, rec, sources, str(found))
-    merged = _merge(merged, user, sources, str(cfg_path) if cfg_path else "config")
-    merged = _merge(merged, cli, sources, CMDLINE)
+    # A method section is per method: a config (or `method={name: …}` on the command line) that names another
+    # method than the recipe's starts the section afresh instead of inheriting keys that belong to the other one.
+    for layer, label in ((user, c.user_label), (cli, CMDLINE)):
+        method = layer.get("method")
+        replaces = isinstance(method, dict) and method.get("name") is not None and (
+            layer is cli and _replaces_method(overrides) or
+            isinstance(merged.get("method"), dict) and merged["method"].get("name") not in (None, method.get("name")))
+        if replaces:
+            merged = {k: v for k, v in merged.items() if k != "method"}
+            for k in [k for k in sources if k[:1] == ("method",)]:
+                del sources[k]
+        if "method" in layer and method is None:
+            c.problems.append(_no_method_section(label))
+            layer = {k: v for k, v in layer.items() if k != "method"}
+        merged = _merge(merged, layer, sources, label)
+    c.merged = merged
     if problems:
         raise ConfigError(problems)
-    return merged, sources
+    return c
+
+
+def _replaces_method(overrides: list[str]) -> bool:
+    """`method={name: full, …}` on the command line: a whole method section, not one key."""
+    return any(item.partition("=")[0].strip() == "method" for item in overrides)
+
+
+def _no_method_section(label: str) -> str:
+    if label == CMDLINE:
+        return (f"{CMDLINE}: method=null: a run needs a method; to switch method give another recipe (recipe=full) "
+                f"or a whole method section (method={{name: full}}), which replaces the config's")
+    return (f"{label}: method: is empty; give the method's keys under it (method: {{r: 16}}) or delete the line "
+            f"to keep the recipe's")
+
+
+def _method_specific(value: Any, recipe: Path, problems: list[str]) -> list[str]:
+    """A recipe's `method_specific: [train.lr, …]`: keys whose recipe value is tuned for its method."""
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        problems.append(f"{recipe}: method_specific: expected a list of dotted keys, e.g. [train.lr], got {value!r}")
+        return []
+    return value
+
+
+def _lookup(tree: dict, key: str) -> tuple[bool, Any]:
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def method_switch_problems(c: _Composed, problems: list[str]) -> list[str]:
+    """Replace the config's unknown method keys by one message when they were written for another method
+    than the run's (a changed recipe): which keys, which method they belong to, and the two ways out."""
+    method = c.merged.get("method")
+    name = method.get("name") if isinstance(method, dict) else None
+    old = c.user_method_for
+    keys = c.user.get("method")
+    if not (isinstance(keys, dict) and name in METHOD_SCHEMAS and old and old != name):
+        return problems
+    fields = set(_fields_at(METHOD_SCHEMAS[name].config_cls, ()))
+    foreign = [k for k in keys if k != "name" and k not in fields and c.sources.get(("method", str(k))) == c.user_label]
+    if not foreign:
+        return problems
+    listed = ", ".join(f"method.{k}" for k in foreign)
+    why = f" (recipe={c.merged.get('recipe')} on the command line)" if c.recipe_from_cli else ""
+    message = (f"{c.user_label}: {listed} belong{'s' * (len(foreign) == 1)} to {old}, not {name}{why}: remove "
+               f"{'them' if len(foreign) > 1 else 'it'} from {c.user_label}'s method: section, or override with "
+               f"method={{name: {name}}}")
+    unknown = {f"{c.user_label}: method.{k}: unknown key" for k in foreign}
+    kept = [p for p in problems if p.split(" (did you mean")[0] not in unknown]
+    return [message] + kept
+
+
+def method_specific_warnings(c: _Composed) -> list[str]:
+    """Config-file values that override a recipe value the recipe marks as tuned for its method."""
+    out = []
+    method = (c.recipe.get("method") or {}).get("name") if isinstance(c.recipe.get("method"), dict) else None
+    for key in c.method_specific:
+        in_recipe, recipe_value = _lookup(c.recipe, key)
+        in_user, value = _lookup(c.user, key)
+        if in_recipe and in_user and value != recipe_value and c.sources.get(tuple(key.split("."))) == c.user_label:
+            out.append(f"{c.user_label}: {key}: {value!r} replaces the {method + ' ' if method else ''}recipe's {recipe_value!r} "
+                       f"({c.recipe_path.name} marks {key} as specific to {method or 'its method'}); if this value was "
+                       f"chosen for another method, remove it or set {key} on the command line")
+    return out
 
 
 def load_config(config_path: str | Path | None, overrides: list[str] = (), base: dict | None = None,
-                check_files: bool = True, training: bool = True) -> RunConfig:
+                check_files: bool = True, training: bool = True, missing_files: list[str] | None = None,
+                warnings: list[str] | None = None) -> RunConfig:
     """Compose and validate; raise one ConfigError that lists every problem. `training=False` (a run read
-    back for merge/eval) skips the rules that only matter for training."""
-    raw, sources = compose(config_path, overrides, base)
-    problems: list[str] = []
+    back for merge/eval) skips the rules that only matter for training. With a `missing_files` list, data files
+    that are not there are put in it instead of raised, when they are the only problems (`ftune validate`
+    still estimates memory); a `warnings` list receives what is legal but likely a mistake."""
+    c = _compose(config_path, overrides, base)
+    raw, sources = c.merged, c.sources
+    problems: list[str] = list(c.problems)
     method = _validate_method(raw.get("method"), sources, problems)
+    problems = method_switch_problems(c, problems)
     rest = {k: v for k, v in raw.items() if k != "method"}
     try:
         cfg = RunConfig.model_validate({**rest, "method": method or MethodConfig(name="?")})
     except ValidationError as e:
         problems += [_describe(err, RunConfig, sources) for err in e.errors()]
         cfg = None
-    if method is None and raw.get("method") is None:
+    if method is None and raw.get("method") is None and not c.problems:
         problems.append("method: missing (set `recipe: lora` or a `method:` section with a `name`)")
+    files: list[str] = []
     if cfg is not None and method is not None:
-        problems += check_rules(cfg, check_files, training)
-    if problems:
-        raise ConfigError(problems)
+        problems += check_rules(cfg, check_files=False, training=training)
+        files = file_problems(cfg) if check_files else []
+    if problems or (files and missing_files is None):
+        raise ConfigError(problems + files)
+    if missing_files is not None:
+        missing_files += files
+    if warnings is not None:
+        warnings += method_specific_warnings(c)
     return cfg
 
 
@@ -225,12 +360,20 @@ def check_rules(cfg: RunConfig, check_files: bool = True, training: bool = True)
         else:
             problems += _check_template(cfg.data.prompt_template, fields)
     problems += _check_gates(cfg) if training else []
-    for key in ("train", "eval", "test") if check_files else ():
+    return problems + (file_problems(cfg) if check_files else [])
+
+
+def file_problems(cfg: RunConfig) -> list[str]:
+    """Data files that are not there (paths relative to the current directory)."""
+    problems = []
+    for key in ("train", "eval", "test"):
         path = getattr(cfg.data, key)
         if path is not None and Path(path).is_dir():
             problems.append(f"data.{key}: {path} is a directory; name one data file")
         elif path is not None and not Path(path).is_file():
-            problems.append(f"data.{key}: file not found: {path}")
+            where = "" if Path(path).is_absolute() else f" (relative to {Path.cwd()})"
+            problems.append(f"data.{key}: file not found: {path}{where}; create it, or point to your file with "
+                            f"data.{key}=PATH")
     return problems
 
 

@@ -2,10 +2,17 @@
 
 Label scoring reads log p(label tokens | prompt) for every label. The prompt is encoded once per
 example: its KV cache is repeated for the labels, which then cost only their own few tokens.
+
+The cache goes in and out under the name the installed transformers uses: `cache` since the rename
+(`past_key_values` warns a FutureWarning there and goes away in 5.40), `past_key_values` before it
+(5.17 and older). Read from the model's forward signature and its output's fields, not from a version number.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import math
 
 import torch
@@ -24,6 +31,24 @@ def label_token_ids(tokenizer, labels: list[str], cfg: DataConfig) -> list[list[
             ids = ids + [tokenizer.eos_token_id]
         out.append(ids)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def cache_kwarg(model_cls: type) -> str:
+    """The keyword `model_cls.forward` takes a KV cache under: `cache` where transformers has renamed it,
+    else `past_key_values` (accepted by every version, deprecated only where `cache` exists)."""
+    try:
+        params = inspect.signature(model_cls.forward).parameters  # follows transformers' deprecation wrapper
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a forward with use_cache=True returned, read from the output field that exists
+    (`cache`, or `past_key_values` before the rename; the old name is a warning property after it)."""
+    names = {f.name for f in dataclasses.fields(out)} if dataclasses.is_dataclass(out) else set(out.keys())
+    return getattr(out, "cache") if "cache" in names else out.past_key_values
 
 
 def _device(model) -> torch.device:
@@ -69,13 +94,14 @@ def _score_chunk(model, chunk, fed, fed_mask, targets, width, device, pad_id) ->
     scores = first[:, targets[:, 0].to(device)]  # [b, L]
     if width == 0:
         return scores.cpu()
-    cache = out.past_key_values
+    cache = returned_cache(out)
     cache.batch_repeat_interleave(n_labels)
     x = fed.repeat(b, 1).to(device)
     full_mask = torch.cat([mask.repeat_interleave(n_labels, 0), fed_mask.repeat(b, 1)], 1).to(device)
     lens = mask.sum(-1).repeat_interleave(n_labels).unsqueeze(1)
     xpos = (lens + torch.arange(width).unsqueeze(0)).to(device)
-    logits = model(input_ids=x, attention_mask=full_mask, position_ids=xpos, past_key_values=cache, use_cache=True).logits
+    logits = model(input_ids=x, attention_mask=full_mask, position_ids=xpos, use_cache=True,
+                   **{cache_kwarg(type(model)): cache}).logits
     logp = torch.log_softmax(logits.float(), -1)  # [b*L, width, V]
     rest = targets[:, 1:].repeat(b, 1).to(device)
     gathered = logp.gather(-1, rest.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (rest != IGNORE)

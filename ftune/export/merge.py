@@ -26,6 +26,7 @@ from ftune.methods import get_method
 from ftune.models import DTYPES, check_model_files, load_model, load_tokenizer, resolve_source
 
 COPY = ("config.json", "generation_config.json")
+INDEX = "model.safetensors.index.json"
 
 
 def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | None = None, overwrite: bool = False,
@@ -53,10 +54,11 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | N
     shards = sorted(Path(source).glob("*.safetensors")) if not gguf else []
     with atomic_dir(out) as tmp:
         if shards:
-            touched = _merge_shards(shards, merge, target_dtype, tmp, console)
-            for name in COPY + ("model.safetensors.index.json",):
+            touched, nbytes = _merge_shards(shards, merge, target_dtype, tmp, console)
+            for name in COPY:
                 if (Path(source) / name).is_file():
                     shutil.copy2(Path(source) / name, tmp / name)
+            _write_index(Path(source) / INDEX, tmp / INDEX, nbytes)
             if target_dtype is not None:
                 _set_config_dtype(tmp / "config.json", dtype)
         else:
@@ -119,10 +121,11 @@ def verify_merge(cfg, method, artifact: Path, merged: Path) -> float:
     return float((logits[0] - logits[1]).abs().max())
 
 
-def _merge_shards(shards: list[Path], merge: AdapterMerge, dtype, out: Path, console: Console) -> set[str]:
+def _merge_shards(shards: list[Path], merge: AdapterMerge, dtype, out: Path, console: Console) -> tuple[set[str], int]:
+    """(weights the adapter changed, bytes of every tensor written: the index's total_size)."""
     from rich.progress import track
 
-    touched = set()
+    touched, nbytes = set(), 0
     for shard in track(shards, description="merging shards", console=console, transient=True):
         tensors, meta = {}, None
         with safe_open(str(shard), framework="pt") as f:
@@ -134,6 +137,7 @@ def _merge_shards(shards: list[Path], merge: AdapterMerge, dtype, out: Path, con
                     t = merged
                     touched.add(name.removesuffix(".weight"))
                 tensors[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                nbytes += tensors[name].numel() * tensors[name].element_size()
         try:
             save_file(tensors, str(out / shard.name), metadata=meta or {"format": "pt"})
         except OSError as e:  # disk full / read-only: named here; atomic_dir removes the partial output
@@ -141,7 +145,17 @@ def _merge_shards(shards: list[Path], merge: AdapterMerge, dtype, out: Path, con
         except SafetensorError as e:  # its writer reports the OS error as text: "… (os error 28)"
             m = re.search(r"os error (\d+)", str(e))
             raise (write_error(OSError(int(m.group(1)), str(e), str(out / shard.name))) if m else None) or e from None
-    return touched
+    return touched, nbytes
+
+
+def _write_index(source: Path, target: Path, nbytes: int) -> None:
+    """The base's shard index with `total_size` (bytes of all tensors, as transformers writes it) recomputed:
+    a cast to another dtype changes it. Shard names and the weight map stay as they are."""
+    if not source.is_file():
+        return
+    index = json.loads(source.read_text())
+    index["metadata"] = {**(index.get("metadata") or {}), "total_size": nbytes}
+    write_json_atomic(target, index)
 
 
 def _finite(merged: torch.Tensor | None, name: str) -> torch.Tensor | None:
