@@ -85,21 +85,28 @@ def _write_bytes_atomic(path: str | Path, data: bytes) -> Path:
         raise write_error(e, path) or e from None
 
 
-def _replace_with(path: Path, data: bytes) -> Path:
+@contextmanager
+def _file_beside(path: Path):
+    """Yield a temp file name beside `path`; on success it is fsynced and renamed over `path` (readers see
+    the old file or the new one, never half of one); on failure it is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp_name
+        with open(tmp_name, "rb+") as f:
             os.fsync(f.fileno())
-        # mkstemp creates 0600; reports are meant to be shared like any other output file.
-        os.chmod(tmp_name, 0o644)
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; outputs are meant to be shared like any other file
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _replace_with(path: Path, data: bytes) -> Path:
+    with _file_beside(path) as tmp_name:
+        Path(tmp_name).write_bytes(data)
     return path
 
 
@@ -135,19 +142,8 @@ def write_safetensors_atomic(path: str | Path, tensors: dict, metadata: dict[str
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with _file_beside(path) as tmp_name:
         save_file(tensors, tmp_name, metadata=metadata)
-        with open(tmp_name, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
     return path
 
 
