@@ -6,16 +6,15 @@ Each key remembers which file (or the command line) set it, so an error names th
 
 from __future__ import annotations
 
-import difflib
 import os
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ValidationError
+from pydantic import ValidationError
 
+from ftune.config.messages import describe, did_you_mean, fields_at, where
+from ftune.config.rules import check_rules, file_problems
 from ftune.config.schema import METHOD_SCHEMAS, MethodConfig, RunConfig
 from ftune.errors import ConfigError, FtuneError
 from ftune.io import read_text
@@ -253,7 +252,7 @@ def method_switch_problems(c: _Composed, problems: list[str]) -> list[str]:
     keys = c.user.get("method")
     if not (isinstance(keys, dict) and name in METHOD_SCHEMAS and old and old != name):
         return problems
-    fields = set(_fields_at(METHOD_SCHEMAS[name].config_cls, ()))
+    fields = set(fields_at(METHOD_SCHEMAS[name].config_cls, ()))
     foreign = [k for k in keys if k != "name" and k not in fields and c.sources.get(("method", str(k))) == c.user_label]
     if not foreign:
         return problems
@@ -297,7 +296,7 @@ def load_config(config_path: str | Path | None, overrides: list[str] = (), base:
     try:
         cfg = RunConfig.model_validate({**rest, "method": method or MethodConfig(name="?")})
     except ValidationError as e:
-        problems += [_describe(err, RunConfig, sources) for err in e.errors()]
+        problems += [describe(err, RunConfig, sources) for err in e.errors()]
         cfg = None
     if method is None and raw.get("method") is None and not c.problems:
         problems.append("method: missing (set `recipe: lora` or a `method:` section with a `name`)")
@@ -318,191 +317,19 @@ def _validate_method(raw: Any, sources: dict, problems: list[str]) -> MethodConf
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        problems.append(f"{_where(('method',), sources)}method: expected a mapping, got {raw!r}")
+        problems.append(f"{where(('method',), sources)}method: expected a mapping, got {raw!r}")
         return None
     if not METHOD_SCHEMAS:
         raise ConfigError(["no fine-tuning method is registered: `import ftune.methods` before loading a config"])
     name = raw.get("name")
     if name not in METHOD_SCHEMAS:
-        hint = _close(str(name), list(METHOD_SCHEMAS))
-        problems.append(f"{_where(('method', 'name'), sources)}method.name: unknown method {name!r}{hint} "
+        hint = did_you_mean(str(name), list(METHOD_SCHEMAS))
+        problems.append(f"{where(('method', 'name'), sources)}method.name: unknown method {name!r}{hint} "
                         f"(known: {', '.join(METHOD_SCHEMAS)})")
         return None
     cls = METHOD_SCHEMAS[name].config_cls
     try:
         return cls.model_validate(raw)
     except ValidationError as e:
-        problems += [_describe(err, cls, sources, prefix=("method",)) for err in e.errors()]
+        problems += [describe(err, cls, sources, prefix=("method",)) for err in e.errors()]
         return None
-
-
-def check_rules(cfg: RunConfig, check_files: bool = True, training: bool = True) -> list[str]:
-    """Rules across sections, checked before anything is loaded."""
-    problems = []
-    name = cfg.method.name
-    method = METHOD_SCHEMAS[name]
-    if cfg.model.quantization != "none" and not method.quantized_base:
-        problems.append(f"model.quantization: {cfg.model.quantization!r} cannot be used with method {name!r}, which "
-                        f"updates the base weights; use quantization: none, or a 4-bit-capable method (qlora, lora)")
-    # Training only: a QLoRA adapter may be evaluated on the 16-bit base, and its merged checkpoint is never 4-bit.
-    if method.requires_quantized and cfg.model.quantization == "none" and training:
-        problems.append(f"model.quantization: method {name!r} needs a 4-bit base; set model.quantization: nf4")
-    if cfg.train.eval_every and not cfg.data.eval:
-        problems.append("train.eval_every: set, but data.eval is not; add an eval file or remove eval_every")
-    if cfg.data.labels is not None and cfg.data.format != "classification":
-        problems.append(f"data.labels: only used with format: classification (format is {cfg.data.format!r})")
-    if cfg.eval.reject_label and isinstance(cfg.data.labels, list) and cfg.eval.reject_label not in cfg.data.labels:
-        problems.append(f"eval.reject_label: {cfg.eval.reject_label!r} is not in data.labels")
-    if cfg.data.prompt_template is not None:
-        fields = {"classification": {"text"}, "alpaca": {"instruction", "input"}}.get(cfg.data.format)
-        if fields is None:
-            problems.append(f"data.prompt_template: not used with format: {cfg.data.format}")
-        else:
-            problems += _check_template(cfg.data.prompt_template, fields)
-    problems += _check_gates(cfg) if training else []
-    return problems + (file_problems(cfg) if check_files else [])
-
-
-def file_problems(cfg: RunConfig) -> list[str]:
-    """Data files that are not there (paths relative to the current directory)."""
-    problems = []
-    for key in ("train", "eval", "test"):
-        path = getattr(cfg.data, key)
-        if path is not None and Path(path).is_dir():
-            problems.append(f"data.{key}: {path} is a directory; name one data file")
-        elif path is not None and not Path(path).is_file():
-            where = "" if Path(path).is_absolute() else f" (relative to {Path.cwd()})"
-            problems.append(f"data.{key}: file not found: {path}{where}; create it, or point to your file with "
-                            f"data.{key}=PATH")
-    return problems
-
-
-CLASSIFICATION_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_micro_f1", "eval_weighted_f1")
-REJECT_METRICS = ("eval_in_scope_macro_f1", "eval_reject_f1")
-LM_METRICS = ("eval_loss", "eval_perplexity")
-
-
-def _check_gates(cfg: RunConfig) -> list[str]:
-    if not cfg.train.quality_gates:
-        return []
-    problems = [] if cfg.data.eval else ["train.quality_gates: need data.eval (gates are checked on the final evaluation)"]
-    known = (CLASSIFICATION_METRICS + (REJECT_METRICS if cfg.eval.reject_label else ())
-             if cfg.data.format == "classification" else LM_METRICS)
-    for i, gate in enumerate(cfg.train.quality_gates):
-        if gate.metric not in known:
-            problems.append(f"train.quality_gates[{i}].metric: {gate.metric!r} is not logged for this run "
-                            f"(known: {', '.join(known)})")
-        if gate.min is None and gate.max is None:
-            problems.append(f"train.quality_gates[{i}]: set min or max")
-    return problems
-
-
-def _check_template(template: str, allowed: set[str]) -> list[str]:
-    import string
-
-    try:
-        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-    except ValueError as e:
-        return [f"data.prompt_template: not a valid format string ({e}); write literal braces as {{{{ and }}}}"]
-    bad = sorted(names - allowed)
-    return [f"data.prompt_template: unknown field {{{b}}} (allowed: {', '.join('{' + a + '}' for a in sorted(allowed))})" for b in bad]
-
-
-def _where(path: tuple, sources: dict) -> str:
-    for n in range(len(path), 0, -1):
-        if path[:n] in sources:
-            return f"{sources[path[:n]]}: "
-    return ""
-
-
-def _close(word: str, options: list[str], prefix: str = "") -> str:
-    match = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
-    return f" (did you mean {prefix}{match[0]}?)" if match else ""
-
-
-def _section_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
-    """The config section class at `loc` (None if `loc` is not a section)."""
-    for part in loc:
-        ann = getattr(model.model_fields.get(str(part)), "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return None
-        model = ann
-    return model
-
-
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Accepted keys of the section at `loc`, aliases included (used for 'did you mean' suggestions)."""
-    section = _section_at(model, loc)
-    return [key for name in section.model_fields for key in _names(section, name)] if section else []
-
-
-def _names(model: type[BaseModel], field: str) -> list[str]:
-    """A field's accepted keys: its name, then its AliasChoices (e.g. LISA's LMFlow names)."""
-    alias = model.model_fields[field].validation_alias
-    choices = alias.choices if isinstance(alias, AliasChoices) else [alias] if isinstance(alias, str) else []
-    return [field] + [c for c in choices if isinstance(c, str) and c != field]
-
-
-def _same_setting(model: type[BaseModel], loc: tuple, sources: dict, prefix: tuple) -> str | None:
-    """pydantic reports the second of two names of one field (an alias) as an unknown key; say what it is."""
-    section = _section_at(model, loc[:-1])
-    for name in section.model_fields if section else ():
-        keys = _names(section, name)
-        if loc[-1] in keys:
-            others = [prefix + loc[:-1] + (k,) for k in keys if k != loc[-1]]
-            others = [o for o in others if o in sources] or others
-            shown = [f"{'.'.join(o)} (set in {sources[o]})" if o in sources else ".".join(o) for o in others]
-            return f"same setting as {', '.join(shown)}; set only one of them"
-    return None
-
-
-def _union_members(ann) -> list:
-    """The members of a union annotation other than None; [] when `ann` is not a union."""
-    if typing.get_origin(ann) not in (typing.Union, types.UnionType):
-        return []
-    return [a for a in typing.get_args(ann) if a is not type(None)]
-
-
-def _as_section(ann) -> type[BaseModel] | None:
-    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-
-
-def _key_loc(model: type[BaseModel], loc: tuple) -> tuple[str, ...]:
-    """The key path of an error's location. pydantic puts the failing branch of a union in it
-    (`target_modules.list[str]`, `labels.str`), which is no key a user can write: drop it."""
-    out, section, branches = [], model, []
-    for part in loc:
-        if branches:  # this part names a union branch, not a key
-            section = next((b for b in branches if _as_section(b) and b.__name__ == part), None)
-            branches = []
-            continue
-        out.append(str(part))
-        fields = section.model_fields if section else {}
-        field = next((f for name, f in fields.items() if str(part) in _names(section, name)), None)  # aliases too
-        ann = getattr(field, "annotation", None)
-        members = _union_members(ann)
-        branches = members if len(members) > 1 else []
-        section = _as_section(members[0] if len(members) == 1 else ann)
-    return tuple(out)
-
-
-def _describe(err: dict, model: type[BaseModel], sources: dict, prefix: tuple = ()) -> str:
-    loc = _key_loc(model, err["loc"])
-    path = prefix + loc
-    key = ".".join(path)
-    where = _where(path, sources)
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        twin = _same_setting(model, loc, sources, prefix)
-        if twin:
-            return f"{where}{key}: {twin}"
-        parent = ".".join(path[:-1])
-        # Compare the key's own name with its siblings': on whole paths the shared "train." prefix makes
-        # any typo look close (train.zzz -> train.lr).
-        hint = _close(loc[-1], _fields_at(model, loc[:-1]), f"{parent}." if parent else "")
-        return f"{where}{key}: unknown key{hint}"
-    if kind == "missing":
-        return f"{where or _where(path[:-1], sources)}{key}: required key is missing"
-    value = err.get("input")
-    shown = f" (got {value!r})" if not isinstance(value, dict) else ""
-    return f"{where}{key}: {err['msg'][0].lower() + err['msg'][1:]}{shown}"

@@ -1,0 +1,81 @@
+"""Rules across config sections, checked before anything is loaded (what one field's type cannot say)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ftune.config.schema import METHOD_SCHEMAS, RunConfig
+
+
+def check_rules(cfg: RunConfig, check_files: bool = True, training: bool = True) -> list[str]:
+    """Rules across sections, checked before anything is loaded."""
+    problems = []
+    name = cfg.method.name
+    method = METHOD_SCHEMAS[name]
+    if cfg.model.quantization != "none" and not method.quantized_base:
+        problems.append(f"model.quantization: {cfg.model.quantization!r} cannot be used with method {name!r}, which "
+                        f"updates the base weights; use quantization: none, or a 4-bit-capable method (qlora, lora)")
+    # Training only: a QLoRA adapter may be evaluated on the 16-bit base, and its merged checkpoint is never 4-bit.
+    if method.requires_quantized and cfg.model.quantization == "none" and training:
+        problems.append(f"model.quantization: method {name!r} needs a 4-bit base; set model.quantization: nf4")
+    if cfg.train.eval_every and not cfg.data.eval:
+        problems.append("train.eval_every: set, but data.eval is not; add an eval file or remove eval_every")
+    if cfg.data.labels is not None and cfg.data.format != "classification":
+        problems.append(f"data.labels: only used with format: classification (format is {cfg.data.format!r})")
+    if cfg.eval.reject_label and isinstance(cfg.data.labels, list) and cfg.eval.reject_label not in cfg.data.labels:
+        problems.append(f"eval.reject_label: {cfg.eval.reject_label!r} is not in data.labels")
+    if cfg.data.prompt_template is not None:
+        fields = {"classification": {"text"}, "alpaca": {"instruction", "input"}}.get(cfg.data.format)
+        if fields is None:
+            problems.append(f"data.prompt_template: not used with format: {cfg.data.format}")
+        else:
+            problems += _check_template(cfg.data.prompt_template, fields)
+    problems += _check_gates(cfg) if training else []
+    return problems + (file_problems(cfg) if check_files else [])
+
+
+def file_problems(cfg: RunConfig) -> list[str]:
+    """Data files that are not there (paths relative to the current directory)."""
+    problems = []
+    for key in ("train", "eval", "test"):
+        path = getattr(cfg.data, key)
+        if path is not None and Path(path).is_dir():
+            problems.append(f"data.{key}: {path} is a directory; name one data file")
+        elif path is not None and not Path(path).is_file():
+            where = "" if Path(path).is_absolute() else f" (relative to {Path.cwd()})"
+            problems.append(f"data.{key}: file not found: {path}{where}; create it, or point to your file with "
+                            f"data.{key}=PATH")
+    return problems
+
+
+CLASSIFICATION_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_micro_f1", "eval_weighted_f1")
+REJECT_METRICS = ("eval_in_scope_macro_f1", "eval_reject_f1")
+LM_METRICS = ("eval_loss", "eval_perplexity")
+
+
+def _check_gates(cfg: RunConfig) -> list[str]:
+    if not cfg.train.quality_gates:
+        return []
+    problems = [] if cfg.data.eval else ["train.quality_gates: need data.eval (gates are checked on the final evaluation)"]
+    known = (CLASSIFICATION_METRICS + (REJECT_METRICS if cfg.eval.reject_label else ())
+             if cfg.data.format == "classification" else LM_METRICS)
+    for i, gate in enumerate(cfg.train.quality_gates):
+        if gate.metric not in known:
+            problems.append(f"train.quality_gates[{i}].metric: {gate.metric!r} is not logged for this run "
+                            f"(known: {', '.join(known)})")
+        if gate.min is None and gate.max is None:
+            problems.append(f"train.quality_gates[{i}]: set min or max")
+    return problems
+
+
+def _check_template(template: str, allowed: set[str]) -> list[str]:
+    import string
+
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        return [f"data.prompt_template: not a valid format string ({e}); write literal braces as {{{{ and }}}}"]
+    bad = sorted(names - allowed)
+    return [f"data.prompt_template: unknown field {{{b}}} (allowed: {', '.join('{' + a + '}' for a in sorted(allowed))})" for b in bad]
+
+
