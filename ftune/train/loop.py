@@ -8,7 +8,6 @@ gradient as one big batch, however the tokens fall across micro-batches.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,9 @@ from ftune.hooks import TrainState
 from ftune.train.hooks import BudgetHook, QualityGateHook
 from ftune.train.optim import build_optimizer, build_scheduler, default_param_groups
 from ftune.train.interrupt import StopRequest
+from ftune.train.preflight import check_launch, report_data, say_mode, warn_label_collisions
 from ftune.train.progress import RunLog, gpu_memory_gib
-from ftune.train.rundir import RunDir, check_resume, has_checkpoint, open_run_dir, plan, record_resume, trim_metrics
+from ftune.train.rundir import RunDir, check_resume, open_run_dir, plan, record_resume, trim_metrics
 from ftune.train.step import train_step
 
 
@@ -136,19 +136,19 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
                               project_dir=str(final))
     set_seed(cfg.train.seed)
     world = accelerator.num_processes
-    _check_launch(accelerator, console)
+    check_launch(accelerator, console)
     tokenizer = load_tokenizer(cfg.model)
     labels = resolve_labels(cfg.data)
     train_split = load_split(cfg.data.train, cfg.data, tokenizer, labels)  # bad rows are reported here
     if labels is not None:
         cfg.data.labels = labels  # frozen into ftune.yaml so eval scores the same label set
-        _warn_label_collisions(console, tokenizer, labels, cfg)
+        warn_label_collisions(console, tokenizer, labels, cfg)
     eval_split = load_split(cfg.data.eval, cfg.data, tokenizer, labels) if cfg.data.eval else None
     if cfg.data.test and cfg.data.test not in (cfg.data.train, cfg.data.eval):
         load_examples(cfg.data.test, cfg.data, labels)  # read and checked now, not first at `ftune eval`
-    _report_data(console, "train", train_split, cfg)
+    report_data(console, "train", train_split, cfg)
     if eval_split:
-        _report_data(console, "eval", eval_split, cfg)
+        report_data(console, "eval", eval_split, cfg)
     if len(train_split.dataset) == 0:
         raise FtuneError(f"{cfg.data.train}: no example has a target token left within data.max_length "
                          f"{cfg.data.max_length}; raise max_length or shorten the prompts")
@@ -156,7 +156,7 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
     data_sha = file_sha256(cfg.data.train)
     config_text = resolved_yaml(cfg)
     changes = check_resume(final, config_text, data_sha) if mode == "resume" else {}
-    _say_mode(console, mode, final, resume, changes)
+    say_mode(console, mode, final, resume, changes)
 
     model, optimizer, scheduler, hooks = build_training(cfg, method, accelerator, total_steps)
     # The directory is made (and locked) only now: a model or method that fails to load leaves nothing behind.
@@ -328,49 +328,11 @@ def _summary(run: Run) -> dict:
             "stop_reason": s.stop_reason, "final_eval": {}, "device": str(run.accelerator.device)}
 
 
-def _check_launch(accelerator, console: Console) -> None:
-    """A launcher that started N processes which did not join one training would run N trainings into one
-    run directory; and GPUs left idle deserve a word."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
-        hint = " (on CPU, set ACCELERATE_USE_CPU=1 so accelerate uses gloo)" if not torch.cuda.is_available() else ""
-        raise FtuneError(f"launched as {launched} processes, but they did not form one distributed training "
-                         f"(accelerate sees {accelerator.num_processes}){hint}; launch with `accelerate launch -m ftune train "
-                         f"CONFIG` or `torchrun --nproc_per_node N -m ftune train CONFIG`")
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if accelerator.num_processes == 1 and gpus > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        console.print(f"note: {gpus} GPUs are visible but this run uses one; to train on all of them: "
-                      f"torchrun --nproc_per_node {gpus} -m ftune train CONFIG")
-
-
 def _precision(cfg: RunConfig) -> str:
     mp = cfg.train.mixed_precision
     if mp == "auto":
         return "bf16" if torch.cuda.is_available() and bf16_preferred("cuda") else "no"
     return mp
-
-
-def _say_mode(console: Console, mode: str, final: Path, resume: bool, changes: dict) -> None:
-    if mode == "stage" and not has_checkpoint(final) and not any((final / a).is_dir() for a in ("adapter", "model")):
-        console.print(f"{final} holds an unfinished run that saved nothing: starting it over")
-    elif mode == "new" and resume:
-        console.print(f"--resume: nothing to resume in {final}; starting from step 0")
-    for key, (old, new) in changes.items():
-        console.print(f"[yellow]warning:[/] resuming with {key} changed: {old!r} → {new!r} (recorded in resumes.jsonl)",
-                      highlight=False)
-
-
-def _warn_label_collisions(console: Console, tokenizer, labels: list[str], cfg: RunConfig) -> None:
-    """Labels whose target tokens are identical can never be told apart by label scoring: they always tie."""
-    from ftune.eval.scoring import label_token_ids
-
-    seen: dict[tuple, str] = {}
-    for label, ids in zip(labels, label_token_ids(tokenizer, labels, cfg.data)):
-        if tuple(ids) in seen:
-            console.print(f"[yellow]warning:[/] labels {seen[tuple(ids)]!r} and {label!r} tokenize identically "
-                          f"({ids}); their scores always tie and the first one always wins. Rename one of them",
-                          highlight=False)
-        seen.setdefault(tuple(ids), label)
 
 
 def _flops_per_token(model, method, trainable: int, split: Split) -> float | None:
@@ -413,11 +375,3 @@ def _evaluate(run: Run, log: RunLog) -> dict:
     return metrics
 
 
-def _report_data(console: Console, name: str, split: Split, cfg: RunConfig) -> None:
-    s = split.stats
-    msg = f"{name}: {s.examples:,} examples, {s.tokens:,} tokens ({s.target_tokens:,} in targets)"
-    if s.truncated:
-        msg += f"; [yellow]{s.truncated} truncated at max_length {cfg.data.max_length}[/]"
-    if s.dropped:
-        msg += f"; [yellow]{s.dropped} dropped (no target token left to predict: cut by max_length, or only at the first position)[/]"
-    console.print(msg)

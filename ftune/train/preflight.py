@@ -1,0 +1,63 @@
+"""What training's set-up checks and says before the model loads: the launch, the run directory's fate,
+the data (how much, what was cut), labels that can never be told apart."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from ftune.config import RunConfig
+from ftune.data import Split
+from ftune.errors import FtuneError
+from ftune.train.rundir import has_checkpoint
+
+
+def check_launch(accelerator, console: Console) -> None:
+    """A launcher that started N processes which did not join one training would run N trainings into one
+    run directory; and GPUs left idle deserve a word."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        hint = " (on CPU, set ACCELERATE_USE_CPU=1 so accelerate uses gloo)" if not torch.cuda.is_available() else ""
+        raise FtuneError(f"launched as {launched} processes, but they did not form one distributed training "
+                         f"(accelerate sees {accelerator.num_processes}){hint}; launch with `accelerate launch -m ftune train "
+                         f"CONFIG` or `torchrun --nproc_per_node N -m ftune train CONFIG`")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if accelerator.num_processes == 1 and gpus > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        console.print(f"note: {gpus} GPUs are visible but this run uses one; to train on all of them: "
+                      f"torchrun --nproc_per_node {gpus} -m ftune train CONFIG")
+
+
+def say_mode(console: Console, mode: str, final: Path, resume: bool, changes: dict) -> None:
+    if mode == "stage" and not has_checkpoint(final) and not any((final / a).is_dir() for a in ("adapter", "model")):
+        console.print(f"{final} holds an unfinished run that saved nothing: starting it over")
+    elif mode == "new" and resume:
+        console.print(f"--resume: nothing to resume in {final}; starting from step 0")
+    for key, (old, new) in changes.items():
+        console.print(f"[yellow]warning:[/] resuming with {key} changed: {old!r} → {new!r} (recorded in resumes.jsonl)",
+                      highlight=False)
+
+
+def warn_label_collisions(console: Console, tokenizer, labels: list[str], cfg: RunConfig) -> None:
+    """Labels whose target tokens are identical can never be told apart by label scoring: they always tie."""
+    from ftune.eval.scoring import label_token_ids
+
+    seen: dict[tuple, str] = {}
+    for label, ids in zip(labels, label_token_ids(tokenizer, labels, cfg.data)):
+        if tuple(ids) in seen:
+            console.print(f"[yellow]warning:[/] labels {seen[tuple(ids)]!r} and {label!r} tokenize identically "
+                          f"({ids}); their scores always tie and the first one always wins. Rename one of them",
+                          highlight=False)
+        seen.setdefault(tuple(ids), label)
+
+
+def report_data(console: Console, name: str, split: Split, cfg: RunConfig) -> None:
+    s = split.stats
+    msg = f"{name}: {s.examples:,} examples, {s.tokens:,} tokens ({s.target_tokens:,} in targets)"
+    if s.truncated:
+        msg += f"; [yellow]{s.truncated} truncated at max_length {cfg.data.max_length}[/]"
+    if s.dropped:
+        msg += f"; [yellow]{s.dropped} dropped (no target token left to predict: cut by max_length, or only at the first position)[/]"
+    console.print(msg)
