@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftune.quant import dequantize
+
 
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear or a bitsandbytes 4/8-bit linear (which subclass nn.Linear)."""
@@ -23,12 +25,7 @@ def is_linear(module: nn.Module) -> bool:
 
 def dense_weight(layer: nn.Linear) -> torch.Tensor:
     """The layer's weight as a dense tensor, dequantizing a bitsandbytes 4-bit weight."""
-    weight = layer.weight
-    if getattr(weight, "quant_state", None) is not None:  # TODO(is_4bit)
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state)
-    return weight
+    return dequantize(layer.weight)
 
 
 def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

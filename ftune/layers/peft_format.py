@@ -27,11 +27,17 @@ from safetensors.torch import load_file, save_file
 
 from ftune.errors import FtuneError
 from ftune.io import read_json_file
-from ftune.layers.adalora import TRIPLET, AdaLoraLinear, adalora_scaling, merge_adalora_weight
+from ftune.layers.adalora import (
+    TRIPLET,
+    AdaLoraLinear,
+    adalora_scaling,
+    merge_adalora_weight,
+)
 from ftune.layers.inject import adapter_modules, inject_adapters
 from ftune.layers.lora import LoraLinear, merge_lora_weight
 from ftune.layers.sora import SoraLinear, pruned_lora
 from ftune.models import check_safetensors
+from ftune.quant import is_4bit
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -109,8 +115,7 @@ def check_fit(model, tensors: dict, adapter_dir: Path) -> None:
 
 def weight_shape(weight) -> tuple[int, int]:
     """(out, in) of a linear's weight; a bitsandbytes 4-bit weight is packed, its quant_state has the real shape."""
-    state = getattr(weight, "quant_state", None)  # TODO(is_4bit)
-    return tuple(state.shape) if state is not None else tuple(weight.shape)
+    return tuple(weight.quant_state.shape) if is_4bit(weight) else tuple(weight.shape)
 
 
 def _fits(part: str, t: torch.Tensor, weight_shape: tuple) -> bool:

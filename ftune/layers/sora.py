@@ -12,7 +12,12 @@ import math
 import torch
 from torch import nn
 
-from ftune.layers.lora import AdapterLayer, adapter_input, dense_weight, merge_lora_weight
+from ftune.layers.lora import (
+    AdapterLayer,
+    adapter_input,
+    dense_weight,
+    merge_lora_weight,
+)
 
 
 class SoraLinear(AdapterLayer):

@@ -32,8 +32,8 @@ from torch import nn
 
 from ftune.config.schema import MethodConfig
 from ftune.errors import FtuneError
-from ftune.methods import Method, full, register
 from ftune.hooks import Hook
+from ftune.methods import Method, full, register
 from ftune.param_groups import decay_groups
 
 

@@ -27,17 +27,13 @@ from torch import nn
 from ftune.errors import FtuneError
 from ftune.layers.peft_format import lora_merge
 from ftune.methods import Method, lora, register
+from ftune.quant import is_4bit
 
 
 class QLoraConfig(lora.LoraConfig):
     name: str = Field("qlora", description="Method name.")
     upcast_norms: bool = Field(
         True, description="Keep LayerNorm/RMSNorm weights in fp32 (tiny, steadier numerics); the embedding and head are never upcast.")
-
-
-def is_4bit(module: nn.Module) -> bool:  # TODO(is_4bit)
-    """A bitsandbytes 4-bit linear: its weight carries a quant_state."""
-    return getattr(getattr(module, "weight", None), "quant_state", None) is not None
 
 
 def upcast_norms(model: nn.Module) -> int:

@@ -19,20 +19,42 @@ from ftune.config import RunConfig, resolved_yaml
 from ftune.data import Split, load_examples, load_split, resolve_labels
 from ftune.data.collate import collate_batch, count_targets, epoch_order
 from ftune.errors import FtuneError, Interrupted, RunFailed
-from ftune.io import atomic_dir, file_sha256, remove_stale_temps, write_json_atomic, write_text_atomic
+from ftune.hooks import TrainState
+from ftune.io import (
+    atomic_dir,
+    file_sha256,
+    remove_stale_temps,
+    write_json_atomic,
+    write_text_atomic,
+)
 from ftune.kernels import apply_kernels, resolve_kernels
 from ftune.kernels.plan import check_plan
 from ftune.methods import Method, PrepareContext, get_method
 from ftune.models import bf16_preferred, count_parameters, load_model, load_tokenizer
 from ftune.perf import read_model_config
-from ftune.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
-from ftune.hooks import TrainState
+from ftune.train.checkpoint import (
+    complete_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ftune.train.hooks import BudgetHook, QualityGateHook
-from ftune.train.optim import build_optimizer, build_scheduler, default_param_groups
 from ftune.train.interrupt import StopRequest
-from ftune.train.preflight import check_launch, report_data, say_mode, warn_label_collisions
+from ftune.train.optim import build_optimizer, build_scheduler, default_param_groups
+from ftune.train.preflight import (
+    check_launch,
+    report_data,
+    say_mode,
+    warn_label_collisions,
+)
 from ftune.train.progress import RunLog, gpu_memory_gib
-from ftune.train.rundir import RunDir, check_resume, open_run_dir, plan, record_resume, trim_metrics
+from ftune.train.rundir import (
+    RunDir,
+    check_resume,
+    open_run_dir,
+    plan,
+    record_resume,
+    trim_metrics,
+)
 from ftune.train.step import train_step
 
 
