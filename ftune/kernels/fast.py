@@ -102,12 +102,20 @@ def _mlp_block(layer, plan: Plan, h):
     return project(plan.ops.swiglu(gate, up), (mlp.down_proj,))[0]
 
 
-def layer_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
-                  use_cache=False, position_embeddings=None, **kwargs):
-    if not (self.training and torch.is_grad_enabled()) or past_key_values is not None:
+# transformers renamed the KV cache argument (past_key_values -> cache); whichever arrives is passed on as it came.
+CACHE_KEYS = ("past_key_values", "cache", "past_key_value")
+
+
+def _has_cache(kwargs: dict) -> bool:
+    return any(kwargs.get(k) is not None for k in CACHE_KEYS)
+
+
+def layer_forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
+    if not (self.training and torch.is_grad_enabled()) or _has_cache(kwargs):
         return self._ftune_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                   past_key_values=past_key_values, use_cache=use_cache,
                                    position_embeddings=position_embeddings, **kwargs)
+    for k in CACHE_KEYS + ("use_cache",):
+        kwargs.pop(k, None)  # training: no cache (None) and nothing for attention to read from them
     plan, lp = self._ftune_plan, self._ftune_layer
     block = lambda h: _attention_block(self, plan, position_embeddings, attention_mask, kwargs, h)  # noqa: E731
     with plan.offload_context() if lp.offload else nullcontext():
@@ -124,7 +132,7 @@ def layer_forward(self, hidden_states, attention_mask=None, position_ids=None, p
 
 def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
                       num_items_in_batch=None, **kwargs):
-    if labels is None or not (self.training and torch.is_grad_enabled()) or kwargs.get("past_key_values") is not None:
+    if labels is None or not (self.training and torch.is_grad_enabled()) or _has_cache(kwargs):
         return self._ftune_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
