@@ -234,17 +234,19 @@ def _steps(run: Run, log: RunLog, stop: StopRequest) -> None:
         skipped_in_row = skipped_in_row + 1 if result.skipped else 0
         if skipped_in_row >= MAX_SKIPS_IN_ROW:
             _fail(run, f"{MAX_SKIPS_IN_ROW} steps in a row had a non-finite loss or gradient (last: step {state.step})")
-        pending += torch.nan_to_num(result.loss, nan=0.0) if result.skipped else result.loss
+        if not result.skipped:  # a skipped step's non-finite loss stays out of the logged mean
+            pending += result.loss
+            state.loss_steps += 1
         first_bad = torch.where((first_bad == 0) & ~_finite(result), state.step, first_bad)
-        state.loss_steps += 1
         log.count(result.tokens)
         log.step(state.step)
         last_step = state.step == state.total_steps or state.stop_reason is not None
         if state.step % cfg.train.log_every == 0 or last_step:
             # each process holds its share of the global loss (its tokens / all processes' tokens): sum them
-            metrics = {"loss": float(_global_sum(accelerator, pending)) / state.loss_steps, "lr": state.scheduler.get_last_lr()[0],
-                       "epoch": round(state.epoch + state.batch_in_epoch / batches_per_epoch, 3),
-                       "tokens": state.tokens, **state.log}
+            loss = float(_global_sum(accelerator, pending)) / max(state.loss_steps, 1)
+            metrics = {"loss": loss} if state.loss_steps else {}  # none when every step since the last line was skipped
+            metrics |= {"lr": state.scheduler.get_last_lr()[0], "epoch": round(state.epoch + state.batch_in_epoch /
+                        batches_per_epoch, 3), "tokens": state.tokens, **state.log}
             if result.grad_norm is not None:
                 metrics["grad_norm"] = float(result.grad_norm)
             if state.skipped_steps:
