@@ -99,3 +99,21 @@ def test_temperature_fit_ece_and_in_scope_recall_objective():
     chosen = C.choose_threshold(gold_l, pred, [0.9, 0.6, 0.5, 0.7], labels, "other", "in_scope_recall", 0.5)
     assert chosen["met"] and chosen["false_accept_rate"] <= 0.5 and chosen["in_scope_recall"] == 1.0
     assert chosen["value"] == pytest.approx(0.6)  # keeps both in-scope rows, rejects "other" at 0.5 (not at 0.7)
+
+
+def test_a_100_step_sora_run_with_the_recipe_defaults_prunes_some_ranks_and_reports_them(make_config, tmp_path):
+    run = tmp_path / "sora"
+    config = make_config({"recipe": "sora"}, out_dir=run,
+                         replace={"method": {"name": "sora"}, "train": {"micro_batch_size": 1, "max_steps": 100, "log_every": 50}})
+    result = ok("train", config)
+    out = " ".join(result.output.split())
+    assert "sora: sparse_lambda auto = " in out and "few ranks will be pruned" not in out
+    report = json.loads((run / "adapter" / "sora_ranks.json").read_text())
+    assert 0 < report["live_ranks"] < report["total_ranks"]  # a real share pruned, not all
+    assert report["live_ranks"] == sum(m["live"] for m in report["modules"].values())
+    assert all(m["r"] == 16 for m in report["modules"].values())
+    assert report["adapter_bytes"] == (run / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert report["adapter_tensor_bytes"] < report["adapter_bytes"]
+    assert report["adapter_tensor_bytes"] == report["size_ratio"] * report["lora_bytes"]
+    assert report["adapter_tensor_bytes"] < report["lora_bytes"]  # pruned ranks are not exported
+    assert f"sora: {report['live_ranks']} of {report['total_ranks']} ranks live" in out
