@@ -122,7 +122,7 @@ def test_every_problem_is_reported_together_with_key_value_and_source(make_confi
         f"{path}: train.micro_batch_size: input should be greater than or equal to 1 (got 0)",
         f"{path}: train.lrr: unknown key (did you mean train.lr?)",
         f"{path}: method.lora_alpha: input should be greater than 0 (got -1)",
-        f"{path}: eval.threshold: input should be less than or equal to 1 (got 2)",
+        f"{path}: eval.threshold: input should be a probability between 0 and 1, auto or null (got 2)",
         "command line: train.epochs: input should be a valid integer, unable to parse string as an integer (got 'abc')",
         "command line: data.max_length: input should be greater than or equal to 8 (got 4)",
     ]

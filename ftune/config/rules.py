@@ -24,6 +24,7 @@ def check_rules(cfg: RunConfig, check_files: bool = True, training: bool = True)
         problems.append(f"data.labels: only used with format: classification (format is {cfg.data.format!r})")
     if cfg.eval.reject_label and isinstance(cfg.data.labels, list) and cfg.eval.reject_label not in cfg.data.labels:
         problems.append(f"eval.reject_label: {cfg.eval.reject_label!r} is not in data.labels")
+    problems += _check_calibration(cfg)
     if cfg.data.prompt_template is not None:
         fields = {"classification": {"text"}, "alpaca": {"instruction", "input"}}.get(cfg.data.format)
         if fields is None:
@@ -51,6 +52,23 @@ def file_problems(cfg: RunConfig) -> list[str]:
 CLASSIFICATION_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_micro_f1", "eval_weighted_f1")
 REJECT_METRICS = ("eval_in_scope_macro_f1", "eval_reject_f1")
 LM_METRICS = ("eval_loss", "eval_perplexity")
+
+
+def _check_calibration(cfg: RunConfig) -> list[str]:
+    """auto thresholds and temperatures are fitted on data.eval's label scores, against reject_label."""
+    problems = []
+    for key in ("threshold", "temperature"):
+        if getattr(cfg.eval, key) != "auto":
+            continue
+        if cfg.data.format != "classification" or cfg.eval.mode != "score":
+            problems.append(f"eval.{key}: auto needs data.format: classification and eval.mode: score (it is fitted on "
+                            f"the label scores)")
+        elif not cfg.data.eval:
+            problems.append(f"eval.{key}: auto needs data.eval (it is chosen on the eval split at the end of training); "
+                            f"set data.eval, or give eval.{key} a number")
+        if key == "threshold" and not cfg.eval.reject_label:
+            problems.append("eval.threshold: auto needs eval.reject_label (low-confidence predictions become that label)")
+    return problems
 
 
 def _check_gates(cfg: RunConfig) -> list[str]:

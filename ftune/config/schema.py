@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
+from pydantic_core import PydanticCustomError
 
 
 class Section(BaseModel):
@@ -163,13 +164,41 @@ class EvalConfig(Section):
     batch_size: int = Field(16, ge=1, description="Examples per forward pass in evaluation.")
     length_normalize: bool = Field(False, description="Score: divide each label's log-likelihood by its token count.")
     reject_label: str | None = Field(None, description="Out-of-scope label (e.g. other): adds in-scope and rejection metrics.")
-    threshold: float | None = Field(None, ge=0, le=1, description="Predictions with probability below this become reject_label.")
+    threshold: float | Literal["auto"] | None = Field(
+        None, description="Predictions with probability below this become reject_label. auto = chosen on data.eval at the end "
+                          "of training by threshold_objective, stored in RUN_DIR/calibration.json and applied by `ftune eval "
+                          "RUN` (needs data.eval and reject_label); a number overrides it; null = no threshold.")
+    threshold_objective: Literal["macro_f1", "in_scope_recall"] = Field(
+        "macro_f1", description="What threshold: auto maximises on data.eval: macro_f1 (over all labels), or in_scope_recall "
+                                "(share of in-scope examples given their label) with a false-accept rate of at most max_false_accept.")
+    max_false_accept: float = Field(
+        0.1, ge=0, le=1, description="threshold_objective: in_scope_recall: the largest share of out-of-scope (reject_label) "
+                                     "examples that may be given an in-scope label.")
+    temperature: float | Literal["auto"] | None = Field(
+        None, description="Score mode: divide the label scores by T before the softmax over the label set (confidence, "
+                          "threshold). auto = one T fitted on data.eval at the end of training (minimum NLL of the gold "
+                          "labels; kept only if it does not raise ECE there), stored in RUN_DIR/calibration.json and applied by `ftune eval RUN`; null = T 1.")
     unknown_labels: Literal["error", "reject"] = Field(
         "error", description="`ftune eval` on rows whose gold label is outside the label set: error = stop, one message per unknown "
                              "label (its row count and first rows); reject = score them as reject_label (which it needs), "
                              "reporting how many rows of each unknown label were mapped.")
     max_new_tokens: int = Field(16, ge=1, description="Generate mode: tokens to generate per example.")
     max_examples: int | None = Field(None, ge=1, description="Evaluate only the first N examples (quick checks).")
+
+
+    @field_validator("threshold")
+    @classmethod
+    def _probability(cls, v):
+        if isinstance(v, float) and not 0 <= v <= 1:
+            raise PydanticCustomError("probability", "input should be a probability between 0 and 1, auto or null")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive(cls, v):
+        if isinstance(v, float) and not v > 0:
+            raise PydanticCustomError("positive", "input should be greater than 0, auto or null")
+        return v
 
 
 class RunConfig(Section):

@@ -266,3 +266,49 @@ def _charmap(path: str) -> frozenset:
         return frozenset(FT2Font(path).get_charmap())
     except (OSError, RuntimeError, ValueError):
         return frozenset()
+
+
+_CALIBRATED_ROWS = (("accuracy", "accuracy"), ("macro-F1", "macro_f1"), ("in-scope macro-F1", "in_scope_macro_f1"),
+                    ("reject F1", "reject_f1"), ("false accept rate", "false_accept_rate"), ("ECE (10 bins)", "ece"))
+
+
+def _source_lines(calibration: dict, fit_t: dict | None, fit_th: dict | None) -> list[str]:
+    out = []
+    temp = calibration["applied_temperature"]
+    if temp != 1.0:
+        where = f"fitted on {Path(fit_t['chosen_on']).name} ({fit_t['examples']} examples) at the end of training" \
+            if fit_t else "eval.temperature"
+        out.append(f"temperature {temp:.3f}: {where}")
+    th = calibration["applied_threshold"]
+    if th is not None:
+        where = (f"chosen on {Path(fit_th['chosen_on']).name} ({fit_th['examples']} examples) at the end of training, "
+                 f"objective {fit_th['objective']}") if fit_th else "eval.threshold"
+        out.append(f"threshold {th:.3f}: {where}")
+    return out
+
+
+def _calibrated_rows(raw: dict, calibrated: dict) -> list[list[str]]:
+    return [[name, _num(raw[key]), _num(calibrated[key])] for name, key in _CALIBRATED_ROWS if key in raw and key in calibrated]
+
+
+def calibration_table(raw: dict, calibrated: dict, calibration: dict) -> Table:
+    """Raw (argmax, T 1, no threshold) and calibrated summaries side by side; the caption says where T and the
+    threshold came from."""
+    table = Table(title="Raw / calibrated")
+    for col, right in (("metric", False), ("raw", True), ("calibrated", True)):
+        table.add_column(col, justify="right" if right else "left")
+    for row in _calibrated_rows(raw, calibrated):
+        table.add_row(*map(_plain, row))
+    table.caption = "; ".join(_source_lines(calibration, _fit(calibration, "temperature_fit"), _fit(calibration, "threshold_fit")))
+    return table
+
+
+def calibration_markdown(raw: dict, calibrated: dict, calibration: dict) -> str:
+    lines = _source_lines(calibration, _fit(calibration, "temperature_fit"), _fit(calibration, "threshold_fit"))
+    return ("## Raw / calibrated\n\n" + _md_table(["metric", "raw", "calibrated"], _calibrated_rows(raw, calibrated))
+            + "\n\n" + "\n".join(f"- {_md_cell(line)}" for line in lines) + "\n")
+
+
+def _fit(calibration: dict, key: str) -> dict | None:
+    value = calibration.get(key)
+    return value if isinstance(value, dict) else None

@@ -22,6 +22,7 @@ from ftune.config.loader import RESOLVED_NAME
 from ftune.data import Split, load_examples, load_split, resolve_labels
 from ftune.data.tokenize import classification_prompts
 from ftune.errors import FtuneError
+from ftune.eval import calibrate as C
 from ftune.eval import metrics as M
 from ftune.eval import report as R
 from ftune.eval.scoring import label_logprobs, label_token_ids, lm_loss, predict_labels
@@ -32,8 +33,14 @@ from ftune.models import bf16_preferred, load_model, load_tokenizer
 INVALID = "<invalid>"
 
 
-def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[str] | None, progress=None) -> dict:
-    """Metrics of `model` on a loaded split. Returns summary (flat numbers), report and predictions."""
+def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[str] | None, progress=None,
+                   calibration: dict | None = None, fit: bool | None = False) -> dict:
+    """Metrics of `model` on a loaded split. Returns summary (flat numbers, with eval's temperature and threshold
+    applied), summary_raw (neither applied; only when one is), report and predictions.
+
+    eval.threshold / eval.temperature `auto` take their value from `calibration` (the run's calibration.json), or,
+    with `fit`, choose it on this split (the end of training): result["calibration"] is then what to store;
+    `fit=None` (evaluations during training) leaves them unapplied, as nothing is chosen yet."""
     examples = split.examples[: cfg.eval.max_examples] if cfg.eval.max_examples else split.examples
     if cfg.data.format != "classification":
         dataset = split.dataset.select(range(min(len(split.dataset), len(examples))))
@@ -43,30 +50,40 @@ def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[
     # Long inputs are shortened exactly as training shortened them (the label's room kept free).
     prompts, shortened = classification_prompts(tokenizer, examples, cfg.data, labels)
     gold = [e.label for e in examples]
+    reject = cfg.eval.reject_label
+    if reject is not None and reject not in labels:
+        raise FtuneError(f"eval.reject_label: {reject!r} is not one of the {len(labels)} labels")
+    calib = None
     if cfg.eval.mode == "generate":
         outputs, pred = generate_labels(model, tokenizer, prompts, labels, cfg, progress)
-        conf = None
+        conf = raw_conf = None
     else:
         logprobs, lengths = label_logprobs(model, tokenizer, prompts, label_token_ids(tokenizer, labels, cfg.data),
                                            cfg.eval.batch_size, cfg.data.max_length, progress)
         _require_finite(logprobs, "label scores")
-        pred, probs = predict_labels(logprobs, lengths, labels, cfg.eval.length_normalize)
+        pred, raw_probs = predict_labels(logprobs, lengths, labels, cfg.eval.length_normalize)
+        raw_conf = raw_probs.max(-1).values.tolist()
+        calib = _calibration(cfg, logprobs, lengths, gold, pred, labels, calibration, fit, split.path)
+        probs = raw_probs if calib["temperature"] == 1.0 else \
+            predict_labels(logprobs, lengths, labels, cfg.eval.length_normalize, calib["temperature"])[1]
         conf = probs.max(-1).values.tolist()
         outputs = None
-    reject = cfg.eval.reject_label
-    if reject is not None and reject not in labels:
-        raise FtuneError(f"eval.reject_label: {reject!r} is not one of the {len(labels)} labels")
     scored = pred  # before any threshold: what the sweep starts from
-    if cfg.eval.threshold is not None and conf is not None:
+    threshold = calib["threshold"] if calib else cfg.eval.threshold
+    if threshold is not None and conf is not None:
         if reject is None:
             raise FtuneError("eval.threshold: needs eval.reject_label (low-confidence predictions become that label)")
-        pred = M.apply_threshold(pred, conf, cfg.eval.threshold, reject)
+        pred = M.apply_threshold(pred, conf, threshold, reject)
     report = M.classification_report(gold, pred, labels, reject_label=reject, invalid_label=INVALID)
-    summary = {"accuracy": report["accuracy"], "macro_f1": report["macro"]["f1"], "micro_f1": report["micro"]["f1"],
-               "weighted_f1": report["weighted"]["f1"]}
-    if reject is not None:
-        summary |= {"in_scope_macro_f1": report["in_scope"]["macro"]["f1"], "reject_f1": report["reject"]["f1"],
-                    "false_accept_rate": report["reject"]["false_accept_rate"]}
+    summary = _summary(report, reject)
+    result = {"summary": summary, "report": report}
+    if conf is not None:
+        correct = [p == g for p, g in zip(scored, gold)]
+        summary["ece"] = M_ece(conf, correct)
+        if calib["applied"]:
+            raw_report = M.classification_report(gold, scored, labels, reject_label=reject, invalid_label=INVALID)
+            result["summary_raw"] = _summary(raw_report, reject) | {"ece": M_ece(raw_conf, correct)}
+            result["calibration"] = calib
     predictions = []
     for i, (e, p) in enumerate(zip(examples, pred)):
         row = {"row": e.row, "text": e.text, "gold": e.label, "pred": p}
@@ -80,8 +97,76 @@ def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[
         if outputs is not None:
             row["output"] = outputs[i]
         predictions.append(row)
-    return {"summary": summary, "report": report, "predictions": predictions, "confidence": conf, "scored": scored,
-            "shortened": sum(shortened)}
+    return result | {"predictions": predictions, "confidence": conf, "scored": scored, "shortened": sum(shortened)}
+
+
+def _summary(report: dict, reject: str | None) -> dict:
+    summary = {"accuracy": report["accuracy"], "macro_f1": report["macro"]["f1"], "micro_f1": report["micro"]["f1"],
+               "weighted_f1": report["weighted"]["f1"]}
+    if reject is not None:
+        summary |= {"in_scope_macro_f1": report["in_scope"]["macro"]["f1"], "reject_f1": report["reject"]["f1"],
+                    "false_accept_rate": report["reject"]["false_accept_rate"]}
+    return summary
+
+
+def _calibration(cfg: RunConfig, logprobs, lengths, gold, pred, labels, stored: dict | None, fit: bool, where) -> dict:
+    """The temperature and threshold this evaluation applies, and where each came from.
+    With `fit`, `auto` ones are chosen on these examples (the eval split at the end of training)."""
+    ev = cfg.eval
+    out = {"temperature": 1.0, "threshold": None, "applied": False}
+    if ev.temperature == "auto":
+        if fit:
+            scores = logprobs / lengths if ev.length_normalize else logprobs
+            ids = torch.tensor([labels.index(g) for g in gold])
+            fitted = C.fit_temperature(scores, ids)
+            correct = [p == g for p, g in zip(pred, gold)]
+            ece = {t: C.expected_calibration_error(torch.softmax(scores.float() / t, -1).max(-1).values.tolist(), correct)
+                   for t in (1.0, fitted)}
+            # The NLL fit can still bin worse on a small split: then T stays 1, and the record says why.
+            t = fitted if ece[fitted] <= ece[1.0] else 1.0
+            out["temperature_fit"] = {"value": t, "fitted": fitted, "nll_before": C.nll(scores, ids, 1.0),
+                                      "nll_after": C.nll(scores, ids, fitted), "ece_before": ece[1.0], "ece_after": ece[fitted],
+                                      "kept": "fitted" if t == fitted else "1.0: the fitted T raised ECE on this split",
+                                      "chosen_on": str(where), "examples": len(gold)}
+            out["temperature"] = t
+        elif stored and stored.get("temperature"):
+            out["temperature"] = float(stored["temperature"]["value"])
+            out["temperature_fit"] = stored["temperature"]
+        elif fit is not None:
+            raise FtuneError(_no_calibration("temperature"))
+    elif ev.temperature is not None:
+        out["temperature"] = float(ev.temperature)
+    if ev.threshold == "auto":
+        if fit:
+            probs = predict_labels(logprobs, lengths, labels, ev.length_normalize, out["temperature"])[1]
+            chosen = C.choose_threshold(gold, pred, probs.max(-1).values.tolist(), labels, ev.reject_label,
+                                        ev.threshold_objective, ev.max_false_accept)
+            out["threshold_fit"] = chosen | {"objective": ev.threshold_objective, "chosen_on": str(where),
+                                             "examples": len(gold), "temperature": out["temperature"]}
+            out["threshold"] = chosen["value"]
+        elif stored and stored.get("threshold"):
+            out["threshold"] = float(stored["threshold"]["value"])
+            out["threshold_fit"] = stored["threshold"]
+        elif fit is not None:
+            raise FtuneError(_no_calibration("threshold"))
+    elif ev.threshold is not None:
+        out["threshold"] = float(ev.threshold)
+    out["applied"] = out["threshold"] is not None or out["temperature"] != 1.0
+    return out
+
+
+def _no_calibration(key: str) -> str:
+    return (f"eval.{key}: auto, but no {C.CALIBRATION_FILE} holds one: only a training run with data.eval stores it "
+            f"(at the end of training); pass eval.{key}=VALUE, or eval.{key}=null")
+
+
+def M_ece(conf, correct) -> float:
+    return C.expected_calibration_error(conf, correct)
+
+
+def stored_calibration(calib: dict) -> dict:
+    """What a run keeps in calibration.json: each fitted value with its objective and the split it was chosen on."""
+    return {"temperature": calib.get("temperature_fit"), "threshold": calib.get("threshold_fit")}
 
 
 def _require_finite(scores: torch.Tensor, what: str) -> None:
@@ -183,7 +268,8 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"eval {Path(data).name}", total=n)
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16_preferred(device)):
-            result = evaluate_model(model, tokenizer, split, cfg, labels, lambda k: bar.advance(task, k))
+            result = evaluate_model(model, tokenizer, split, cfg, labels, lambda k: bar.advance(task, k),
+                                    calibration=C.read_calibration(run_dir if kind == "run" else root))
     meta = {"target": str(Path(target).resolve()), "kind": kind, "model": cfg.model.path, "method": cfg.method.name if kind in ("run", "merged") else "base",
             "dataset": str(Path(data).resolve()), "dataset_sha256": file_sha256(data), "examples": n, "mode": cfg.eval.mode,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
@@ -241,6 +327,11 @@ def _write_report(out_dir: Path, result: dict, meta: dict, cfg: RunConfig, label
     title = f"{meta['method']} on {Path(meta['dataset']).name}"
     axis_index = None
     body = {"meta": meta, "eval_config": cfg.eval.model_dump(mode="json"), "summary": result["summary"], "metrics": result["report"]}
+    calib = result.get("calibration")
+    if calib:
+        body["summary_raw"] = result["summary_raw"]
+        body["calibration"] = {"applied_temperature": calib["temperature"], "applied_threshold": calib["threshold"],
+                               **{k: calib[k] for k in ("temperature_fit", "threshold_fit") if calib.get(k)}}
     if cfg.data.format == "classification":
         gold = [p["gold"] for p in result["predictions"]]
         pred = [p["pred"] for p in result["predictions"]]
@@ -251,14 +342,19 @@ def _write_report(out_dir: Path, result: dict, meta: dict, cfg: RunConfig, label
         R.save_confusion_png(matrix, axis, out_dir / "confusion.png")
         axis_index = axis if R.label_font(axis) is None else None  # the PNG numbers its axes: list the names
         sweep = R.sweep_lines(body["threshold_sweep"]) if "threshold_sweep" in body else None
-        write_text_atomic(out_dir / "report.md", R.to_markdown(result["report"], title, top, meta={k: v for k, v in meta.items() if k != "run"},
-                                                              axis_index=axis_index, sweep_lines=sweep))
+        md = R.to_markdown(result["report"], title, top, meta={k: v for k, v in meta.items() if k != "run"},
+                           axis_index=axis_index, sweep_lines=sweep)
+        if calib:
+            md += "\n" + R.calibration_markdown(result["summary_raw"], result["summary"], body["calibration"])
+        write_text_atomic(out_dir / "report.md", md)
         console.print(R.metrics_table(result["report"], title))
         reject = R.reject_table(result["report"])
         if reject is not None:
             console.print(reject)
         if top:
             console.print(R.confusions_table(top))
+        if calib:
+            console.print(R.calibration_table(result["summary_raw"], result["summary"], body["calibration"]))
         if sweep:
             console.print("confidence threshold sweep: " + "; ".join(sweep), markup=False, highlight=False)
     else:

@@ -108,10 +108,12 @@ def _score_chunk(model, chunk, fed, fed_mask, targets, width, device, pad_id) ->
     return (scores + gathered.sum(-1).view(b, n_labels)).cpu()
 
 
-def predict_labels(logprobs: torch.Tensor, lengths: torch.Tensor, labels: list[str], length_normalize: bool):
-    """(predicted labels, probability of each label [N, L]): softmax over the label set of the scores."""
+def predict_labels(logprobs: torch.Tensor, lengths: torch.Tensor, labels: list[str], length_normalize: bool,
+                   temperature: float = 1.0):
+    """(predicted labels, probability of each label [N, L]): softmax over the label set of the scores / temperature
+    (the argmax, so the predicted label, does not depend on the temperature)."""
     scores = logprobs / lengths if length_normalize else logprobs
-    probs = torch.softmax(scores, -1)
+    probs = torch.softmax(scores.float() / temperature, -1)
     return [labels[i] for i in probs.argmax(-1).tolist()], probs
 
 

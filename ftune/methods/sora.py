@@ -15,7 +15,12 @@ and stays there while its normalised gradient stays below λ, independent of the
 the gates done by hand in the hook (exact ISTA), would put λ in gradient units, which vary with model
 and loss, and gates (whose gradient is 0 while B = 0) would need lrs of order 1 to move; not taken.
 The threshold alone moves a gate by at most Σ_t η_t·λ_t over a run, so the hook warns when that is < 1
-(the gates' starting value): such a run cannot prune much.
+(the gates' starting value): such a run cannot prune much. sparse_lambda: auto (the recipe's) picks λ from the
+run's length so that this sum is sparse_target (2 by default), capped at λ 0.5: short runs get a larger λ, long
+ones a smaller. It sizes the pull, not the gradients: a gate whose normalised gradient stays above λ still lives
+(on the tiny test model, near full-batch, 100 steps prune only a few of 224 ranks).
+At export `rank_report` writes adapter/sora_ranks.json: live ranks per module and the adapter's size against a
+LoRA of rank r on the same modules.
 
 Hooks: `SoraHook` — after_backward notes the gates' lr for this step (the scheduler advances before the
 after-step point), after_optimizer_step applies the threshold and logs `sora_l1` (λ·Σ|g|) and
@@ -28,9 +33,10 @@ adapter and of `target_modules`. Mergeable like LoRA (`ftune merge`).
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -47,6 +53,7 @@ from ftune.perf import adapter_params
 
 GATE_GROUP = "sora_gates"  # the `name` of the optimizer param group holding the gates
 RANKS_FILE = "sora_ranks.jsonl"
+RANKS_REPORT = "sora_ranks.json"  # in the adapter directory: live ranks per module at export, sizes
 
 
 class SoraConfig(MethodConfig):
@@ -58,10 +65,15 @@ class SoraConfig(MethodConfig):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
         description="Linear layers to adapt: leaf names (q_proj, v_proj, …) or all-linear (every linear but the head).")
-    sparse_lambda: float = Field(
-        0.2, ge=0, lt=1,
+    sparse_lambda: Annotated[float, Field(ge=0, lt=1)] | Literal["auto"] = Field(
+        0.2,
         description="λ, the L1 strength on the gates: after each step g ← soft-threshold(g, gate lr × λ). With Adam "
-                    "a gate dies once its normalised gradient stays below λ (so λ < 1); larger prunes more.")
+                    "a gate dies once its normalised gradient stays below λ (so λ < 1); larger prunes more. auto = "
+                    "from the run's length: Σ η·λ over the run's steps reaches sparse_target (at most λ 0.5).")
+    sparse_target: float = Field(
+        2.0, gt=0,
+        description="sparse_lambda: auto: how far, in units of a gate's starting value 1, the threshold alone may move "
+                    "a gate over the run (Σ_t η_t·λ_t); above 1 a gate whose gradient stays small ends at 0.")
     lambda_schedule: Literal["constant", "linear"] = Field(
         "constant",
         description="constant: λ from the first step; linear: λ ramps from 0 to sparse_lambda over lambda_warmup_steps.")
@@ -77,18 +89,32 @@ class SoraConfig(MethodConfig):
         return self
 
 
-def lambda_at(cfg: SoraConfig, step: int) -> float:
-    """λ in force at optimizer step `step` (1-based)."""
+AUTO_LAMBDA_MAX = 0.5  # auto never goes above: gates whose normalised gradient stays above it live
+
+
+def lambda_at(cfg: SoraConfig, step: int, peak: float | None = None) -> float:
+    """λ in force at optimizer step `step` (1-based); `peak` = the resolved sparse_lambda (needed when auto)."""
+    lam = cfg.sparse_lambda if peak is None else peak
+    if lam == "auto":
+        raise ValueError("sparse_lambda: auto is resolved from the run's length (resolve_lambda) before use")
     if cfg.lambda_schedule == "linear":
-        return cfg.sparse_lambda * min(1.0, step / cfg.lambda_warmup_steps)
-    return cfg.sparse_lambda
+        return lam * min(1.0, step / cfg.lambda_warmup_steps)
+    return lam
 
 
-def shrink_budget(cfg: SoraConfig, train_cfg, gate_lr: float, total_steps: int) -> float:
+def shrink_budget(cfg: SoraConfig, train_cfg, gate_lr: float, total_steps: int, peak: float | None = None) -> float:
     """Σ_t η_t·λ_t over the run: how far the threshold alone can move a gate towards 0 (gates start at 1)."""
     warm = warmup_steps(train_cfg, total_steps)
-    return sum(gate_lr * lr_factor(s, total_steps, warm, train_cfg.lr_scheduler) * lambda_at(cfg, s + 1)
+    return sum(gate_lr * lr_factor(s, total_steps, warm, train_cfg.lr_scheduler) * lambda_at(cfg, s + 1, peak)
                for s in range(total_steps))
+
+
+def resolve_lambda(cfg: SoraConfig, train_cfg, gate_lr: float, total_steps: int) -> float:
+    """sparse_lambda, with auto = the λ whose Σ η·λ over this run's steps is sparse_target (capped at AUTO_LAMBDA_MAX)."""
+    if cfg.sparse_lambda != "auto":
+        return cfg.sparse_lambda
+    per_unit = shrink_budget(cfg, train_cfg, gate_lr, total_steps, peak=1.0)
+    return min(AUTO_LAMBDA_MAX, cfg.sparse_target / per_unit) if per_unit > 0 else AUTO_LAMBDA_MAX
 
 
 def sora_modules(model) -> dict[str, SoraLinear]:
@@ -108,13 +134,19 @@ class SoraHook(Hook):
         self.modules: dict[str, SoraLinear] = {}
         self.group: dict | None = None
         self.eta = 0.0
+        self.lam = cfg.sparse_lambda
 
     def on_train_start(self, state: TrainState) -> None:
         self.modules = sora_modules(state.accelerator.unwrap_model(state.model))
         self.group = next((g for g in state.optimizer.param_groups if g.get("name") == GATE_GROUP), None)
         if self.group is None:
             raise FtuneError("sora: the optimizer has no gate param group (were sora's param_groups replaced?)")
-        budget = shrink_budget(self.cfg, state.cfg.train, self.group.get("initial_lr", self.group["lr"]), state.total_steps)
+        gate_lr = self.group.get("initial_lr", self.group["lr"])
+        self.lam = resolve_lambda(self.cfg, state.cfg.train, gate_lr, state.total_steps)
+        budget = shrink_budget(self.cfg, state.cfg.train, gate_lr, state.total_steps, self.lam)
+        if self.cfg.sparse_lambda == "auto":
+            print(f"sora: sparse_lambda auto = {self.lam:.4g} for {state.total_steps} steps at gate lr {gate_lr:g} "
+                  f"(Σ η·λ = {budget:.3g}, sparse_target {self.cfg.sparse_target:g})", file=sys.stderr)
         if budget < 1:
             warnings.warn(f"sora: the threshold can shrink a gate by at most Σ η·λ = {budget:.3g} over this run's "
                           f"{state.total_steps} steps, less than a gate's starting value 1; few ranks will be pruned. "
@@ -124,7 +156,7 @@ class SoraHook(Hook):
         self.eta = float(self.group["lr"])  # the lr this step's update uses; the scheduler moves it before the next point
 
     def after_optimizer_step(self, state: TrainState) -> None:
-        lam = lambda_at(self.cfg, state.step)
+        lam = lambda_at(self.cfg, state.step, self.lam)
         for m in self.modules.values():
             soft_threshold_(m.lora_gate.data, self.eta * lam)
         gates = torch.cat([m.lora_gate.detach() for m in self.modules.values()])
@@ -143,7 +175,7 @@ class SoraHook(Hook):
         if not state.accelerator.is_main_process:
             return
         counts = torch.stack([torch.count_nonzero(m.lora_gate.detach()) for m in self.modules.values()]).tolist()
-        line = {"step": state.step, "lambda": lambda_at(self.cfg, state.step), "live_ranks": sum(counts),
+        line = {"step": state.step, "lambda": lambda_at(self.cfg, state.step, self.lam), "live_ranks": sum(counts),
                 "ranks": dict(zip(self.modules, counts))}
         with open(state.run_dir / RANKS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
@@ -168,6 +200,36 @@ def param_groups(model, cfg: SoraConfig, train_cfg) -> list[dict]:
 def save(model, cfg: SoraConfig, out_dir: Path) -> None:
     """Plain LoRA of the live ranks (the gate folded into B), per-module ranks, pruned modules left out."""
     save_pruned_lora(model, out_dir, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
+    report = rank_report(model, cfg, out_dir)
+    (out_dir / RANKS_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"sora: {report['live_ranks']} of {report['total_ranks']} ranks live in {report['modules_kept']} of "
+          f"{len(report['modules'])} modules; adapter weights {report['adapter_tensor_bytes']:,} bytes (file "
+          f"{report['adapter_bytes']:,}) vs {report['lora_bytes']:,} for LoRA r={cfg.r} on the same modules "
+          f"({report['size_ratio']:.1%}); per module: adapter/{RANKS_REPORT}", file=sys.stderr)
+
+
+def rank_report(model, cfg: SoraConfig, out_dir: Path) -> dict:
+    """Live ranks per module at export, and the exported adapter's bytes against a LoRA of rank r on every module
+    (same tensors' dtype as the export: r × (in + out) values per module)."""
+    from safetensors import safe_open
+
+    path = out_dir / "adapter_model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors = [f.get_tensor(k) for k in f.keys()]
+    size = tensors[0].element_size() if tensors else 4
+    tensor_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    modules, lora_values = {}, 0
+    for name, m in sora_modules(model).items():
+        modules[name] = {"r": cfg.r, "live": int(torch.count_nonzero(m.lora_gate.detach()))}
+        lora_values += cfg.r * (m.lora_A.in_features + m.lora_B.out_features)
+    live = sum(v["live"] for v in modules.values())
+    adapter_bytes, lora_bytes = path.stat().st_size, lora_values * size
+    return {"live_ranks": live, "total_ranks": cfg.r * len(modules), "modules_kept": sum(v["live"] > 0 for v in modules.values()),
+            "adapter_bytes": adapter_bytes, "adapter_tensor_bytes": tensor_bytes, "lora_bytes": lora_bytes,
+            "size_ratio": tensor_bytes / lora_bytes if lora_bytes else 0.0,
+            "note": "lora_bytes: tensor values of a LoRA of rank r on every module (r × (in + out) × bytes per value); "
+                    "size_ratio compares the adapter's tensor values with it (adapter_bytes, the file, adds a header)",
+            "modules": modules}
 
 
 def load(model, cfg: SoraConfig, artifact_dir: Path):

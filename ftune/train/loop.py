@@ -329,7 +329,11 @@ def _finish(run: Run, log: RunLog) -> dict:
         run.console.print(f"[green]saved[/] {state.run_dir / run.method.artifact}  ({state.step} steps, "
                           f"{state.tokens:,} tokens, {state.seconds():.0f}s)")
     try:
-        summary["final_eval"] = _evaluate(run, log) if run.eval_split else {}
+        summary["final_eval"] = _evaluate(run, log, final=True) if run.eval_split else {}
+        from ftune.eval.calibrate import read_calibration
+
+        if run.eval_split and (stored := read_calibration(state.run_dir)):
+            summary["calibration"] = stored  # chosen on data.eval just now (also calibration.json); `ftune eval RUN` applies it
     except BaseException as e:
         if accelerator.is_main_process:
             write_json_atomic(state.run_dir / "run.json", summary | {"status": "failed", "failure": f"final evaluation: {e}"})
@@ -382,17 +386,24 @@ def _global_sum(accelerator, t: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(t.reshape(1).clone(), reduction="sum")[0]
 
 
-def _evaluate(run: Run, log: RunLog) -> dict:
-    """Eval on the eval split with the same code as `ftune eval`; logged with an eval_ prefix."""
-    from ftune.eval.run import evaluate_model
+def _evaluate(run: Run, log: RunLog, final: bool = False) -> dict:
+    """Eval on the eval split with the same code as `ftune eval`; logged with an eval_ prefix. The final one
+    chooses eval's `auto` temperature/threshold there and stores them (calibration.json); before, none apply."""
+    from ftune.eval.calibrate import CALIBRATION_FILE
+    from ftune.eval.run import evaluate_model, stored_calibration
 
     state = run.state
     model = state.accelerator.unwrap_model(state.model)
     model.eval()
     with state.accelerator.autocast():
-        result = evaluate_model(model, run.tokenizer, run.eval_split, run.cfg, run.labels)
+        result = evaluate_model(model, run.tokenizer, run.eval_split, run.cfg, run.labels, fit=True if final else None)
     model.train()
     metrics = {f"eval_{k}": v for k, v in result["summary"].items()}
+    if final and result.get("calibration"):
+        metrics |= {f"eval_raw_{k}": v for k, v in result["summary_raw"].items()}
+        stored = stored_calibration(result["calibration"])
+        if any(stored.values()) and state.accelerator.is_main_process:
+            write_json_atomic(state.run_dir / CALIBRATION_FILE, stored)
     log.log(state.step, dict(metrics), throughput=False)
     for h in run.hooks:
         h.on_evaluate(state, metrics)
