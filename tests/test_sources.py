@@ -54,3 +54,61 @@ def test_adapter_of_a_local_model_names_its_absolute_path(make_config, tiny_mode
     assert invoke("train", make_config(out_dir=out)).exit_code == 0
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+
+
+# ---------------------------------------------------------------- data sources
+
+def test_train_from_a_save_to_disk_folder(make_config, data_dir, tmp_path):
+    import datasets
+
+    from conftest import CLS_TRAIN
+
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_list(CLS_TRAIN).save_to_disk(str(folder))
+    out = tmp_path / "run"
+    result = invoke("train", make_config({"data": {"train": str(folder)}}, out_dir=out))
+    assert result.exit_code == 0, result.output
+    assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_train_from_a_mapping_with_data_files(make_config, data_dir, tmp_path):
+    out = tmp_path / "run"
+    source = {"path": "json", "data_files": str(data_dir / "cls_train.jsonl"), "split": "train"}
+    result = invoke("train", make_config({"data": {"train": source}}, out_dir=out))
+    assert result.exit_code == 0, result.output
+    import yaml
+
+    assert yaml.safe_load((out / "ftune.yaml").read_text())["data"]["train"]["data_files"] == str(data_dir / "cls_train.jsonl")
+
+
+def test_a_bad_row_in_a_dataset_is_named_by_row_number(make_config, tmp_path):
+    import datasets
+
+    rows = [{"text": "great movie", "label": "positive"}, {"text": "", "label": "negative"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    result = invoke("train", make_config({"data": {"train": str(tmp_path / "saved")}}))
+    assert result.exit_code == 2
+    assert f"{tmp_path / 'saved'}: row 2: field 'text': empty" in result.output
+
+
+def test_a_hub_dataset_from_the_local_cache(make_config, tmp_path):
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    from conftest import CLS_TRAIN, write_jsonl
+
+    repo = f"testorg/data-{uuid.uuid4().hex[:8]}"
+    snapshot = Path(HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}" / "snapshots" / ("a" * 40)
+    (snapshot / "data").mkdir(parents=True)
+    write_jsonl(snapshot / "data" / "train.jsonl", CLS_TRAIN)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
+    result = invoke("train", make_config({"data": {"train": repo}}, out_dir=tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+
+
+def test_a_hub_dataset_not_in_the_cache_is_one_message(make_config):
+    result = invoke("train", make_config({"data": {"train": "nobody/no-such-dataset"}}))
+    assert result.exit_code == 2
+    assert ("nobody/no-such-dataset: no such file or folder, and hub dataset 'nobody/no-such-dataset' is not in the "
+            "local Hugging Face cache (HF_HUB_OFFLINE is set)") in result.output
+    assert "Traceback" not in result.output

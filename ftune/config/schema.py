@@ -70,10 +70,24 @@ class Columns(Section):
     messages: str = Field("messages", description="Column with the list of {role, content} messages (chat).")
 
 
+class DataSource(Section):
+    """A dataset given as `datasets.load_dataset` takes it, for data.train/eval/test."""
+
+    path: str = Field(description="A builder (json, csv, parquet, text, arrow) with data_files, a local dataset folder (data files inside, or a `save_to_disk` folder) or a hub dataset id (read from the local Hugging Face cache when offline).")
+    name: str | None = Field(None, description="The dataset's configuration (subset) name, when it has several.")
+    split: str = Field("train", description="Which split to read.")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None, description="Data files (globs allowed), relative to `path` when it is a folder: one, a list, or a mapping split -> files.")
+
+
+DATA_SOURCE = ("a data file (.jsonl, .json, .csv, .tsv, .parquet), a `datasets.save_to_disk` folder, a hub dataset id "
+               "from the local cache, or a mapping {path, name, split, data_files} as `datasets.load_dataset` takes")
+
+
 class DataConfig(Section):
-    train: str = Field(description="Training file: .jsonl, .json, .csv, .tsv or .parquet.")
-    eval: str | None = Field(None, description="Evaluation file used during training (eval_every) and by default in `ftune eval`.")
-    test: str | None = Field(None, description="Test file; `ftune eval` uses it when --data is not given.")
+    train: str | DataSource = Field(description=f"Training data: {DATA_SOURCE}.")
+    eval: str | DataSource | None = Field(None, description="Evaluation data used during training (eval_every) and by default in `ftune eval`; the same forms as data.train.")
+    test: str | DataSource | None = Field(None, description="Test data; `ftune eval` uses it when --data is not given; the same forms as data.train.")
     format: Literal["alpaca", "chat", "classification", "text"] = Field("alpaca", description="How rows become prompt and target.")
     columns: Columns = Field(default_factory=Columns, description="Column names in the data files.")
     prompt_template: str | None = Field(

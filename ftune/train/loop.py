@@ -16,13 +16,12 @@ import torch
 from rich.console import Console
 
 from ftune.config import RunConfig, resolved_yaml
-from ftune.data import Split, load_examples, load_split, resolve_labels
+from ftune.data import Split, load_examples, load_split, resolve_labels, source_fingerprint
 from ftune.data.collate import collate_batch, count_targets, epoch_order
 from ftune.errors import FtuneError, Interrupted, RunFailed
 from ftune.hooks import TrainState
 from ftune.io import (
     atomic_dir,
-    file_sha256,
     remove_stale_temps,
     write_json_atomic,
     write_text_atomic,
@@ -175,7 +174,7 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
         raise FtuneError(f"{cfg.data.train}: no example has a target token left within data.max_length "
                          f"{cfg.data.max_length}; raise max_length or shorten the prompts")
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch(len(train_split.dataset), cfg, world)
-    data_sha = file_sha256(cfg.data.train)
+    data_sha = source_fingerprint(cfg.data.train)
     config_text = resolved_yaml(cfg)
     changes = check_resume(final, config_text, data_sha) if mode == "resume" else {}
     say_mode(console, mode, final, resume, changes)
