@@ -112,3 +112,50 @@ def test_a_hub_dataset_not_in_the_cache_is_one_message(make_config):
     assert ("nobody/no-such-dataset: no such file or folder, and hub dataset 'nobody/no-such-dataset' is not in the "
             "local Hugging Face cache (HF_HUB_OFFLINE is set)") in result.output
     assert "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------- trackers
+
+def _not_installed(monkeypatch, *modules):
+    import ftune.train.trackers as trackers
+
+    real = trackers.importable
+    monkeypatch.setattr(trackers, "importable", lambda m: m not in modules and real(m))
+
+
+def test_a_tracker_without_its_package_is_refused_before_the_model_loads(make_config, tmp_path, monkeypatch):
+    _not_installed(monkeypatch, "tensorboard", "tensorboardX")
+    out = tmp_path / "run"
+    result = invoke("train", make_config({"train": {"report_to": ["tensorboard"]}}, out_dir=out))
+    assert result.exit_code == 2, result.output
+    flat = " ".join(result.output.split())
+    assert ("train.report_to: tensorboard needs the tensorboard package, which is not installed: pip install "
+            "tensorboard (or pip install 'ftune[tensorboard]')") in flat
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_the_tensorboard_alias_is_checked_too(make_config, monkeypatch):
+    _not_installed(monkeypatch, "tensorboard", "tensorboardX")
+    result = invoke("train", make_config({"train": {"tensorboard": True}}))
+    assert result.exit_code == 2 and "pip install tensorboard" in result.output
+
+
+def test_an_unknown_tracker_lists_the_known_ones(make_config):
+    result = invoke("train", make_config({"train": {"report_to": ["tensorbored"]}}))
+    assert result.exit_code == 2, result.output
+    flat = " ".join(result.output.split())
+    assert "unknown tracker 'tensorbored'; known: tensorboard, wandb, mlflow" in flat
+    assert "Traceback" not in result.output
+
+
+def test_tensorboard_events_are_written_when_installed(make_config, tmp_path):
+    import pytest
+
+    from ftune.train.trackers import importable
+
+    if not (importable("tensorboard") or importable("tensorboardX")):
+        pytest.skip("tensorboard is not installed")
+    out = tmp_path / "run"
+    result = invoke("train", make_config({"train": {"report_to": ["tensorboard"]}}, out_dir=out))
+    assert result.exit_code == 0, result.output
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))

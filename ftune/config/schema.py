@@ -166,7 +166,20 @@ class TrainConfig(Section):
         "stop", description="A non-finite loss or gradient norm: stop = end the run at once as failed (exit 1, last good "
                             "checkpoint kept, no artifact); skip = skip that step's update (a GPU sync per step), failing after 5 in a row.")
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Budgets that end the run cleanly.")
-    tensorboard: bool = Field(False, description="Also log to TensorBoard (RUN_DIR/tensorboard) through accelerate.")
+    report_to: list[str] = Field(
+        default_factory=list, description="Experiment trackers to log to through accelerate: tensorboard (RUN_DIR/tensorboard), wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio; each needs its package (checked before the model loads: pip install 'ftune[tensorboard]', 'ftune[wandb]', 'ftune[mlflow]').")
+    tensorboard: bool = Field(False, description="Same as adding tensorboard to report_to (kept for older configs).")
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, v):
+        from ftune.train.trackers import TRACKERS
+
+        unknown = [n for n in v if n not in TRACKERS]
+        if unknown:
+            raise ValueError(f"unknown tracker{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                             f"known: {', '.join(TRACKERS)}")
+        return list(dict.fromkeys(v))
     quality_gates: list[QualityGate] = Field(
         default_factory=list, description="Bounds on the final evaluation; a run that misses one is marked failed "
                                           "(run.json status, exit code 1) with its artifact still saved.")

@@ -99,6 +99,17 @@ def _resolve(spec) -> tuple[str, DataSource]:
     return _hub_snapshot(source.path, label), source
 
 
+def _check_data_files(target: str, source: DataSource, label: str) -> None:
+    """Each local data_files entry matches a file (datasets would fail with a bare StopIteration)."""
+    base = Path(target) if Path(target).is_dir() else Path.cwd()
+    for f in _files(source.data_files):
+        if "://" in f:
+            continue
+        pattern = base / os.path.expanduser(f)
+        if not any(p.is_file() for p in pattern.parent.glob(pattern.name)):
+            raise FtuneError(f"{label}: data_files {f!r} matches no file" + (f" in {base}" if not Path(f).is_absolute() else ""))
+
+
 def read_dataset_rows(spec) -> list[dict]:
     """The rows of a non-file source, as dicts (row numbers in messages are 1-based positions)."""
     import datasets
@@ -107,6 +118,7 @@ def read_dataset_rows(spec) -> list[dict]:
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     label = source_label(spec)
     target, source = _resolve(spec)
+    _check_data_files(target, source, label)
     try:
         if Path(target).is_dir() and _is_saved(Path(target)):
             ds = datasets.load_from_disk(target)

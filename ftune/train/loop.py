@@ -55,6 +55,7 @@ from ftune.train.rundir import (
     trim_metrics,
 )
 from ftune.train.step import train_step
+from ftune.train.trackers import check_trackers, start_trackers, tracker_names
 
 
 def micro_batches_per_epoch(n_examples: int, cfg: RunConfig, world: int) -> int:
@@ -153,8 +154,9 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
     method = get_method(cfg.method.name)
     final = Path(cfg.run_dir)
     mode = plan(final, resume, overwrite, method.artifact)
-    accelerator = Accelerator(mixed_precision=_precision(cfg), log_with="tensorboard" if cfg.train.tensorboard else None,
-                              project_dir=str(final))
+    trackers = tracker_names(cfg.train)
+    check_trackers(trackers)  # before the model loads: a missing package is one message with its install command
+    accelerator = Accelerator(mixed_precision=_precision(cfg), log_with=trackers or None, project_dir=str(final))
     set_seed(cfg.train.seed)
     world = accelerator.num_processes
     check_launch(accelerator, console)
@@ -201,9 +203,7 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
             record_resume(final, state.step, changes, config_text)
         else:
             write_text_atomic(rundir.path / "ftune.yaml", config_text)
-    if cfg.train.tensorboard:
-        accelerator.project_configuration.set_directories(str(rundir.path))
-        accelerator.init_trackers("tensorboard")
+    start_trackers(accelerator, trackers, rundir.path, cfg.name)
     flops = _flops_per_token(accelerator.unwrap_model(model), method, trainable, train_split)
     return Run(cfg, accelerator, console, rundir, method, state, hooks, tokenizer, train_split, eval_split, labels,
                trainable, total, flops)
