@@ -159,3 +159,33 @@ def test_tensorboard_events_are_written_when_installed(make_config, tmp_path):
     result = invoke("train", make_config({"train": {"report_to": ["tensorboard"]}}, out_dir=out))
     assert result.exit_code == 0, result.output
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_validate_checks_the_trackers_too(make_config, monkeypatch):
+    _not_installed(monkeypatch, "mlflow")
+    result = invoke("validate", make_config({"train": {"report_to": ["mlflow"]}}))
+    assert result.exit_code == 2, result.output
+    assert "pip install mlflow (or pip install 'ftune[mlflow]')" in " ".join(result.output.split())
+
+
+def test_resume_notices_a_changed_dataset_folder(make_config, tmp_path):
+    import datasets
+
+    from conftest import CLS_TRAIN
+
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_list(CLS_TRAIN).save_to_disk(str(folder))
+    out = tmp_path / "run"
+    config = make_config({"data": {"train": {"path": str(folder)}}, "train": {"max_steps": 2, "save_every": 1}}, out_dir=out)
+    assert invoke("train", config).exit_code == 0
+    more = make_config({"data": {"train": {"path": str(folder)}}, "train": {"max_steps": 3, "save_every": 1}},
+                       name="more.yaml", out_dir=out)
+    result = invoke("train", more, "--resume")
+    assert result.exit_code == 0, result.output
+    datasets.Dataset.from_list(CLS_TRAIN[::-1]).save_to_disk(str(tmp_path / "other"))
+    shutil.rmtree(folder)
+    shutil.move(str(tmp_path / "other"), str(folder))
+    result = invoke("train", make_config({"data": {"train": {"path": str(folder)}}, "train": {"max_steps": 4, "save_every": 1}},
+                                         name="again.yaml", out_dir=out), "--resume")
+    assert result.exit_code == 2, result.output
+    assert "data.train: the file's content changed since the run started" in " ".join(result.output.split())
