@@ -176,6 +176,9 @@ def validate(
         out.print(line, highlight=False, markup=False, soft_wrap=True)
     out.print(memory_report(cfg, method, gpu), highlight=False, markup=False, soft_wrap=True)
     _print_warnings(warnings)
+    from ftune.train.trackers import check_trackers, tracker_names
+
+    check_trackers(tracker_names(cfg.train))  # as `ftune train` does before loading the model
     if missing:
         from ftune.errors import ConfigError
 

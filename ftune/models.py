@@ -60,6 +60,18 @@ def resolve_source(cfg: ModelConfig, path: str | None = None) -> tuple[str, str 
     return _from_hub(path, cfg.revision, gguf), gguf
 
 
+def base_reference(cfg: ModelConfig) -> tuple[str, str | None]:
+    """What an adapter records as its base (PEFT's base_model_name_or_path, revision): the hub id and revision
+    when model.path is a hub id (never the cache snapshot path, which exists only on this machine), else the
+    absolute local path."""
+    path = os.path.expanduser(cfg.path)
+    if path.endswith(".gguf"):
+        return str(Path(path).resolve()), None
+    if Path(path).is_dir() or _looks_local(path):
+        return str(Path(path).resolve()), None
+    return cfg.path, cfg.revision
+
+
 def _from_hub(repo: str, revision: str | None, gguf: str | None) -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
@@ -210,6 +222,10 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str
         raise FtuneError(f"model.path: the weights in {directory} do not match its config.json (tensor shapes differ); "
                          f"{REFETCH}") from None
     model.config.use_cache = False
+    if source is None:  # adapters and merged checkpoints name the base by this, not by the directory it was read from
+        name, revision = base_reference(cfg)
+        model.config._name_or_path = name
+        model.ftune_base_revision = revision
     if quant is not None:
         keep_4bit_layout(model)
     return model

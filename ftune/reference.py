@@ -6,6 +6,9 @@ that the README lists every key, so a new option cannot ship undocumented.
 
 from __future__ import annotations
 
+import types
+import typing
+
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
@@ -26,16 +29,29 @@ def _default(field) -> str:
     return repr(value).replace("'", "")
 
 
-def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for every leaf key of a section, sub-sections expanded."""
-    out = []
+def _union_section(ann) -> type[BaseModel] | None:
+    """The section inside a union such as `str | DataSource` (a key that takes a value or a mapping)."""
+    if typing.get_origin(ann) not in (typing.Union, types.UnionType):
+        return None
+    return next((a for a in typing.get_args(ann) if typing.get_origin(a) is None and isinstance(a, type)
+                 and issubclass(a, BaseModel)), None)
+
+
+def rows(model: type[BaseModel], prefix: str = "", seen: set | None = None) -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every leaf key of a section, sub-sections expanded; a mapping
+    form of a key (`str | Section`) is listed under the first key that takes it."""
+    out, seen = [], set() if seen is None else seen
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel) and name != "method":
-            out += rows(ann, key + ".")
+            out += rows(ann, key + ".", seen)
         elif name != "method":
             out.append((key, _default(field), field.description or ""))
+            section = _union_section(ann)
+            if section is not None and section not in seen:
+                seen.add(section)
+                out += rows(section, key + ".", seen)
     return out
 
 

@@ -54,7 +54,7 @@ def _params_line(cfg: RunConfig, method) -> str | None:
 
 def _steps_line(cfg: RunConfig) -> str | None:
     path = cfg.data.train
-    if path is None or not Path(path).is_file():
+    if not isinstance(path, str) or not Path(path).is_file():
         return None
     if Path(path).suffix not in (".jsonl", ".json"):  # csv/tsv/parquet are counted when training reads them
         return None

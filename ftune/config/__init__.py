@@ -25,7 +25,16 @@ def resolved_yaml(cfg: RunConfig) -> str:
     data["model"]["path"] = _absolute(cfg.model.path)
     data["model"]["tokenizer"] = _absolute(cfg.model.tokenizer)
     for key in ("train", "eval", "test"):
-        data["data"][key] = _absolute(data["data"][key])
+        source = data["data"][key]
+        if isinstance(source, dict):  # a load_dataset-style mapping: its path and local data files
+            source["path"] = _absolute(source["path"])
+            files = source.get("data_files")
+            if isinstance(files, dict):
+                source["data_files"] = {k: _absolute(v) if isinstance(v, str) else [_absolute(f) for f in v] for k, v in files.items()}
+            elif files is not None:
+                source["data_files"] = _absolute(files) if isinstance(files, str) else [_absolute(f) for f in files]
+        else:
+            data["data"][key] = _absolute(source)
     if isinstance(cfg.data.labels, str):
         data["data"]["labels"] = _absolute(cfg.data.labels)
     data["output_dir"] = str(Path(cfg.run_dir).resolve())

@@ -36,13 +36,15 @@ def check_rules(cfg: RunConfig, check_files: bool = True, training: bool = True)
 
 
 def file_problems(cfg: RunConfig) -> list[str]:
-    """Data files that are not there (paths relative to the current directory)."""
+    """Data files that are not there (paths relative to the current directory); other sources are checked when read."""
+    from ftune.data.sources import is_file_source
+
     problems = []
     for key in ("train", "eval", "test"):
         path = getattr(cfg.data, key)
-        if path is not None and Path(path).is_dir():
-            problems.append(f"data.{key}: {path} is a directory; name one data file")
-        elif path is not None and not Path(path).is_file():
+        if not isinstance(path, str) or Path(path).is_dir() or not is_file_source(path):
+            continue  # a mapping, a dataset folder or a hub id: checked when read, before any model loads
+        if not Path(path).is_file():
             where = "" if Path(path).is_absolute() else f" (relative to {Path.cwd()})"
             problems.append(f"data.{key}: file not found: {path}{where}; create it, or point to your file with "
                             f"data.{key}=PATH")

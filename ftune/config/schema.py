@@ -71,10 +71,24 @@ class Columns(Section):
     messages: str = Field("messages", description="Column with the list of {role, content} messages (chat).")
 
 
+class DataSource(Section):
+    """A dataset given as `datasets.load_dataset` takes it, for data.train/eval/test."""
+
+    path: str = Field(description="A builder (json, csv, parquet, text, arrow) with data_files, a local dataset folder (data files inside, or a `save_to_disk` folder) or a hub dataset id (read from the local Hugging Face cache when offline).")
+    name: str | None = Field(None, description="The dataset's configuration (subset) name, when it has several.")
+    split: str = Field("train", description="Which split to read.")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None, description="Data files (globs allowed), relative to `path` when it is a folder: one, a list, or a mapping split -> files.")
+
+
+DATA_SOURCE = ("a data file (.jsonl, .json, .csv, .tsv, .parquet), a `datasets.save_to_disk` folder, a hub dataset id "
+               "from the local cache, or a mapping {path, name, split, data_files} as `datasets.load_dataset` takes")
+
+
 class DataConfig(Section):
-    train: str = Field(description="Training file: .jsonl, .json, .csv, .tsv or .parquet.")
-    eval: str | None = Field(None, description="Evaluation file used during training (eval_every) and by default in `ftune eval`.")
-    test: str | None = Field(None, description="Test file; `ftune eval` uses it when --data is not given.")
+    train: str | DataSource = Field(description=f"Training data: {DATA_SOURCE}.")
+    eval: str | DataSource | None = Field(None, description="Evaluation data used during training (eval_every) and by default in `ftune eval`; the same forms as data.train.")
+    test: str | DataSource | None = Field(None, description="Test data; `ftune eval` uses it when --data is not given; the same forms as data.train.")
     format: Literal["alpaca", "chat", "classification", "text"] = Field("alpaca", description="How rows become prompt and target.")
     columns: Columns = Field(default_factory=Columns, description="Column names in the data files.")
     prompt_template: str | None = Field(
@@ -153,7 +167,20 @@ class TrainConfig(Section):
         "stop", description="A non-finite loss or gradient norm: stop = end the run at once as failed (exit 1, last good "
                             "checkpoint kept, no artifact); skip = skip that step's update (a GPU sync per step), failing after 5 in a row.")
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Budgets that end the run cleanly.")
-    tensorboard: bool = Field(False, description="Also log to TensorBoard (RUN_DIR/tensorboard) through accelerate.")
+    report_to: list[str] = Field(
+        default_factory=list, description="Experiment trackers to log to through accelerate: tensorboard (RUN_DIR/tensorboard), wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio; each needs its package (checked before the model loads: pip install 'ftune[tensorboard]', 'ftune[wandb]', 'ftune[mlflow]').")
+    tensorboard: bool = Field(False, description="Same as adding tensorboard to report_to (kept for older configs).")
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, v):
+        from ftune.train.trackers import TRACKERS
+
+        unknown = [n for n in v if n not in TRACKERS]
+        if unknown:
+            raise ValueError(f"unknown tracker{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                             f"known: {', '.join(TRACKERS)}")
+        return list(dict.fromkeys(v))
     quality_gates: list[QualityGate] = Field(
         default_factory=list, description="Bounds on the final evaluation; a run that misses one is marked failed "
                                           "(run.json status, exit code 1) with its artifact still saved.")

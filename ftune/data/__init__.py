@@ -7,14 +7,16 @@ from dataclasses import dataclass
 from ftune.config.schema import DataConfig, label_set_problems
 from ftune.errors import FtuneError
 from ftune.data.formats import Example, infer_labels, read_labels, read_rows, render
+from ftune.data.sources import source_fingerprint, source_label
 from ftune.data.tokenize import TokenStats, tokenize_split
 
-__all__ = ["Example", "Split", "load_examples", "resolve_labels", "load_split", "read_rows", "render"]
+__all__ = ["Example", "Split", "load_examples", "resolve_labels", "load_split", "read_rows", "render", "source_fingerprint",
+           "source_label"]
 
 
 @dataclass
 class Split:
-    path: str
+    path: object  # str or DataSource
     examples: list[Example]
     dataset: object  # datasets.Dataset with input_ids / labels
     stats: TokenStats
@@ -33,14 +35,14 @@ def resolve_labels(cfg: DataConfig) -> list[str] | None:
     return labels
 
 
-def load_examples(path: str, cfg: DataConfig, labels: list[str] | None, unknown_to: str | None = None,
+def load_examples(path, cfg: DataConfig, labels: list[str] | None, unknown_to: str | None = None,
                   unknown_hint: str = "") -> list[Example]:
     """The file's rows checked and rendered; gold labels outside `labels` are an error, or become
     `unknown_to` (see formats.render)."""
     return render(read_rows(path), cfg, path, labels, unknown_to, unknown_hint)
 
 
-def load_split(path: str, cfg: DataConfig, tokenizer, labels: list[str] | None) -> Split:
+def load_split(path, cfg: DataConfig, tokenizer, labels: list[str] | None) -> Split:
     examples = load_examples(path, cfg, labels)
     dataset, stats = tokenize_split(tokenizer, examples, cfg, path, labels)
     return Split(path, examples, dataset, stats)

@@ -66,12 +66,14 @@ def _where(path: Path, i: int, lines: list[int] | None = None) -> str:
     return f"{path}: row {i + 1}"
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a data file as dicts. JSON lines and JSON arrays are parsed here so a broken line is named
+def read_rows(path) -> list[dict]:
+    """Rows of a data source as dicts (see ftune.data.sources for folders, hub ids and mappings). JSON lines and JSON arrays are parsed here so a broken line is named
     exactly; CSV/TSV/Parquet go through `datasets` (CSV/TSV are checked for UTF-8 first)."""
+    from ftune.data.sources import is_file_source, read_dataset_rows
+
+    if not is_file_source(path):  # a dataset folder, a hub dataset id or a load_dataset-style mapping
+        return read_dataset_rows(path)
     path = Path(path)
-    if path.is_dir():
-        raise FtuneError(f"{path}: is a directory; data.train/eval/test name one data file")
     if not path.is_file():
         raise FtuneError(f"{path}: " + ("not a regular file (a pipe or device); save the data to a file first"
                                         if path.exists() else "data file not found"))
@@ -207,7 +209,9 @@ def render(rows: list[dict], cfg: DataConfig, path: str | Path, labels: list[str
     """Check and render every row; raise one DataError listing all bad rows. A gold label outside `labels`
     is one problem per distinct label (count and first rows), or, with `unknown_to` (eval.unknown_labels:
     reject), that row's label becomes `unknown_to` and the original is kept in Example.original_label."""
-    path, cols, problems, out = Path(path), cfg.columns, [], []
+    from ftune.data.sources import source_label
+
+    path, cols, problems, out = Path(source_label(path)), cfg.columns, [], []
     label_set = set(labels) if labels else None
     unknown: dict[str, list[str]] = {}  # label -> rows, in first-seen order; its problem goes where it was first seen
     _check_columns(rows, cfg, path)

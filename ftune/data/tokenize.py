@@ -27,6 +27,7 @@ from pathlib import Path
 from ftune.config.schema import DataConfig
 from ftune.data.formats import Example
 from ftune.errors import WriteError
+from ftune.data.sources import source_fingerprint
 from ftune.io import atomic_dir, file_sha256, remove_stale_temps, write_json_atomic
 
 IGNORE = -100
@@ -184,8 +185,8 @@ def _definition(backend) -> dict:
     return definition
 
 
-def _fingerprint(tokenizer, cfg: DataConfig, path: str, examples_sig: str) -> str:
-    h = hashlib.sha256(file_sha256(path).encode())
+def _fingerprint(tokenizer, cfg: DataConfig, path, examples_sig: str) -> str:
+    h = hashlib.sha256(source_fingerprint(path).encode())
     # A fast tokenizer's whole definition: a vocabulary sample would miss a changed normalizer, merges or
     # BOS rule (post-processor), and a rerun would silently train on ids the new tokenizer never makes.
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -19,14 +19,15 @@ from rich.console import Console
 
 from ftune.config import RunConfig, load_config, load_resolved
 from ftune.config.loader import RESOLVED_NAME
-from ftune.data import Split, load_examples, load_split, resolve_labels
+from ftune.data import Split, load_examples, load_split, resolve_labels, source_fingerprint, source_label
+from ftune.data.sources import source_stem
 from ftune.data.tokenize import classification_prompts
 from ftune.errors import FtuneError
 from ftune.eval import calibrate as C
 from ftune.eval import metrics as M
 from ftune.eval import report as R
 from ftune.eval.scoring import label_logprobs, label_token_ids, lm_loss, predict_labels
-from ftune.io import file_sha256, read_json_file, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from ftune.io import read_json_file, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from ftune.methods import get_method
 from ftune.models import bf16_preferred, load_model, load_tokenizer
 
@@ -250,8 +251,8 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
     data = data or cfg.data.test or cfg.data.eval
     if data is None:
         raise FtuneError("no data to evaluate: pass --data FILE (or set data.test / data.eval in the config)")
-    out_dir = Path(out) if out else root / "eval" / Path(data).stem
-    check_report_dir(out_dir, Path(data))
+    out_dir = Path(out) if out else root / "eval" / source_stem(data)
+    check_report_dir(out_dir, Path(source_label(data)))
     tokenizer = load_tokenizer(cfg.model)
     labels = resolve_labels(cfg.data)
     split = Split(data, load_examples(data, cfg.data, labels, *_unknown_labels(cfg, labels)), None, None) \
@@ -266,12 +267,13 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
     from rich.progress import Progress
 
     with Progress(console=console, transient=True) as bar:
-        task = bar.add_task(f"eval {Path(data).name}", total=n)
+        task = bar.add_task(f"eval {Path(source_label(data)).name}", total=n)
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16_preferred(device)):
             result = evaluate_model(model, tokenizer, split, cfg, labels, lambda k: bar.advance(task, k),
                                     calibration=C.read_calibration(run_dir if kind == "run" else root))
     meta = {"target": str(Path(target).resolve()), "kind": kind, "model": cfg.model.path, "method": cfg.method.name if kind in ("run", "merged") else "base",
-            "dataset": str(Path(data).resolve()), "dataset_sha256": file_sha256(data), "examples": n, "mode": cfg.eval.mode,
+            "dataset": str(Path(data).resolve()) if isinstance(data, str) and Path(data).exists() else source_label(data),
+            "dataset_sha256": source_fingerprint(data), "examples": n, "mode": cfg.eval.mode,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     if cfg.data.format == "classification":
         mapped = mapped_labels(split.examples[:n])

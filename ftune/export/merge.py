@@ -23,7 +23,7 @@ from ftune.errors import FtuneError
 from ftune.io import atomic_dir, remove_stale_temps, write_error, write_json_atomic, write_text_atomic
 from ftune.layers.peft_format import AdapterMerge
 from ftune.methods import get_method
-from ftune.models import DTYPES, check_model_files, load_model, load_tokenizer, resolve_source
+from ftune.models import DTYPES, base_reference, check_model_files, load_model, load_tokenizer, resolve_source
 
 COPY = ("config.json", "generation_config.json")
 INDEX = "model.safetensors.index.json"
@@ -70,7 +70,10 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | N
         load_tokenizer(cfg.model).save_pretrained(str(tmp))
         merged_cfg = cfg.model_copy(deep=True)
         write_text_atomic(tmp / "ftune.yaml", resolved_yaml(merged_cfg))
-        write_json_atomic(tmp / MERGED_MARKER, {"merged_from": str(run_dir.resolve())})
+        base, revision = base_reference(cfg.model)  # the hub id, not this machine's cache path
+        _drop_local_name(tmp / "config.json")
+        write_json_atomic(tmp / MERGED_MARKER, {"merged_from": str(run_dir.resolve()), "base_model_name_or_path": base,
+                                                "revision": revision})
     console.print(f"[green]merged[/] {len(touched)} weights of {method.name} into {out}")
     if verify:
         diff = verify_merge(cfg, method, artifact, out)
@@ -182,6 +185,16 @@ def _merge_in_memory(cfg, merge: AdapterMerge, dtype, out: Path) -> set[str]:
         del model.config.quantization_config
     model.save_pretrained(str(out), safe_serialization=True)
     return touched
+
+
+def _drop_local_name(path: Path) -> None:
+    """A config.json copied from a snapshot may carry `_name_or_path` of the machine that saved it; transformers
+    sets it from where the checkpoint is loaded, so it is dropped rather than left pointing elsewhere."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _set_config_dtype(path: Path, dtype: str) -> None:

@@ -165,7 +165,9 @@ def anchored(name: str) -> str:
 
 
 def _common_fields(model) -> dict:
-    return {"task_type": "CAUSAL_LM", "base_model_name_or_path": getattr(model.config, "_name_or_path", None)}
+    """The base as `ftune.models.load_model` named it: a hub id (with its revision) or a local path."""
+    return {"task_type": "CAUSAL_LM", "base_model_name_or_path": getattr(model.config, "_name_or_path", None) or None,
+            "revision": getattr(model, "ftune_base_revision", None)}
 
 
 _TAIL = {"bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,

@@ -16,13 +16,12 @@ import torch
 from rich.console import Console
 
 from ftune.config import RunConfig, resolved_yaml
-from ftune.data import Split, load_examples, load_split, resolve_labels
+from ftune.data import Split, load_examples, load_split, resolve_labels, source_fingerprint
 from ftune.data.collate import collate_batch, count_targets, epoch_order
 from ftune.errors import FtuneError, Interrupted, RunFailed
 from ftune.hooks import TrainState
 from ftune.io import (
     atomic_dir,
-    file_sha256,
     remove_stale_temps,
     write_json_atomic,
     write_text_atomic,
@@ -56,6 +55,7 @@ from ftune.train.rundir import (
     trim_metrics,
 )
 from ftune.train.step import train_step
+from ftune.train.trackers import check_trackers, start_trackers, tracker_names
 
 
 def micro_batches_per_epoch(n_examples: int, cfg: RunConfig, world: int) -> int:
@@ -154,8 +154,9 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
     method = get_method(cfg.method.name)
     final = Path(cfg.run_dir)
     mode = plan(final, resume, overwrite, method.artifact)
-    accelerator = Accelerator(mixed_precision=_precision(cfg), log_with="tensorboard" if cfg.train.tensorboard else None,
-                              project_dir=str(final))
+    trackers = tracker_names(cfg.train)
+    check_trackers(trackers)  # before the model loads: a missing package is one message with its install command
+    accelerator = Accelerator(mixed_precision=_precision(cfg), log_with=trackers or None, project_dir=str(final))
     set_seed(cfg.train.seed)
     world = accelerator.num_processes
     check_launch(accelerator, console)
@@ -175,7 +176,7 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
         raise FtuneError(f"{cfg.data.train}: no example has a target token left within data.max_length "
                          f"{cfg.data.max_length}; raise max_length or shorten the prompts")
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch(len(train_split.dataset), cfg, world)
-    data_sha = file_sha256(cfg.data.train)
+    data_sha = source_fingerprint(cfg.data.train)
     config_text = resolved_yaml(cfg)
     changes = check_resume(final, config_text, data_sha) if mode == "resume" else {}
     say_mode(console, mode, final, resume, changes)
@@ -202,9 +203,7 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
             record_resume(final, state.step, changes, config_text)
         else:
             write_text_atomic(rundir.path / "ftune.yaml", config_text)
-    if cfg.train.tensorboard:
-        accelerator.project_configuration.set_directories(str(rundir.path))
-        accelerator.init_trackers("tensorboard")
+    start_trackers(accelerator, trackers, rundir.path, cfg.name)
     flops = _flops_per_token(accelerator.unwrap_model(model), method, trainable, train_split)
     return Run(cfg, accelerator, console, rundir, method, state, hooks, tokenizer, train_split, eval_split, labels,
                trainable, total, flops)
