@@ -188,4 +188,4 @@ def test_resume_notices_a_changed_dataset_folder(make_config, tmp_path):
     result = invoke("train", make_config({"data": {"train": {"path": str(folder)}}, "train": {"max_steps": 4, "save_every": 1}},
                                          name="again.yaml", out_dir=out), "--resume")
     assert result.exit_code == 2, result.output
-    assert "data.train: the file's content changed since the run started" in " ".join(result.output.split())
+    assert "data.train: its content changed since the run started" in " ".join(result.output.split())

@@ -250,7 +250,7 @@ def test_resume_refuses_a_changed_method_rank_or_data(make_config, tmp_path, dat
     assert "method.use_dora: False → True" in result.output and "train.seed: 42 → 1" in result.output
     train_file.write_text(train_file.read_text().replace("great", "good"))
     result = fails(2, "train", config, "--resume", "train.max_steps=4")
-    assert "data.train: the file's content changed since the run started" in result.output
+    assert "data.train: its content changed since the run started" in result.output
     assert snapshot(out) == before
 
 

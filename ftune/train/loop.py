@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 
 from ftune.config import RunConfig, resolved_yaml
-from ftune.data import Split, load_examples, load_split, resolve_labels, source_fingerprint
+from ftune.data import Split, load_examples, load_split, resolve_labels, source_fingerprint, source_label
 from ftune.data.collate import collate_batch, count_targets, epoch_order
 from ftune.errors import FtuneError, Interrupted, RunFailed
 from ftune.hooks import TrainState
@@ -173,7 +173,7 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
     if eval_split:
         report_data(console, "eval", eval_split, cfg)
     if len(train_split.dataset) == 0:
-        raise FtuneError(f"{cfg.data.train}: no example has a target token left within data.max_length "
+        raise FtuneError(f"{source_label(cfg.data.train)}: no example has a target token left within data.max_length "
                          f"{cfg.data.max_length}; raise max_length or shorten the prompts")
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch(len(train_split.dataset), cfg, world)
     data_sha = source_fingerprint(cfg.data.train)

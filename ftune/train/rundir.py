@@ -206,7 +206,7 @@ def check_resume(final: Path, new_yaml: str, train_sha256: str) -> dict[str, lis
     except (OSError, ValueError):
         marker = {}
     if marker.get("train_sha256") not in (None, train_sha256):
-        refused.append(f"data.train: the file's content changed since the run started (sha256 {marker['train_sha256'][:12]}… "
+        refused.append(f"data.train: its content changed since the run started (sha256 {marker['train_sha256'][:12]}… "
                        f"→ {train_sha256[:12]}…)")
     if refused:
         lines = "\n".join(f"  - {r}" for r in refused)
