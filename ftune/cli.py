@@ -7,6 +7,7 @@ A user's mistake (FtuneError) prints one message and exits with code 2, never a 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Optional
 
@@ -96,6 +97,9 @@ def train(
                                    "kept until the new one has written a checkpoint or its artifact. Never replaces "
                                    "a directory ftune did not write."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved config; load nothing."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="Train on N GPUs of this machine (DDP): starts `python -m "
+                             "torch.distributed.run --standalone --nproc_per_node N -m ftune train …` for you. "
+                             "With ACCELERATE_USE_CPU=1, N processes on the CPU (gloo) instead."),
 ):
     """Fine-tune a model as the config says; writes RUN_DIR/{ftune.yaml, adapter|model, metrics.jsonl, run.json}."""
     import ftune.methods  # noqa: F401  (registers the methods the config's `method:` is checked against)
@@ -107,6 +111,17 @@ def train(
     if dry_run:
         out.print(resolved_yaml(cfg), highlight=False, markup=False)
         return
+    launched = os.environ.get("WORLD_SIZE")
+    if gpus > 1 and launched is not None and launched != str(gpus):
+        raise FtuneError(f"--gpus {gpus}, but this process was started by a launcher as one of {launched}; "
+                         f"leave --gpus out under torchrun or accelerate launch (their process count applies)")
+    if gpus > 1 and launched is None:  # not yet under a launcher: become one
+        from ftune.methods import get_method
+        from ftune.train.preflight import check_method_launch
+
+        check_method_launch(get_method(cfg.method.name), gpus)  # LISA: refused here, before N processes start
+        flags = ["--resume"] * resume + ["--overwrite"] * overwrite
+        _launch(gpus, [config, *(overrides or []), *flags])
     from ftune.train.loop import train as run_train
 
     try:
@@ -121,6 +136,29 @@ def train(
             err.print(f"[bold red]quality gate failed:[/] {g['metric']} = {g['value']} (needs {bound})", highlight=False)
         err.print(f"the artifact is saved in {cfg.run_dir}; run.json has status: failed")
         raise typer.Exit(1)
+
+
+def _launch(n: int, args: list[str]) -> None:
+    """Re-execute `ftune train ARGS` as N processes under torch's launcher (the documented way; nothing is
+    started when the machine lacks N GPUs)."""
+    import shlex
+
+    import torch
+
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not cpu and have < n:
+        raise FtuneError(f"--gpus {n}: this machine has {have} CUDA GPU{'' if have == 1 else 's'}"
+                         f"{' visible (CUDA_VISIBLE_DEVICES=' + os.environ['CUDA_VISIBLE_DEVICES'] + ')' if 'CUDA_VISIBLE_DEVICES' in os.environ else ''}; "
+                         f"use --gpus {have} or fewer" + ("" if have else ", or leave --gpus out")
+                         + " (ACCELERATE_USE_CPU=1 runs the processes on the CPU, for testing)")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+           "-m", "ftune", "train", *args]
+    where = "processes on the CPU (gloo)" if cpu else "GPUs"
+    err.print(f"starting {n} {where}: {shlex.join(['torchrun', *cmd[3:]])}", highlight=False, markup=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)  # replaces this process: the launcher's exit code and Ctrl-C are the user's
 
 
 def _not_first_process() -> bool:

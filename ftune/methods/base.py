@@ -51,6 +51,8 @@ class Method:
     # added fp32 ones (adapters), and how many parameters train, from the architecture alone (`perf.Arch`).
     trains_base: bool = False
     trainable_params: Callable[[Any, MethodConfig], int] | None = None
+    multi_process: bool = True  # may train under DDP (torchrun, accelerate launch, --gpus N); False: refused at set-up
+    single_process_reason: str = ""  # why not (multi_process False), said in the refusal
 
     @property
     def mergeable(self) -> bool:

@@ -102,11 +102,6 @@ class LayerSampler(Hook):
             self.layers[i].requires_grad_(True)
         self.active, self.block, self.unlogged = new, block, True
 
-    def on_train_start(self, state) -> None:
-        if state.accelerator.num_processes > 1:
-            raise FtuneError("lisa: runs in a single process only (DDP fixes the set of trained parameters when it wraps "
-                             "the model, so layers cannot be switched); launch without accelerate's multi-process mode")
-
     def on_step_start(self, state) -> None:
         block = state.step // self.cfg.interval_steps
         if block != self.block:
@@ -177,4 +172,8 @@ METHOD = register(Method(
     trainable_params=lambda arch, cfg: arch.vocab * arch.hidden * (1 if arch.tied else 2) + cfg.n_layers * arch.layer_linear_params,
     param_groups=param_groups,
     checkpoint_params=checkpoint_params,
+    # DDP registers the parameters that need gradients once, when it wraps the model: layers cannot be switched under it
+    multi_process=False,
+    single_process_reason="it switches which layers train every interval_steps steps, and DDP fixes the set of "
+                          "trained weights once, when it wraps the model",
 ))

@@ -7,6 +7,8 @@ complete; `--resume` takes the newest one. A checkpoint directory holds:
     state.json              optimizer, scheduler, RNG and hook states (hooks by `Hook.key`), tensors by reference
     state.safetensors       the tensors state.json refers to (optimizer moments, RNG keys, hook buffers)
     trainer_state.json      step, epoch, data position, token counts, elapsed time
+                            (the data position also as examples_in_epoch, the examples all processes took this
+                            epoch, so a run resumes on another number of processes with the next examples)
     …                       whatever hooks write in `on_save`
 
 Nothing is unpickled: a run directory may come from someone else, and a pickle runs code when loaded.
@@ -82,7 +84,9 @@ def save_checkpoint(state, hooks: list, keep: int, names: set[str] | None = None
         write_safetensors_atomic(tmp / "trainable.safetensors", trainable_state(model, names))
         write_safetensors_atomic(tmp / "state.safetensors", tensors, metadata={"format": "pt"})
         write_json_atomic(tmp / "state.json", {"format": STATE_FORMAT, "state": skeleton})
-        meta = {k: getattr(state, k) for k in STATE_FIELDS} | {"elapsed_s": state.seconds()}
+        meta = {k: getattr(state, k) for k in STATE_FIELDS} | {"elapsed_s": state.seconds(),
+                                                                "examples_in_epoch": examples_taken(state),
+                                                                "processes": state.accelerator.num_processes}
         write_json_atomic(tmp / "trainer_state.json", meta)
         for h in hooks:
             h.on_save(state, tmp)
@@ -108,6 +112,7 @@ def _read_json(path: Path):
                          f"(delete this step folder) or start over with --overwrite") from None
 
 
+OPTIONAL_FIELDS = ("examples_in_epoch", "processes")  # absent from checkpoints of older ftune versions
 FLOAT_FIELDS = ("loss_sum", "elapsed_s")  # the rest of trainer_state.json are counts
 
 
@@ -149,7 +154,7 @@ def read_checkpoint(directory: Path) -> tuple[dict, dict, dict]:
     if missing or any(k not in tree for k in ("optimizer", "scheduler", "rng", "hooks")):
         raise FtuneError(f"{directory}: checkpoint files lack {missing or 'state entries'}; resume from another "
                          f"checkpoint or start over with --overwrite")
-    wrong = [k for k in (*STATE_FIELDS, "elapsed_s") if not _number_ok(k, meta[k])]
+    wrong = [k for k in (*STATE_FIELDS, "elapsed_s", *OPTIONAL_FIELDS) if k in meta and not _number_ok(k, meta[k])]
     if wrong:
         raise FtuneError(f"{directory / 'trainer_state.json'}: {', '.join(f'{k}={meta[k]!r}' for k in wrong)} "
                          f"{'is' if len(wrong) == 1 else 'are'} not what ftune writes (non-negative numbers); the file is "
@@ -194,3 +199,32 @@ def load_checkpoint(state, hooks: list, directory: Path) -> None:
     for k in STATE_FIELDS:
         setattr(state, k, meta.get(k, 0))  # fields added later read as 0 from older checkpoints
     state.elapsed_s = meta["elapsed_s"]
+    if "examples_in_epoch" in meta:  # batch_in_epoch counts global micro-batches of the saving run's size
+        per_batch = global_micro_batch(state)
+        state.batch_in_epoch = -(-meta["examples_in_epoch"] // per_batch)
+        if meta["examples_in_epoch"] % per_batch:
+            state.accelerator.print(f"note: the checkpoint stopped {meta['examples_in_epoch']} examples into epoch "
+                                    f"{state.epoch}, not a multiple of this run's {per_batch} examples per micro-batch "
+                                    f"(micro_batch_size x processes): continuing from example {state.batch_in_epoch * per_batch}")
+
+
+def saved_processes(run_dir: Path) -> int | None:
+    """How many processes wrote the newest complete checkpoint (None: unknown or unreadable; load_checkpoint
+    reports a damaged one)."""
+    found = complete_checkpoints(run_dir)
+    try:
+        n = json.loads((found[-1] / "trainer_state.json").read_text(encoding="utf-8")).get("processes") if found else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else None
+
+
+def global_micro_batch(state) -> int:
+    """Examples in one micro-batch of all processes together."""
+    return state.cfg.train.micro_batch_size * state.accelerator.num_processes
+
+
+def examples_taken(state) -> int:
+    """Examples of the current epoch's order consumed so far, by all processes (every micro-batch before the
+    epoch's last is full, and the last one ends the epoch)."""
+    return state.batch_in_epoch * global_micro_batch(state)

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from ftune.config import RunConfig, resolved_yaml
 from ftune.data import Split, load_examples, load_split, resolve_labels, source_fingerprint, source_label
-from ftune.data.collate import collate_batch, count_targets, epoch_order
+from ftune.data.collate import batch_tokens, collate_batch, count_targets, epoch_order
 from ftune.errors import FtuneError, Interrupted, RunFailed
 from ftune.hooks import TrainState
 from ftune.io import (
@@ -35,12 +35,14 @@ from ftune.train.checkpoint import (
     complete_checkpoints,
     load_checkpoint,
     save_checkpoint,
+    saved_processes,
 )
 from ftune.train.hooks import BudgetHook, QualityGateHook
 from ftune.train.interrupt import StopRequest
 from ftune.train.optim import build_optimizer, build_scheduler, default_param_groups
 from ftune.train.preflight import (
     check_launch,
+    check_method_launch,
     report_data,
     say_mode,
     warn_label_collisions,
@@ -160,6 +162,7 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
     set_seed(cfg.train.seed)
     world = accelerator.num_processes
     check_launch(accelerator, console)
+    check_method_launch(method, world)
     tokenizer = load_tokenizer(cfg.model)
     labels = resolve_labels(cfg.data)
     train_split = load_split(cfg.data.train, cfg.data, tokenizer, labels)  # bad rows are reported here
@@ -178,7 +181,7 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch(len(train_split.dataset), cfg, world)
     data_sha = source_fingerprint(cfg.data.train)
     config_text = resolved_yaml(cfg)
-    changes = check_resume(final, config_text, data_sha) if mode == "resume" else {}
+    changes = check_resume(final, config_text, data_sha, world, saved_processes(final)) if mode == "resume" else {}
     say_mode(console, mode, final, resume, changes)
 
     model, optimizer, scheduler, hooks = build_training(cfg, method, accelerator, total_steps)
@@ -228,8 +231,10 @@ def _steps(run: Run, log: RunLog, stop: StopRequest) -> None:
         for h in hooks:
             h.on_step_start(state)
         micro = [next(batches) for _ in range(ga)]
-        n_targets = _global_count(accelerator, sum(count_targets(b["labels"]) for b in micro))
-        result = train_step(state, hooks, micro, n_targets)
+        # one all-reduce for both counts: exact and identical on every process (budgets read state.tokens)
+        n_targets, n_tokens = _global_counts(accelerator, sum(count_targets(b["labels"]) for b in micro),
+                                             sum(batch_tokens(b) for b in micro))
+        result = train_step(state, hooks, micro, n_targets, n_tokens)
         skipped_in_row = skipped_in_row + 1 if result.skipped else 0
         if skipped_in_row >= MAX_SKIPS_IN_ROW:
             _fail(run, f"{MAX_SKIPS_IN_ROW} steps in a row had a non-finite loss or gradient (last: step {state.step})")
@@ -374,8 +379,12 @@ def _flops_per_token(model, method, trainable: int, split: Split) -> float | Non
     return flops_per_token(arch, split.stats.tokens / max(1, split.stats.examples), full, 0 if full else trainable)
 
 
-def _global_count(accelerator, n: int) -> int:
-    return int(_global_sum(accelerator, torch.tensor([n], device=accelerator.device)))
+def _global_counts(accelerator, *counts: int) -> list[int]:
+    """Each count summed over processes, in one collective (one sync): the same numbers on every process."""
+    if accelerator.num_processes == 1:
+        return list(counts)
+    t = torch.tensor(counts, dtype=torch.long, device=accelerator.device)
+    return [int(v) for v in accelerator.reduce(t, reduction="sum").tolist()]
 
 
 def _global_sum(accelerator, t: torch.Tensor) -> torch.Tensor:

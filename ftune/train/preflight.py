@@ -27,7 +27,19 @@ def check_launch(accelerator, console: Console) -> None:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if accelerator.num_processes == 1 and gpus > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
         console.print(f"note: {gpus} GPUs are visible but this run uses one; to train on all of them: "
-                      f"torchrun --nproc_per_node {gpus} -m ftune train CONFIG")
+                      f"ftune train CONFIG --gpus {gpus}")
+
+
+def check_method_launch(method, processes: int) -> None:
+    """A method that cannot train under DDP is refused before any data or weights load."""
+    if processes > 1 and not method.multi_process:
+        from ftune.methods import REGISTRY
+
+        others = ", ".join(m.name for m in REGISTRY.values() if m.multi_process)
+        raise FtuneError(f"{method.name} trains in a single process only ({method.single_process_reason}), but this run "
+                         f"was launched as {processes} processes; start it without torchrun, "
+                         f"`accelerate launch` or --gpus (one process), or pick a method that trains on several GPUs "
+                         f"({others})")
 
 
 def say_mode(console: Console, mode: str, final: Path, resume: bool, changes: dict) -> None:

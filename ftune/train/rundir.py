@@ -168,6 +168,34 @@ FIXED = ("model.path", "model.gguf_file", "model.revision", "model.tokenizer", "
 IGNORED = ("name", "output_dir", "recipe")  # where the run lives, not how it trains
 
 
+BATCH_KEYS = ("train.micro_batch_size", "train.gradient_accumulation_steps")
+
+
+def _global_batch_fits(old: dict, new: dict, saved_world: int, world: int, refused: list[str], accepted: dict) -> None:
+    """Examples per optimizer step = micro_batch_size × gradient_accumulation_steps × processes. Kept equal,
+    its factors may change (2 GPUs → 1: double one of them); the changes move from refused to accepted."""
+    def batch(cfg: dict, n: int) -> tuple[int, int, int]:
+        t = (cfg or {}).get("train") or {}
+        mbs, ga = t.get("micro_batch_size"), t.get("gradient_accumulation_steps")
+        return (mbs, ga, mbs * ga * n) if isinstance(mbs, int) and isinstance(ga, int) else (mbs, ga, None)
+
+    (old_mbs, old_ga, before), (mbs, ga, now) = batch(old, saved_world), batch(new, world)
+    mine = [r for r in refused if r.split(":")[0] in BATCH_KEYS]
+    if before is not None and before == now:
+        for r in mine:
+            refused.remove(r)
+        for key, a, b in zip(BATCH_KEYS, (old_mbs, old_ga), (mbs, ga)):
+            if a != b:
+                accepted[key] = [a, b]
+    elif before is not None and now is not None and saved_world != world:
+        for r in mine:
+            refused.remove(r)
+        hint = f" (e.g. train.gradient_accumulation_steps={before // (mbs * world)})" if before % (mbs * world) == 0 else ""
+        refused.append(f"the global batch: the checkpoint was written by {saved_world} process(es) × micro_batch_size "
+                       f"{old_mbs} × gradient_accumulation_steps {old_ga} = {before} examples per step; now {world} × "
+                       f"{mbs} × {ga} = {now}. Keep it at {before}{hint}")
+
+
 def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
     out = {}
     for k, v in tree.items():
@@ -192,15 +220,19 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], dict[str, list]]:
     return refused, accepted
 
 
-def check_resume(final: Path, new_yaml: str, train_sha256: str) -> dict[str, list]:
+def check_resume(final: Path, new_yaml: str, train_sha256: str, world: int = 1, saved_world: int | None = None) -> dict[str, list]:
     """Refuse a resume whose config or training data no longer fits the checkpoint; return what changed
-    otherwise (the caller warns and records it)."""
+    otherwise (the caller warns and records it). `world`: processes now; `saved_world`: processes that
+    wrote the checkpoint (None: unknown, taken as `world`). micro_batch_size and gradient_accumulation_steps
+    may change together with the number of processes when the global batch stays the same."""
     try:
         old = yaml.safe_load((final / RESOLVED).read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise FtuneError(f"--resume: cannot read the run's config {final / RESOLVED} ({e}); it is needed to check the "
                          f"checkpoint still fits") from None
-    refused, accepted = config_changes(old, yaml.safe_load(new_yaml))
+    new = yaml.safe_load(new_yaml)
+    refused, accepted = config_changes(old, new)
+    _global_batch_fits(old, new, saved_world or world, world, refused, accepted)
     try:
         marker = json.loads((final / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ftune.data.collate import batch_tokens, count_targets
+from ftune.data.collate import batch_tokens
 
 # What a micro-batch passes to the model; the packed-attention keys are transformers' FlashAttentionKwargs.
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",
@@ -43,14 +43,16 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
-def train_step(state, hooks: list, micro: list[dict], n_targets: int) -> StepResult:
+def train_step(state, hooks: list, micro: list[dict], n_targets: int, n_tokens: int | None = None) -> StepResult:
     """Train on `micro` (one step's micro-batches). `n_targets`: target tokens of the whole accumulated
-    batch over all processes, the denominator of every micro-batch's summed loss (see loop.py)."""
+    batch over all processes, the denominator of every micro-batch's summed loss (see loop.py);
+    `n_tokens`: its input tokens over all processes (default: this process's, exact in one process).
+    Both are the same number on every process, so a token budget stops them all at the same step."""
     accelerator, model, optimizer = state.accelerator, state.model, state.optimizer
     world, ga = accelerator.num_processes, len(micro)
+    tokens, targets = (sum(batch_tokens(b) for b in micro) if n_tokens is None else n_tokens), n_targets
     n_targets = max(n_targets, 1)  # a step with no predictable target token has loss 0, never 0/0
     loss_sum = torch.zeros((), device=accelerator.device)
-    tokens = targets = 0
     for i, batch in enumerate(micro):
         with nullcontext() if i == ga - 1 else accelerator.no_sync(model):
             out = model(**to_device(batch, accelerator.device), num_items_in_batch=n_targets)
@@ -61,8 +63,6 @@ def train_step(state, hooks: list, micro: list[dict], n_targets: int) -> StepRes
                 loss = loss + sum(extra) / ga
             accelerator.backward(loss)
         loss_sum += out.loss.detach().float()
-        tokens += batch_tokens(batch) * world
-        targets += count_targets(batch["labels"]) * world
     state.tokens += tokens
     state.target_tokens += targets
     if state.cfg.train.nan_policy == "skip" and not _finite(loss_sum, optimizer):
