@@ -158,7 +158,8 @@ def run_ftune(case: Case, ckpt: Path, batches, args, overrides: dict, lora_init:
     from ftune.data.collate import collate_batch, count_targets
     from ftune.hooks import TrainState
     from ftune.methods import get_method
-    from ftune.train.loop import build_training, packing_on
+    from ftune.train.batches import packing_on
+    from ftune.train.loop import build_training
     from ftune.train.step import train_step
 
     free_gpu()

@@ -7,7 +7,6 @@ gradient as one big batch, however the tokens fall across micro-batches.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from rich.console import Console
 
 from ftune.config import RunConfig, resolved_yaml
 from ftune.data import Split, load_examples, load_split, resolve_labels, source_fingerprint, source_label
-from ftune.data.collate import batch_tokens, collate_batch, count_targets, epoch_order
+from ftune.data.collate import batch_tokens, count_targets
 from ftune.errors import FtuneError, Interrupted, RunFailed
 from ftune.hooks import TrainState
 from ftune.io import (
@@ -56,35 +55,9 @@ from ftune.train.rundir import (
     record_resume,
     trim_metrics,
 )
+from ftune.train.batches import micro_batches, micro_batches_per_epoch, packing_on, steps_per_epoch
 from ftune.train.step import train_step
 from ftune.train.trackers import check_trackers, start_trackers, tracker_names
-
-
-def micro_batches_per_epoch(n_examples: int, cfg: RunConfig, world: int) -> int:
-    return math.ceil(n_examples / (cfg.train.micro_batch_size * world))
-
-
-def steps_per_epoch(n_examples: int, cfg: RunConfig, world: int) -> int:
-    return math.ceil(micro_batches_per_epoch(n_examples, cfg, world) / cfg.train.gradient_accumulation_steps)
-
-
-def packing_on(cfg: RunConfig, device: torch.device) -> bool:
-    return cfg.data.packing is True or (cfg.data.packing == "auto" and device.type == "cuda")
-
-
-def micro_batches(state: TrainState, dataset, cfg: RunConfig, world: int, rank: int, pad_id: int, packed: bool = False):
-    """Endless micro-batches in a (seed, epoch)-determined order, starting at state's data position.
-    Each process takes its slice of every global micro-batch; `packed`: one padding-free row each."""
-    mbs, n = cfg.train.micro_batch_size, len(dataset)
-    per_epoch = micro_batches_per_epoch(n, cfg, world)
-    while True:
-        order = epoch_order(n, cfg.train.seed, state.epoch)
-        while state.batch_in_epoch < per_epoch:
-            start = state.batch_in_epoch * mbs * world
-            idx = order[start:start + mbs * world][rank::world] or order[:1]  # a short last batch still gives each rank a row
-            state.batch_in_epoch += 1
-            yield collate_batch([dataset[i] for i in idx], pad_id, packed)
-        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
 
 def build_training(cfg: RunConfig, method: Method, accelerator, total_steps: int):
