@@ -147,6 +147,20 @@ def write_safetensors_atomic(path: str | Path, tensors: dict, metadata: dict[str
     return path
 
 
+def open_append(path: str | Path):
+    """A text file opened for appending that is never a symbolic link: a received run directory could
+    point metrics.jsonl at a user's file (~/.bashrc); ftune does not write through links."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise FtuneError(f"{path}: is a symbolic link; ftune does not write through links in a run directory "
+                             f"(replace it with a regular file or remove it)") from None
+        raise write_error(e, path) or e from None
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
 def file_sha256(path: str | Path) -> str:
     """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
     import hashlib

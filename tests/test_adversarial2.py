@@ -84,3 +84,16 @@ def test_merge_overwrite_keeps_user_files_added_to_a_merged_folder(make_config, 
     notes.write_text("mine")
     invoke("merge", run, "--overwrite")
     assert notes.is_file() and notes.read_text() == "mine"
+
+
+@pytest.mark.parametrize("listed", ["/dev/zero", "../../outside.bin"])
+def test_a_manifest_listing_files_outside_its_entry_is_never_read(make_config, tmp_path, ftune_cache, listed):
+    """A crafted manifest naming /dev/zero made the check read forever; a path outside the entry is 'missing'."""
+    cfg, _ = train_run(make_config, tmp_path)
+    (entry,) = [p for p in (ftune_cache / "tokenized").iterdir() if not p.name.startswith(".")]
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest["sha256"][listed] = "00"
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    result = invoke("train", cfg, f"output_dir={tmp_path / 'again'}")
+    assert result.exit_code == 0, result.output
+    assert json.loads((entry / "manifest.json").read_text())["sha256"].get(listed) is None  # rebuilt

@@ -264,11 +264,18 @@ def _check_entry(entry: Path) -> str | None:
     try:
         manifest = json.loads((entry / MANIFEST).read_text(encoding="utf-8"))
         listed = manifest["sha256"]
-        if not {"stats.json", "data/state.json"} <= set(listed):
+        # Exactly the entry's own regular files: a listed path outside it (/dev/zero, a FIFO) is never read.
+        present = {p.relative_to(entry).as_posix() for p in entry.rglob("*") if p.is_symlink() or p.is_file()} - {MANIFEST}
+        if not isinstance(listed, dict) or not {"stats.json", "data/state.json"} <= set(listed):
             return f"{MANIFEST} does not list the entry's files"
+        missing = sorted(set(listed) - present)  # also every path that is not a file inside the entry
+        if missing:
+            return f"{Path(missing[0]).name} is missing"
         for name, digest in listed.items():
-            if ".." in Path(name).parts or file_sha256(entry / name) != digest:
+            if (entry / name).is_symlink() or file_sha256(entry / name) != digest:
                 return f"{name} does not match its hash in {MANIFEST}"
+        if present - set(listed):
+            return f"{sorted(present - set(listed))[0]} is not listed in {MANIFEST}"
     except FileNotFoundError as e:
         return f"{Path(e.filename).name if e.filename else 'a file'} is missing"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:

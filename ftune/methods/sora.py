@@ -50,6 +50,7 @@ from ftune.layers.sora import SoraLinear, soft_threshold_
 from ftune.methods import Method, register
 from ftune.param_groups import decay_groups, trainable
 from ftune.perf import adapter_params
+from ftune.io import open_append
 
 GATE_GROUP = "sora_gates"  # the `name` of the optimizer param group holding the gates
 RANKS_FILE = "sora_ranks.jsonl"
@@ -177,7 +178,7 @@ class SoraHook(Hook):
         counts = torch.stack([torch.count_nonzero(m.lora_gate.detach()) for m in self.modules.values()]).tolist()
         line = {"step": state.step, "lambda": lambda_at(self.cfg, state.step, self.lam), "live_ranks": sum(counts),
                 "ranks": dict(zip(self.modules, counts))}
-        with open(state.run_dir / RANKS_FILE, "a", encoding="utf-8") as f:
+        with open_append(state.run_dir / RANKS_FILE) as f:
             f.write(json.dumps(line) + "\n")
 
 

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ftune.perf import gpu_spec
+from ftune.io import open_append
 
 
 def gpu_memory_gib() -> float | None:
@@ -32,7 +33,7 @@ class RunLog:
         self.flops_per_s_peak = peak * 1e12 * accelerator.num_processes if peak and flops_per_token else None
         self.flops_per_token = flops_per_token
         self.main = accelerator.is_main_process
-        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if self.main else None
+        self.file = open_append(run_dir / "metrics.jsonl") if self.main else None
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
                                  disable=not self.main, transient=False)

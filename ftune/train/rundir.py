@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from ftune.errors import FtuneError
-from ftune.io import write_json_atomic, write_text_atomic
+from ftune.io import open_append, write_json_atomic, write_text_atomic
 
 MARKER = ".ftune-run"  # JSON: ftune version, creation date, sha256 of the training data
 RESOLVED = "ftune.yaml"
@@ -70,6 +70,11 @@ def plan(final: Path, resume: bool, overwrite: bool, artifact: str) -> str:
     if not is_ftune_run(final):
         raise FtuneError(f"output directory {final} holds files that ftune did not write (no {MARKER} marker); ftune never "
                          f"replaces such a directory, not even with --overwrite: set output_dir (or name) to a new or empty directory")
+    links = sorted(p.name for p in final.iterdir() if p.is_symlink())
+    if links:
+        raise FtuneError(f"{final}: holds symbolic links ({', '.join(links[:3])}); ftune does not write through links "
+                         f"in a run directory (a received run could point them at your files): replace them with regular "
+                         f"files or folders, or start a new run elsewhere")
     saved = has_checkpoint(final)
     if resume and saved:
         return "resume"
@@ -250,7 +255,7 @@ def check_resume(final: Path, new_yaml: str, train_sha256: str, world: int = 1, 
 def record_resume(final: Path, step: int, changes: dict[str, list], new_yaml: str) -> None:
     """Append the resume and its accepted changes to resumes.jsonl; the run's config becomes the new one."""
     line = json.dumps({"step": step, "date": _now(), "changes": changes}, ensure_ascii=False, default=str)
-    with open(final / "resumes.jsonl", "a", encoding="utf-8") as f:
+    with open_append(final / "resumes.jsonl") as f:
         f.write(line + "\n")
     write_text_atomic(final / RESOLVED, new_yaml)
 
