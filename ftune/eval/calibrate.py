@@ -94,4 +94,34 @@ def read_calibration(run_dir: Path | None) -> dict | None:
 
     if run_dir is None or not (run_dir / CALIBRATION_FILE).is_file():
         return None
-    return read_json_file(run_dir / CALIBRATION_FILE, "it is the run's calibration; train the run again or delete it")
+    path = run_dir / CALIBRATION_FILE
+    body = read_json_file(path, "it is the run's calibration; train the run again or delete it")
+    problem = _calibration_problem(body)
+    if problem:
+        from ftune.errors import FtuneError
+
+        raise FtuneError(f"{path}: not a calibration ftune wrote ({problem}); train the run again, delete the file, "
+                         f"or set eval.threshold / eval.temperature yourself")
+    return body
+
+
+# What each stored value needs (a run directory may come from someone else): the bounds the config applies
+# to the same keys, and the fields the report quotes.
+_STORED = {"threshold": (lambda v: 0 <= v <= 1, "between 0 and 1", ("chosen_on", "examples", "objective")),
+           "temperature": (lambda v: v > 0, "above 0", ("chosen_on", "examples"))}
+
+
+def _calibration_problem(body) -> str | None:
+    if not isinstance(body, dict):
+        return "not a JSON object"
+    for key, (ok, bound, fields) in _STORED.items():
+        entry = body.get(key)
+        if entry is None:
+            continue
+        value = entry.get("value") if isinstance(entry, dict) else None
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
+            return f"{key}.value must be a number {bound}"
+        missing = [f for f in fields if f not in entry]
+        if missing:
+            return f"{key} lacks {', '.join(missing)}"
+    return None
