@@ -99,14 +99,21 @@ def _resolve(spec) -> tuple[str, DataSource]:
     return _hub_snapshot(source.path, label), source
 
 
+def _matches(base: Path, pattern: str) -> list[Path]:
+    """The files a data_files pattern names, with wildcards in any part (`**` too), as `datasets` reads them."""
+    import glob
+
+    full = os.path.join(base, os.path.expanduser(pattern))
+    return sorted(Path(p) for p in glob.glob(full, recursive=True) if os.path.isfile(p))
+
+
 def _check_data_files(target: str, source: DataSource, label: str) -> None:
     """Each local data_files entry matches a file (datasets would fail with a bare StopIteration)."""
     base = Path(target) if Path(target).is_dir() else Path.cwd()
     for f in _files(source.data_files):
         if "://" in f:
             continue
-        pattern = base / os.path.expanduser(f)
-        if not any(p.is_file() for p in pattern.parent.glob(pattern.name)):
+        if not _matches(base, f):
             raise FtuneError(f"{label}: data_files {f!r} matches no file" + (f" in {base}" if not Path(f).is_absolute() else ""))
 
 
@@ -171,6 +178,6 @@ def source_fingerprint(spec) -> str:
         h.update(_tree_sha256(Path(target)).encode())  # a hub snapshot's folder is named by its commit, hashed too
     for f in _files(source.data_files):
         base = Path(target) if Path(target).is_dir() else Path.cwd()
-        for p in sorted((base / os.path.expanduser(f)).parent.glob(Path(f).name)):
-            h.update(p.name.encode() + b"\0" + (file_sha256(p).encode() if p.is_file() else b""))
+        for p in _matches(base, f):
+            h.update(os.path.relpath(p, base).encode() + b"\0" + file_sha256(p).encode())
     return h.hexdigest()
