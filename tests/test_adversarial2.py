@@ -97,3 +97,12 @@ def test_a_manifest_listing_files_outside_its_entry_is_never_read(make_config, t
     result = invoke("train", cfg, f"output_dir={tmp_path / 'again'}")
     assert result.exit_code == 0, result.output
     assert json.loads((entry / "manifest.json").read_text())["sha256"].get(listed) is None  # rebuilt
+
+
+def test_overwrite_keeps_user_files_added_to_a_run(make_config, tmp_path):
+    cfg, run = train_run(make_config, tmp_path)
+    notebook = run / "analysis.ipynb"
+    notebook.write_text("{}")
+    result = invoke("train", cfg, "--overwrite")
+    assert result.exit_code == 2 and "analysis.ipynb" in result.output and "would delete them" in result.output
+    assert notebook.read_text() == "{}"

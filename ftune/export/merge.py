@@ -73,7 +73,7 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | N
         base, revision = base_reference(cfg.model)  # the hub id, not this machine's cache path
         _drop_local_name(tmp / "config.json")
         write_json_atomic(tmp / MERGED_MARKER, {"merged_from": str(run_dir.resolve()), "base_model_name_or_path": base,
-                                                "revision": revision})
+                                                "revision": revision, "files": sorted(p.name for p in tmp.iterdir())})
     console.print(f"[green]merged[/] {len(touched)} weights of {method.name} into {out}")
     if verify:
         diff = verify_merge(cfg, method, artifact, out)
@@ -96,11 +96,26 @@ def check_output(out: Path, inputs: dict[str, Path], overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FtuneError(f"--out {out}: is a file; choose a directory")
     if out.is_dir() and any(out.iterdir()):
-        if not (out / MERGED_MARKER).is_file():
-            raise FtuneError(f"--out {out}: holds files that `ftune merge` did not write; ftune never replaces such a "
-                             f"directory, not even with --overwrite: choose a new or empty directory")
+        foreign = _not_merged_here(out)
+        if foreign:
+            raise FtuneError(f"--out {out}: holds files that `ftune merge` did not write ({foreign}); ftune never replaces "
+                             f"such a directory, not even with --overwrite: move them, or choose a new or empty directory")
         if not overwrite:
             raise FtuneError(f"{out} already exists; pass --overwrite to replace it or --out to write elsewhere")
+
+
+def _not_merged_here(out: Path) -> str | None:
+    """What in `out` a merge did not write (None when it all did): its marker lists the files it wrote."""
+    try:
+        marker = json.loads((out / MERGED_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"no readable {MERGED_MARKER} marker"
+    written = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(written, list):  # a merge from before the marker listed its files
+        written = [p.name for p in out.iterdir() if p.name.endswith((".safetensors", ".json", ".yaml", ".jinja", ".txt",
+                                                                      ".model", ".tiktoken")) or p.name == MERGED_MARKER]
+    extra = sorted(p.name for p in out.iterdir() if p.name not in set(written) | {MERGED_MARKER})
+    return ", ".join(extra[:3]) if extra else None
 
 
 VERIFY_TEXT = "The quick brown fox jumps over the lazy dog. 0123456789"

@@ -31,7 +31,8 @@ RESOLVED = "ftune.yaml"
 
 
 # What a run directory of ftune holds; a folder with anything else in it is not (only) a run.
-RUN_FILES = {MARKER, RESOLVED, "metrics.jsonl", "run.json", "resumes.jsonl", "adalora_ranks.json", "sora_ranks.jsonl",
+RUN_FILES = {MARKER, RESOLVED, "metrics.jsonl", "run.json", "resumes.jsonl", "calibration.json", "adalora_ranks.json",
+             "sora_ranks.jsonl",
              "adapter", "model", "checkpoints", "merged", "eval", "tensorboard"}
 
 
@@ -79,13 +80,22 @@ def plan(final: Path, resume: bool, overwrite: bool, artifact: str) -> str:
     if resume and saved:
         return "resume"
     if not saved and not (final / artifact).is_dir() and (final / MARKER).is_file():
-        return "stage"  # an unfinished run with nothing saved: start it over (see module docstring)
+        return _replaceable(final)  # an unfinished run with nothing saved: start it over (see module docstring)
     if resume:
         raise FtuneError(f"--resume: {final} holds a finished run with no checkpoint to continue from; "
                          f"use --overwrite to train it again, or set name=/output_dir= to write elsewhere")
     if not overwrite:
         raise FtuneError(f"output directory {final} already holds a run; use --resume to continue it, --overwrite to "
                          f"replace it, or set name=/output_dir= to write elsewhere")
+    return _replaceable(final)
+
+
+def _replaceable(final: Path) -> str:
+    """A run is replaced whole: files a user added to it (notes, a notebook) would go too, so they stop it."""
+    extra = sorted(p.name for p in final.iterdir() if p.name not in RUN_FILES and not p.name.startswith((".tmp-", ".old-")))
+    if extra:
+        raise FtuneError(f"{final}: besides the run it holds files ftune did not write ({', '.join(extra[:3])}); replacing "
+                         f"the run would delete them: move them out, or set name=/output_dir= to write elsewhere")
     return "stage"
 
 
