@@ -27,7 +27,7 @@ from ftune.eval import calibrate as C
 from ftune.eval import metrics as M
 from ftune.eval import report as R
 from ftune.eval.scoring import label_logprobs, label_token_ids, lm_loss, predict_labels
-from ftune.io import read_json_file, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from ftune.io import atomic_dir, read_json_file, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from ftune.methods import get_method
 from ftune.models import bf16_preferred, load_model, load_tokenizer
 
@@ -288,7 +288,10 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
             console.print(f"{result['shortened']} of {n} texts shortened to fit data.max_length {cfg.data.max_length} (as in training)")
     if run_dir is not None and (run_dir / "run.json").is_file():
         meta["run"] = read_json_file(run_dir / "run.json", "it is the run's summary; train the run again or delete the file")
-    _write_report(out_dir, result, meta, cfg, labels, console)
+    with atomic_dir(out_dir) as tmp:  # the whole report or none of it: a killed eval never mixes two reports
+        _write_report(tmp, result, meta, cfg, labels, console)
+    console.print(f"report: {out_dir}/report.json, report.md" + (", predictions.jsonl, confusion.png"
+                                                                if cfg.data.format == "classification" else ""))
     return {"out_dir": str(out_dir), **result["summary"]}
 
 
@@ -303,11 +306,13 @@ def check_report_dir(out_dir: Path, data: Path) -> None:
         raise FtuneError(f"--out {out_dir}: is a file; give a directory for the report")
     if data.resolve().parent == out_dir.resolve() and data.name in REPORT_FILES:
         raise FtuneError(f"--out {out_dir}: the report would overwrite the data being evaluated ({data}); choose another directory")
-    if out_dir.is_dir() and not (out_dir / REPORT_MARKER).is_file():
-        others = sorted(p.name for p in out_dir.iterdir() if p.name not in REPORT_FILES and not p.name.startswith("."))
+    if out_dir.is_dir():  # the report replaces the folder whole: anything else in it would go
+        others = sorted(p.name for p in out_dir.iterdir()
+                        if p.name not in REPORT_FILES and not (p.name.startswith(".") and p.name.endswith(".tmp")))
         if others:
             raise FtuneError(f"--out {out_dir}: holds files that `ftune eval` did not write ({', '.join(others[:3])}); "
                              f"ftune never writes its report among them: choose a new or empty directory")
+    if out_dir.is_dir() and not (out_dir / REPORT_MARKER).is_file():
         mine = [n for n in ("report.json", "report.md") if (out_dir / n).is_file() and not _is_our_report(out_dir / n)]
         if mine:
             raise FtuneError(f"--out {out_dir}: its {mine[0]} was not written by `ftune eval`; choose a new or empty directory")
@@ -365,6 +370,5 @@ def _write_report(out_dir: Path, result: dict, meta: dict, cfg: RunConfig, label
         console.print(f"{title}: loss {s['loss']:.4f}, perplexity {s['perplexity']:.3f}")
     write_jsonl_atomic(out_dir / "predictions.jsonl", result["predictions"])
     write_json_atomic(out_dir / "report.json", body)
-    console.print(f"report: {out_dir}/report.json, report.md" + (", predictions.jsonl, confusion.png" if cfg.data.format == "classification" else ""))
     if cfg.data.format == "classification" and axis_index is not None:
         console.print("confusion.png numbers its axes (no installed font draws these labels): report.md lists the numbers")
