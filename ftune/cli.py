@@ -150,7 +150,7 @@ def _launch(n: int, args: list[str]) -> None:
     if not cpu and have < n:
         raise FtuneError(f"--gpus {n}: this machine has {have} CUDA GPU{'' if have == 1 else 's'}"
                          f"{' visible (CUDA_VISIBLE_DEVICES=' + os.environ['CUDA_VISIBLE_DEVICES'] + ')' if 'CUDA_VISIBLE_DEVICES' in os.environ else ''}; "
-                         f"use --gpus {have} or fewer" + ("" if have else ", or leave --gpus out")
+                         + (f"use --gpus {have} or fewer" if have > 1 else "leave --gpus out to train in one process")
                          + " (ACCELERATE_USE_CPU=1 runs the processes on the CPU, for testing)")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
            "-m", "ftune", "train", *args]

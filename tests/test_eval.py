@@ -152,3 +152,12 @@ def test_the_cache_keyword_is_read_from_the_forward_signature():
         def forward(self, input_ids=None, cache=None, use_cache=None): ...
 
     assert (cache_kwarg(Old), cache_kwarg(New)) == ("past_key_values", "cache")
+
+
+def test_compare_markdown_escapes_pipes_and_line_breaks(tmp_path):
+    from ftune.eval.compare import compare_markdown
+
+    _report(tmp_path / "a|b" / "eval" / "test", "lo|ra\nx", 0.75, 1234, 30.0)
+    md = compare_markdown(compare_rows([str(tmp_path / "a|b")]))
+    row = md.splitlines()[2]
+    assert "lo\\|ra x" in row and row.count(" | ") == len(COLUMNS) - 1

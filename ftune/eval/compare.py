@@ -112,5 +112,10 @@ def compare_markdown(rows: list[dict]) -> str:
     """The same table as markdown (`ftune eval --compare --markdown`), to paste into a write-up."""
     reject, cols = _has_reject(rows), columns(rows)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_cells(r, reject)) + " |" for r in rows]
+    lines += ["| " + " | ".join(_md_cell(c) for c in _cells(r, reject)) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _md_cell(text: str) -> str:
+    """A cell cannot hold a pipe or a line break (a path or method name may): escape and flatten them."""
+    return " ".join(str(text).replace("|", "\\|").split())

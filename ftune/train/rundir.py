@@ -130,7 +130,10 @@ class RunDir:
             if self.final.exists():
                 os.replace(self.final, old)
             os.replace(self.path, self.final)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_symlink():  # the run dir was a link: drop the link, never what it pointed to
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
             self.path = self.final
         return self.final
 
