@@ -189,8 +189,12 @@ def atomic_dir(path: str | Path, replace: bool = True):
         _swap_in(tmp, path, replace)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and write_error(e, path):  # disk full or read-only while writing the files
-            raise write_error(e, path) from None
+        # Disk full or read-only while writing the files: named by where they were going, not the temp dir.
+        if isinstance(e, OSError) and write_error(e, path):
+            named = str(e.filename).replace(str(tmp), str(path)) if e.filename else None
+            raise write_error(OSError(e.errno, e.strerror, named), path) from None
+        if isinstance(e, WriteError):
+            raise WriteError(str(e).replace(str(tmp), str(path)), e.strerror) from None
         raise
 
 
