@@ -80,10 +80,10 @@ def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[
     result = {"summary": summary, "report": report}
     if conf is not None:
         correct = [p == g for p, g in zip(scored, gold)]
-        summary["ece"] = M_ece(conf, correct)
+        summary["ece"] = C.expected_calibration_error(conf, correct)
         if calib["applied"]:
             raw_report = M.classification_report(gold, scored, labels, reject_label=reject, invalid_label=INVALID)
-            result["summary_raw"] = _summary(raw_report, reject) | {"ece": M_ece(raw_conf, correct)}
+            result["summary_raw"] = _summary(raw_report, reject) | {"ece": C.expected_calibration_error(raw_conf, correct)}
             result["calibration"] = calib
     predictions = []
     for i, (e, p) in enumerate(zip(examples, pred)):
@@ -114,44 +114,41 @@ def _calibration(cfg: RunConfig, logprobs, lengths, gold, pred, labels, stored: 
     """The temperature and threshold this evaluation applies, and where each came from.
     With `fit`, `auto` ones are chosen on these examples (the eval split at the end of training)."""
     ev = cfg.eval
-    out = {"temperature": 1.0, "threshold": None, "applied": False}
-    if ev.temperature == "auto":
+
+    def fit_temperature() -> dict:
+        scores = logprobs / lengths if ev.length_normalize else logprobs
+        ids = torch.tensor([labels.index(g) for g in gold])
+        fitted = C.fit_temperature(scores, ids)
+        correct = [p == g for p, g in zip(pred, gold)]
+        ece = {t: C.expected_calibration_error(torch.softmax(scores.float() / t, -1).max(-1).values.tolist(), correct)
+               for t in (1.0, fitted)}
+        # The NLL fit can still bin worse on a small split: then T stays 1, and the record says why.
+        t = fitted if ece[fitted] <= ece[1.0] else 1.0
+        return {"value": t, "fitted": fitted, "nll_before": C.nll(scores, ids, 1.0), "nll_after": C.nll(scores, ids, fitted),
+                "ece_before": ece[1.0], "ece_after": ece[fitted],
+                "kept": "fitted" if t == fitted else "1.0: the fitted T raised ECE on this split"}
+
+    def fit_threshold() -> dict:
+        probs = predict_labels(logprobs, lengths, labels, ev.length_normalize, out["temperature"])[1]
+        chosen = C.choose_threshold(gold, pred, probs.max(-1).values.tolist(), labels, ev.reject_label,
+                                    ev.threshold_objective, ev.max_false_accept)
+        return chosen | {"objective": ev.threshold_objective, "temperature": out["temperature"]}
+
+    out = {"temperature": 1.0, "threshold": None}
+    # Temperature first: the threshold is chosen on the temperature-scaled confidences.
+    for key, setting, fitter in (("temperature", ev.temperature, fit_temperature), ("threshold", ev.threshold, fit_threshold)):
+        if setting != "auto":
+            out[key] = out[key] if setting is None else float(setting)
+            continue
         if fit:
-            scores = logprobs / lengths if ev.length_normalize else logprobs
-            ids = torch.tensor([labels.index(g) for g in gold])
-            fitted = C.fit_temperature(scores, ids)
-            correct = [p == g for p, g in zip(pred, gold)]
-            ece = {t: C.expected_calibration_error(torch.softmax(scores.float() / t, -1).max(-1).values.tolist(), correct)
-                   for t in (1.0, fitted)}
-            # The NLL fit can still bin worse on a small split: then T stays 1, and the record says why.
-            t = fitted if ece[fitted] <= ece[1.0] else 1.0
-            out["temperature_fit"] = {"value": t, "fitted": fitted, "nll_before": C.nll(scores, ids, 1.0),
-                                      "nll_after": C.nll(scores, ids, fitted), "ece_before": ece[1.0], "ece_after": ece[fitted],
-                                      "kept": "fitted" if t == fitted else "1.0: the fitted T raised ECE on this split",
-                                      "chosen_on": str(where), "examples": len(gold)}
-            out["temperature"] = t
-        elif stored and stored.get("temperature"):
-            out["temperature"] = float(stored["temperature"]["value"])
-            out["temperature_fit"] = stored["temperature"]
+            record = fitter() | {"chosen_on": str(where), "examples": len(gold)}
+        elif stored and stored.get(key):
+            record = stored[key]
         elif fit is not None:
-            raise FtuneError(_no_calibration("temperature"))
-    elif ev.temperature is not None:
-        out["temperature"] = float(ev.temperature)
-    if ev.threshold == "auto":
-        if fit:
-            probs = predict_labels(logprobs, lengths, labels, ev.length_normalize, out["temperature"])[1]
-            chosen = C.choose_threshold(gold, pred, probs.max(-1).values.tolist(), labels, ev.reject_label,
-                                        ev.threshold_objective, ev.max_false_accept)
-            out["threshold_fit"] = chosen | {"objective": ev.threshold_objective, "chosen_on": str(where),
-                                             "examples": len(gold), "temperature": out["temperature"]}
-            out["threshold"] = chosen["value"]
-        elif stored and stored.get("threshold"):
-            out["threshold"] = float(stored["threshold"]["value"])
-            out["threshold_fit"] = stored["threshold"]
-        elif fit is not None:
-            raise FtuneError(_no_calibration("threshold"))
-    elif ev.threshold is not None:
-        out["threshold"] = float(ev.threshold)
+            raise FtuneError(_no_calibration(key))
+        else:
+            continue
+        out[key], out[f"{key}_fit"] = float(record["value"]), record
     out["applied"] = out["threshold"] is not None or out["temperature"] != 1.0
     return out
 
@@ -159,10 +156,6 @@ def _calibration(cfg: RunConfig, logprobs, lengths, gold, pred, labels, stored: 
 def _no_calibration(key: str) -> str:
     return (f"eval.{key}: auto, but no {C.CALIBRATION_FILE} holds one: only a training run with data.eval stores it "
             f"(at the end of training); pass eval.{key}=VALUE, or eval.{key}=null")
-
-
-def M_ece(conf, correct) -> float:
-    return C.expected_calibration_error(conf, correct)
 
 
 def stored_calibration(calib: dict) -> dict:
