@@ -145,7 +145,9 @@ def _launch(n: int, args: list[str]) -> None:
 
     import torch
 
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    from ftune.device import cpu_forced
+
+    cpu = cpu_forced()
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if not cpu and have < n:
         raise FtuneError(f"--gpus {n}: this machine has {have} CUDA GPU{'' if have == 1 else 's'}"

@@ -22,6 +22,7 @@ from ftune.config.loader import RESOLVED_NAME
 from ftune.data import Split, load_examples, load_split, resolve_labels, source_fingerprint, source_label
 from ftune.data.sources import source_stem
 from ftune.data.tokenize import classification_prompts
+from ftune.device import default_device
 from ftune.errors import FtuneError
 from ftune.eval import calibrate as C
 from ftune.eval import metrics as M
@@ -250,7 +251,7 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
     labels = resolve_labels(cfg.data)
     split = Split(data, load_examples(data, cfg.data, labels, *_unknown_labels(cfg, labels)), None, None) \
         if cfg.data.format == "classification" else load_split(data, cfg.data, tokenizer, labels)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     model = load_model(cfg.model, device)
     if kind == "run":
         method = get_method(cfg.method.name)

@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ftune.config import load_resolved, resolved_yaml
+from ftune.device import default_device
 from ftune.errors import FtuneError
 from ftune.io import atomic_dir, remove_stale_temps, write_error, write_json_atomic, write_text_atomic
 from ftune.layers.peft_format import AdapterMerge
@@ -125,7 +126,7 @@ VERIFY_TEXT = "The quick brown fox jumps over the lazy dog. 0123456789"
 def verify_merge(cfg, method, artifact: Path, merged: Path) -> float:
     """Max |logits(merged) − logits(base + artifact)| on a short text. One model in memory at a time;
     the adapter side loads the base as the run did (4-bit for QLoRA), the merged side unquantized."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     ids = load_tokenizer(cfg.model)(VERIFY_TEXT, return_tensors="pt")["input_ids"].to(device)
     logits = []
     for model_cfg, apply in ((cfg.model, True),

@@ -17,6 +17,7 @@ from rich.console import Console
 from ftune.config import RunConfig, resolved_yaml
 from ftune.data import Split, load_examples, load_split, resolve_labels, source_fingerprint, source_label
 from ftune.data.collate import batch_tokens, count_targets
+from ftune.device import cuda_usable
 from ftune.errors import FtuneError, Interrupted, RunFailed
 from ftune.hooks import TrainState
 from ftune.io import (
@@ -131,6 +132,7 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
     mode = plan(final, resume, overwrite, method.artifact)
     trackers = tracker_names(cfg.train)
     check_trackers(trackers)  # before the model loads: a missing package is one message with its install command
+    _fresh_accelerate_state()
     accelerator = Accelerator(mixed_precision=_precision(cfg), log_with=trackers or None, project_dir=str(final))
     set_seed(cfg.train.seed)
     world = accelerator.num_processes
@@ -333,10 +335,24 @@ def _summary(run: Run) -> dict:
             "stop_reason": s.stop_reason, "final_eval": {}, "device": str(run.accelerator.device)}
 
 
+def _fresh_accelerate_state() -> None:
+    """accelerate keeps one process-wide state and refuses a second Accelerator with other settings ("already
+    initialized"). A single process may train more than once (a notebook, a script looping over configs, the
+    tests): each run starts from a clean state. Under a launcher the state holds the process group: kept."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def _precision(cfg: RunConfig) -> str:
     mp = cfg.train.mixed_precision
     if mp == "auto":
-        return "bf16" if torch.cuda.is_available() and bf16_preferred("cuda") else "no"
+        return "bf16" if cuda_usable() and bf16_preferred("cuda") else "no"
     return mp
 
 

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from ftune.config import RunConfig
 from ftune.data import Split
+from ftune.device import cuda_usable
 from ftune.errors import FtuneError
 from ftune.train.rundir import has_checkpoint
 
@@ -20,11 +21,11 @@ def check_launch(accelerator, console: Console) -> None:
     run directory; and GPUs left idle deserve a word."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
-        hint = " (on CPU, set ACCELERATE_USE_CPU=1 so accelerate uses gloo)" if not torch.cuda.is_available() else ""
+        hint = " (on CPU, set ACCELERATE_USE_CPU=1 so accelerate uses gloo)" if not cuda_usable() else ""
         raise FtuneError(f"launched as {launched} processes, but they did not form one distributed training "
                          f"(accelerate sees {accelerator.num_processes}){hint}; launch with `accelerate launch -m ftune train "
                          f"CONFIG` or `torchrun --nproc_per_node N -m ftune train CONFIG`")
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = torch.cuda.device_count() if cuda_usable() else 0
     if accelerator.num_processes == 1 and gpus > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
         console.print(f"note: {gpus} GPUs are visible but this run uses one; to train on all of them: "
                       f"ftune train CONFIG --gpus {gpus}")
