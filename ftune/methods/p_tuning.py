@@ -43,10 +43,12 @@ def prepare(model, cfg: PTuningConfig, ctx) -> list:
     prompt_tuning.freeze(model)
     d = model.config.hidden_size
     h = _hidden(cfg, d)
-    torch.manual_seed(ctx.run.train.seed)  # the encoder's and P's initial values
-    encoder = (mlp_encoder(d, h) if cfg.encoder_reparameterization_type == "MLP"
-               else LstmEncoder(d, h, cfg.encoder_num_layers, cfg.encoder_dropout))
-    install(model, VirtualTokens(cfg.num_virtual_tokens, d, encoder), "prompt")
+    with torch.random.fork_rng(devices=[]):  # P's and the encoder's initial values, from the run's seed alone
+        torch.manual_seed(ctx.run.train.seed)
+        encoder = (mlp_encoder(d, h) if cfg.encoder_reparameterization_type == "MLP"
+                   else LstmEncoder(d, h, cfg.encoder_num_layers, cfg.encoder_dropout))
+        tokens = VirtualTokens(cfg.num_virtual_tokens, d, encoder)
+    install(model, tokens, "prompt")
     return []
 
 
