@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import invoke, read_metrics
+
 from ftune.config.schema import ModelConfig
 from ftune.data.collate import collate, collate_packed
 from ftune.data.tokenize import IGNORE
@@ -29,12 +29,17 @@ IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for n, kw in VARIANT
 PROMPTS = ["Text : great movie Label :", "Text : bad plot and boring acting Label :", "Text : ok Label :"]
 
 
-def trained(name: str, kw: dict, model_dir, n: int = 3, seed: int = 0):
-    """A tiny model with the method prepared and every trainable weight moved (as training would)."""
+def trained(name: str, kw: dict, model_dir, n: int = 3, seed: int = 0, kernels: str | None = None):
+    """A tiny model with the method prepared and every trainable weight moved (as training would); with
+    `kernels`, that training forward installed first, as the loop does."""
+    from ftune.kernels import apply_kernels
+
     mc = ModelConfig(path=str(model_dir))
     method = get_method(name)
     cfg = method.config_cls(num_virtual_tokens=n, **kw)
     model = load_model(mc)
+    if kernels is not None:
+        assert "fast path (torch)" in apply_kernels(model, mc.model_copy(update={"kernels": kernels}), "cpu")
     method.prepare(model, cfg, PrepareContext(run=SimpleNamespace(model=mc, train=SimpleNamespace(seed=seed)), total_steps=1))
     torch.manual_seed(seed + 1)
     with torch.no_grad():
@@ -170,3 +175,24 @@ def test_prefix_tuning_refuses_layer_recompute(setting, make_config, tmp_path):
     assert result.exit_code == 2, result.output
     assert "cannot recompute layers in backward" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fast_path_training_loss_equals_transformers_forward(packed, tiny_model_dir, tokenizer):
+    """Prompt tuning on ftune's fused layer forward (kernels: torch, on the CPU here): the training loss and the
+    soft prompt's gradient equal transformers' forward's, padded or packed."""
+    rows = []
+    for text in PROMPTS:
+        ids = tokenizer(text)["input_ids"]
+        rows.append({"input_ids": ids, "labels": [IGNORE] + ids[1:]})
+    batch = collate_packed(rows) if packed else collate(rows, tokenizer.pad_token_id)
+    n_items = int(sum(len(r["input_ids"]) - 1 for r in rows))
+    results = []
+    for kernels in (None, "torch"):
+        _, _, model, _ = trained("prompt_tuning", {}, tiny_model_dir, kernels=kernels)
+        model.train()
+        loss = model(**batch, num_items_in_batch=n_items).loss
+        loss.backward()
+        results.append((loss.detach(), model.ftune_virtual_tokens.embedding.weight.grad.clone()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)

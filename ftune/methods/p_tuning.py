@@ -21,7 +21,13 @@ from pydantic import Field
 
 from ftune.config.schema import MethodConfig
 from ftune.layers.peft_format import prompt_config, read_prompt, save_prompt
-from ftune.layers.prompt import LstmEncoder, VirtualTokens, install, mlp_encoder, virtual_tokens
+from ftune.layers.prompt import (
+    LstmEncoder,
+    VirtualTokens,
+    install,
+    mlp_encoder,
+    virtual_tokens,
+)
 from ftune.methods import Method, prompt_tuning, register
 
 

@@ -25,7 +25,13 @@ from pydantic import Field
 
 from ftune.config.schema import MethodConfig
 from ftune.layers.peft_format import prompt_config, read_prompt, save_prompt
-from ftune.layers.prompt import VirtualTokens, install, kv_shape, prefix_encoder, virtual_tokens
+from ftune.layers.prompt import (
+    VirtualTokens,
+    install,
+    kv_shape,
+    prefix_encoder,
+    virtual_tokens,
+)
 from ftune.methods import Method, prompt_tuning, register
 
 WHY = ("the key/value prefix rides in the KV cache, which ftune's fused layer, packed rows and transformers' "

@@ -61,8 +61,8 @@ def _init_rows(model, cfg: PromptTuningConfig, ctx) -> torch.Tensor:
 
         ids = load_tokenizer(ctx.run.model)(cfg.prompt_tuning_init_text, add_special_tokens=False)["input_ids"]
         if not ids:
-            raise ConfigError(["method.prompt_tuning_init_text: the tokenizer makes no tokens of "
-                               f"{cfg.prompt_tuning_init_text!r}; give a few words"])
+            raise ConfigError([(f"method.prompt_tuning_init_text: the tokenizer makes no tokens of "
+                                f"{cfg.prompt_tuning_init_text!r}; give a few words")])
         ids = (ids * math.ceil(n / len(ids)))[:n]
         return table[torch.tensor(ids, device=table.device)].detach().float().clone()
     g = torch.Generator().manual_seed(ctx.run.train.seed)
