@@ -46,9 +46,9 @@ def _weight_bytes(arch: Arch, quantization: str, double_quant: bool, dtype_bytes
     return linear * (0.5 + per_block / 64) + other * 2
 
 
-def _fast_path(run, on_cuda: bool) -> bool:
+def _fast_path(run, method, on_cuda: bool) -> bool:
     k = run.model.kernels
-    return k in ("liger", "torch") or (k == "auto" and on_cuda)
+    return method.fast_path and (k in ("liger", "torch") or (k == "auto" and on_cuda))
 
 
 def estimate_memory(run, method, arch: Arch, on_cuda: bool = True) -> MemoryEstimate:
@@ -68,7 +68,7 @@ def estimate_memory(run, method, arch: Arch, on_cuda: bool = True) -> MemoryEsti
 
     tokens = t.micro_batch_size * run.data.max_length
     h, kv, i = arch.hidden, arch.kv_heads * arch.head_dim, arch.intermediate
-    fast = _fast_path(run, on_cuda)
+    fast = _fast_path(run, method, on_cuda)
     frozen = not method.trains_base
     if fast:
         keep = (5 * h + 2 * kv + 2 * i) * 2 if frozen else (6 * h + 2 * kv + 3 * i) * 2

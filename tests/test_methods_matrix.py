@@ -9,10 +9,11 @@ import yaml
 
 from conftest import read_metrics
 from ftune.config import load_config, load_resolved
+from ftune.errors import FtuneError
 from ftune.methods import REGISTRY, PrepareContext, get_method
 from ftune.models import load_model
 
-# method -> config overrides for the tiny classification run. Every method promises an unchanged output at init.
+# method -> config overrides for the tiny classification run.
 CASES = {
     "full": ({"recipe": "full", "method": {"name": "full"}, "train": {"lr": 1e-3}}),
     "lora": ({"method": {"name": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0}}),
@@ -23,12 +24,20 @@ CASES = {
     "sora": ({"recipe": "sora", "method": {"name": "sora", "r": 4, "lora_alpha": 8, "sparse_lambda": 0.1,
                                            "lora_dropout": 0.0}}),
     "lisa": ({"recipe": "lisa", "method": {"name": "lisa", "n_layers": 1, "interval_steps": 2}, "train": {"lr": 1e-3}}),
+    "prompt_tuning": ({"recipe": "prompt_tuning", "method": {"name": "prompt_tuning", "num_virtual_tokens": 4}}),
+    "p_tuning": ({"recipe": "p_tuning", "method": {"name": "p_tuning", "num_virtual_tokens": 4}}),
+    "prefix_tuning": ({"recipe": "prefix_tuning", "method": {"name": "prefix_tuning", "num_virtual_tokens": 4}}),
 }
+# The output at init, per method: "equal" to the base's (adapters start at zero, full/LISA change nothing yet),
+# or "changed": virtual tokens are n extra inputs (a soft prompt, or keys/values every layer attends to).
+AT_INIT = {"full": "equal", "lora": "equal", "qlora": "equal", "adalora": "equal", "sora": "equal", "lisa": "equal",
+           "prompt_tuning": "changed", "p_tuning": "changed", "prefix_tuning": "changed"}
 IDS = ["Text : great movie Label :", "Text : bad plot Label : negative"]
 
 
 def test_every_registered_method_is_in_the_matrix():
     assert set(REGISTRY) == set(CASES), "add a row to CASES for each registered method (and remove stale ones)"
+    assert set(AT_INIT) == set(CASES), "say for each method whether its output at init equals the base's"
 
 
 def config_for(name, make_config, tmp_path, steps=2, lr=None):
@@ -52,7 +61,12 @@ def test_output_at_init_equals_base(name, make_config, tmp_path, tokenizer):
     model = load_model(cfg.model)
     before = logits(model, tokenizer)
     get_method(name).prepare(model, cfg.method, PrepareContext(run=cfg, total_steps=10))
-    assert torch.allclose(logits(model, tokenizer), before, atol=1e-5)
+    after = logits(model, tokenizer)
+    assert after.shape == before.shape and bool(torch.isfinite(after).all())
+    if AT_INIT[name] == "equal":
+        assert torch.allclose(after, before, atol=1e-5)
+    else:  # a real change, not noise: the virtual tokens are read
+        assert (after - before).abs().max() > 1e-3
     assert any(p.requires_grad for p in model.parameters())
 
 
@@ -85,6 +99,11 @@ def test_training_lowers_loss_and_merge_matches(name, make_config, tmp_path, tok
     losses = [m["loss"] for m in read_metrics(cfg.run_dir) if "loss" in m]
     assert len(losses) == 8 and losses[-1] < losses[0], losses
     method = get_method(name)
+    if method.not_mergeable:
+        with pytest.raises(FtuneError, match=f"method {name} is not mergeable"):
+            merge_run(cfg.run_dir)
+        assert not (tmp_path / f"run-{name}" / "merged").exists()
+        return
     merged = merge_run(cfg.run_dir)
     if not method.mergeable:
         assert merged is None

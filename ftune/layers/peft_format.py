@@ -349,3 +349,35 @@ def adalora_merge(adapter_dir: Path) -> AdapterMerge:
         return merge_adalora_weight(weight, a, e, b, scaling)
 
     return AdapterMerge(frozenset(ranks), fold)
+
+
+# ---------------------------------------------------------------- prompt learning: prompt tuning, P-tuning, prefix tuning
+
+PROMPT_KEY = "prompt_embeddings"  # PEFT's one tensor for these kinds: the virtual tokens as the model consumes them
+
+
+def prompt_config(model, peft_type: str, n: int, token_dim: int, heads: int, **fields) -> dict:
+    """PEFT's PromptLearningConfig fields for a decoder-only model (one transformer submodule)."""
+    return {"peft_type": peft_type, **_common_fields(model), "num_virtual_tokens": n, "token_dim": token_dim,
+            "num_transformer_submodules": 1, "num_attention_heads": heads,
+            "num_layers": model.config.num_hidden_layers, "inference_mode": True, **fields}
+
+
+def save_prompt(out_dir: Path, config: dict, embeddings: torch.Tensor) -> None:
+    """The folded virtual tokens ((n, token_dim), or (n, 2·layers·kv_dim) for prefix tuning) and the config."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({PROMPT_KEY: embeddings.detach().float().cpu().contiguous()}, str(out_dir / WEIGHTS_NAME),
+              metadata={"format": "pt"})
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_prompt(adapter_dir: Path, peft_type: str, width: int) -> tuple[dict, torch.Tensor]:
+    """Config and the (n, width) virtual tokens of a saved prompt-learning adapter; anything else is one FtuneError."""
+    config, tensors = read_adapter(adapter_dir, peft_type, required=("num_virtual_tokens",))
+    t = tensors.get(PROMPT_KEY)
+    n = config["num_virtual_tokens"]
+    if set(tensors) != {PROMPT_KEY} or t is None or tuple(t.shape) != (n, width):
+        got = {k: tuple(v.shape) for k, v in tensors.items()}
+        raise FtuneError(f"{Path(adapter_dir) / WEIGHTS_NAME}: expected one tensor {PROMPT_KEY!r} of shape ({n}, {width}) "
+                         f"for this base model, found {got}; it is from another run or model; {FIX}")
+    return config, t

@@ -53,6 +53,16 @@ class Method:
     trainable_params: Callable[[Any, MethodConfig], int] | None = None
     multi_process: bool = True  # may train under DDP (torchrun, accelerate launch, --gpus N); False: refused at set-up
     single_process_reason: str = ""  # why not (multi_process False), said in the refusal
+    # Training paths the method's forward can take. False keeps the loop off that path (the run's log says so,
+    # with `path_reason`): ftune's fused layer forward (kernels/fast.py), padding-free packed micro-batches,
+    # recomputing layers in backward (model.gradient_checkpointing, recompute letters of model.layer_plan:
+    # refused at set-up, before the model loads, since turning it off would change the memory the user planned).
+    fast_path: bool = True
+    packing: bool = True
+    layer_recompute: bool = True
+    path_reason: str = ""
+    # An adapter that cannot be folded into the base's weights: why (`ftune merge` refuses with it, exit 2).
+    not_mergeable: str = ""
 
     @property
     def mergeable(self) -> bool:

@@ -43,6 +43,7 @@ from ftune.train.optim import build_optimizer, build_scheduler, default_param_gr
 from ftune.train.preflight import (
     check_launch,
     check_method_launch,
+    check_method_paths,
     report_data,
     say_mode,
     warn_label_collisions,
@@ -71,10 +72,12 @@ def build_training(cfg: RunConfig, method: Method, accelerator, total_steps: int
     except (ValueError, OSError):
         hf = None
     n_layers = hf.get("num_hidden_layers") if isinstance(hf, dict) else None
-    check_plan(cfg.model, n_layers if isinstance(n_layers, int) else None,
-               fast_path=resolve_kernels(cfg.model.kernels, device) != "none")
+    n_layers = n_layers if isinstance(n_layers, int) else None
+    check_plan(cfg.model, n_layers, fast_path=resolve_kernels(cfg.model.kernels, device) != "none" and method.fast_path)
+    check_method_paths(method, cfg, n_layers)
     model = load_model(cfg.model, device)
-    model._ftune_kernels = apply_kernels(model, cfg.model, device)  # the training forward; eval and merge keep HF's
+    # the training forward; eval and merge keep HF's
+    model._ftune_kernels = apply_kernels(model, cfg.model, device, method.fast_path, method.path_reason)
     hooks = method.prepare(model, cfg.method, PrepareContext(run=cfg, total_steps=total_steps)) or []
     hooks += [BudgetHook(cfg.train.budget.max_minutes, cfg.train.budget.max_tokens), QualityGateHook(cfg.train.quality_gates)]
     groups = method.param_groups(model, cfg.method, cfg.train) if method.param_groups else default_param_groups(model, cfg.train)
@@ -169,6 +172,8 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
     trainable, total = count_parameters(model)
     console.print(f"[bold]{cfg.method.name}[/]: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     console.print(getattr(accelerator.unwrap_model(model), "_ftune_kernels", ""), highlight=False)
+    if packing_on(cfg, accelerator.device) and not method.packing:
+        console.print(f"packing off for {method.name}: {method.path_reason}; micro-batches are padded", highlight=False)
     state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, cfg=cfg,
                        run_dir=rundir.path, total_steps=total_steps)
     if mode == "resume":
@@ -192,7 +197,7 @@ def _steps(run: Run, log: RunLog, stop: StopRequest) -> None:
     cfg, state, hooks, accelerator = run.cfg, run.state, run.hooks, run.accelerator
     world, rank = accelerator.num_processes, accelerator.process_index
     batches_per_epoch = micro_batches_per_epoch(len(run.train_split.dataset), cfg, world)
-    packed = packing_on(cfg, accelerator.device)
+    packed = packing_on(cfg, accelerator.device) and run.method.packing
     batches = micro_batches(state, run.train_split.dataset, cfg, world, rank, run.tokenizer.pad_token_id, packed)
     ga, skipped_in_row = cfg.train.gradient_accumulation_steps, 0
     # Read (a GPU sync) only at log and save steps: the loss since the last log line, and the first step

@@ -43,6 +43,17 @@ def check_method_launch(method, processes: int) -> None:
                          f"({others})")
 
 
+def check_method_paths(method, cfg: RunConfig, n_layers: int | None) -> None:
+    """A method that cannot recompute layers in backward is refused a plan that does, before the model loads."""
+    from ftune.kernels.plan import recomputes
+
+    if not method.layer_recompute and recomputes(cfg.model, n_layers):
+        key = "model.layer_plan" if cfg.model.layer_plan is not None else "model.gradient_checkpointing"
+        raise FtuneError(f"{key}: method {method.name} cannot recompute layers in backward ({method.path_reason}); "
+                         f"set model.gradient_checkpointing=false and leave model.layer_plan unset (or all K), "
+                         f"and lower train.micro_batch_size or data.max_length if memory is short")
+
+
 def say_mode(console: Console, mode: str, final: Path, resume: bool, changes: dict) -> None:
     if mode == "stage" and not has_checkpoint(final) and not any((final / a).is_dir() for a in ("adapter", "model")):
         console.print(f"{final} holds an unfinished run that saved nothing: starting it over")
