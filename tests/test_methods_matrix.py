@@ -23,7 +23,12 @@ CASES = {
     "sora": ({"recipe": "sora", "method": {"name": "sora", "r": 4, "lora_alpha": 8, "sparse_lambda": 0.1,
                                            "lora_dropout": 0.0}}),
     "lisa": ({"recipe": "lisa", "method": {"name": "lisa", "n_layers": 1, "interval_steps": 2}, "train": {"lr": 1e-3}}),
+    "qalora": ({"recipe": "qalora", "method": {"name": "qalora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+                                               "group_size": 32}}),
 }
+# Methods that quantize the base themselves in `prepare` (QA-LoRA: INT4): their output at init equals the
+# quantized base's, which the init test builds by quantizing the same linears.
+QUANTIZES_IN_PREPARE = {"qalora"}
 IDS = ["Text : great movie Label :", "Text : bad plot Label : negative"]
 
 
@@ -50,10 +55,23 @@ def logits(model, tokenizer) -> torch.Tensor:
 def test_output_at_init_equals_base(name, make_config, tmp_path, tokenizer):
     cfg = config_for(name, make_config, tmp_path)
     model = load_model(cfg.model)
-    before = logits(model, tokenizer)
+    before = logits(int4_base(model, cfg) if name in QUANTIZES_IN_PREPARE else model, tokenizer)
     get_method(name).prepare(model, cfg.method, PrepareContext(run=cfg, total_steps=10))
     assert torch.allclose(logits(model, tokenizer), before, atol=1e-5)
     assert any(p.requires_grad for p in model.parameters())
+
+
+def int4_base(model, cfg):
+    """A copy of `model` with the method's target linears in INT4 (as QA-LoRA's prepare quantizes them)."""
+    import copy
+
+    from ftune.int4 import Int4Linear, swap_linears
+    from ftune.layers.inject import match_targets
+
+    quantized = copy.deepcopy(model)
+    swap_linears(quantized, match_targets(quantized, cfg.method.target_modules),
+                 lambda name, linear: Int4Linear.from_linear(linear, cfg.method.group_size))
+    return quantized
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -78,7 +96,6 @@ def test_save_load_round_trip(name, make_config, tmp_path, tokenizer):
 def test_training_lowers_loss_and_merge_matches(name, make_config, tmp_path, tokenizer):
     from ftune.export.merge import merge_run
     from ftune.train.loop import train
-    from transformers import AutoModelForCausalLM
 
     cfg = config_for(name, make_config, tmp_path, steps=8, lr=2e-2 if name not in ("full", "lisa") else 2e-3)
     train(cfg)
@@ -93,6 +110,7 @@ def test_training_lowers_loss_and_merge_matches(name, make_config, tmp_path, tok
     # The merge reads the 16-bit source; compare with the adapter on that same unquantized base.
     base_cfg = run.model.model_copy(update={"quantization": "none"})
     adapter = method.load(load_model(base_cfg), run.method, tmp_path / f"run-{name}" / method.artifact)
-    merged_model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32)
+    # ftune's loader: a plain HF checkpoint, or (QA-LoRA) an INT4 one that transformers cannot read
+    merged_model = load_model(run.model.model_copy(update={"path": str(merged), "quantization": "none", "dtype": "fp32"}))
     assert torch.allclose(logits(merged_model, tokenizer), logits(adapter, tokenizer), atol=1e-4)
     assert yaml.safe_load((merged / "ftune.yaml").read_text())["method"]["name"] == name
