@@ -120,7 +120,7 @@ def test_merge_of_a_sharded_base_lists_the_int4_tensors_in_the_index(make_config
     assert "model.layers.1.self_attn.q_proj.qweight" in index and "model.layers.1.self_attn.q_proj.weight" not in index
     for name, shard in index.items():
         with safe_open(str(tmp_path / "run" / "merged" / shard), "pt") as f:
-            assert name in f.keys()
+            assert name in f.keys()  # noqa: SIM118 (safe_open has no __contains__)
 
 
 def test_group_size_that_does_not_divide_a_layer_is_one_message(make_config, tmp_path):
@@ -188,3 +188,39 @@ def test_config_error_class_is_used_for_group_size():
 
     with pytest.raises(ConfigError, match="method.group_size"):
         _layer(torch.nn.Linear(48, 4), QALoraConfig(group_size=32), "layer")
+
+
+def test_export_compressed_tensors_reads_back_with_the_library(make_config, tmp_path):
+    """The export's tensors, decompressed by compressed-tensors' own pack_quantized compressor, equal the
+    merged INT4 weights up to the printed zero-point rounding (at most half a step per weight)."""
+    from ftune.export.int4 import pack_int32
+
+    assert invoke("train", qalora_config(make_config, tmp_path, steps=4)).exit_code == 0
+    assert invoke("merge", tmp_path / "run").exit_code == 0
+    merged, out = tmp_path / "run" / "merged", tmp_path / "ct"
+    result = invoke("export-int4", merged, "--out", out)
+    assert result.exit_code == 0, result.output
+    shift = float(result.output.split("largest shift")[1].split()[0])
+    assert 0 < shift <= 0.5
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized" and config["config_groups"]["group_0"]["weights"]["group_size"] == 32
+    assert invoke("export-int4", merged, "--out", out).exit_code == 2  # never over an existing export without --overwrite
+    assert invoke("export-int4", tmp_path / "run" / "adapter", "--out", tmp_path / "x").exit_code == 2
+
+    name = "model.layers.0.mlp.down_proj"
+    with safe_open(str(merged / "model.safetensors"), "pt") as f:
+        q, s, z = (f.get_tensor(f"{name}.{k}") for k in ("qweight", "scales", "zeros"))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        exported = {k: f.get_tensor(f"{name}.{k}") for k in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")}
+    exact = dequantize(q, s, z, torch.float32)
+    # ftune's own reading of the layout: int32 words of 8 nibbles, zero points packed along the output dim
+    assert torch.equal(exported["weight_packed"], pack_int32(unpack(q)))
+    try:
+        from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+        from compressed_tensors.quantization import QuantizationScheme
+    except ImportError:  # the library is in the dev extra; without it the layout check above still ran
+        return
+    scheme = QuantizationScheme(**config["config_groups"]["group_0"])
+    dense = PackedQuantizationCompressor.decompress(exported, scheme)["weight"].float()
+    steps = ((dense - exact).abs() / s.float().repeat_interleave(32, dim=1)).max()
+    assert float(steps) <= shift + 1e-3 and dense.shape == exact.shape
