@@ -252,6 +252,21 @@ def merge(
     merge_run(run_dir, out_dir, dtype, overwrite, console=err, verify=verify)
 
 
+@app.command("export-int4")
+@user_errors
+def export_int4(
+    merged_dir: str = typer.Argument(..., help="An INT4 checkpoint written by `ftune merge` of a qalora run (RUN_DIR/merged)."),
+    out_dir: str = typer.Option(..., "--out", help="Where to write the compressed-tensors (W4A16, pack_quantized) checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an export ftune wrote there before."),
+):
+    """Export a merged QA-LoRA model as compressed-tensors W4A16 (zero points rounded to integers: the shift is printed)."""
+    from ftune.export.int4 import export_compressed_tensors
+
+    worst = export_compressed_tensors(merged_dir, out_dir, overwrite)
+    err.print(f"[green]exported[/] {merged_dir} to {out_dir} (compressed-tensors pack_quantized); zero points rounded "
+              f"to integers: largest shift {worst:.3f} quantization steps", highlight=False)
+
+
 @app.command("eval")
 @user_errors
 def eval_(

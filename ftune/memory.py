@@ -55,7 +55,8 @@ def estimate_memory(run, method, arch: Arch, on_cuda: bool = True) -> MemoryEsti
     """`method`: the run's registered Method (what trains, how many parameters)."""
     m, t = run.model, run.train
     dtype_bytes = 4 if m.dtype == "fp32" or (m.dtype == "auto" and not on_cuda) else 2
-    weights = _weight_bytes(arch, m.quantization, m.double_quant, dtype_bytes)
+    weights = (method.weight_bytes(arch, run.method, dtype_bytes) if method.weight_bytes is not None
+               else _weight_bytes(arch, m.quantization, m.double_quant, dtype_bytes))
     if method.trains_base:  # full / LISA: gradients in the weights' dtype
         param_bytes = dtype_bytes
         n_train = method.trainable_params(arch, run.method)

@@ -56,13 +56,18 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | N
     target_dtype = DTYPES[dtype] if dtype else None
     merge = method.merge_fn(artifact)
     shards = sorted(Path(source).glob("*.safetensors")) if not gguf else []
+    if merge.quantization is not None and not shards:
+        raise FtuneError(f"merge: method {method.name!r} merges into INT4 tensors from the base's safetensors shards; "
+                         f"{source} has none (a GGUF base): train from a Hugging Face safetensors directory instead")
     with atomic_dir(out) as tmp:
         if shards:
-            touched, nbytes = _merge_shards(shards, merge, target_dtype, tmp, console)
+            touched, nbytes, renamed = _merge_shards(shards, merge, target_dtype, tmp, console)
             for name in COPY:
                 if (Path(source) / name).is_file():
                     shutil.copy2(Path(source) / name, tmp / name)
-            _write_index(Path(source) / INDEX, tmp / INDEX, nbytes)
+            _write_index(Path(source) / INDEX, tmp / INDEX, nbytes, renamed)
+            if merge.quantization is not None:
+                _set_config_key(tmp / "config.json", "quantization_config", merge.quantization)
             if target_dtype is not None:
                 _set_config_dtype(tmp / "config.json", dtype)
         else:
@@ -143,18 +148,28 @@ def verify_merge(cfg, method, artifact: Path, merged: Path) -> float:
     return float((logits[0] - logits[1]).abs().max())
 
 
-def _merge_shards(shards: list[Path], merge: AdapterMerge, dtype, out: Path, console: Console) -> tuple[set[str], int]:
-    """(weights the adapter changed, bytes of every tensor written: the index's total_size)."""
+def _merge_shards(shards: list[Path], merge: AdapterMerge, dtype, out: Path,
+                  console: Console) -> tuple[set[str], int, dict[str, list[str]]]:
+    """(weights the adapter changed, bytes of every tensor written: the index's total_size, weight name ->
+    the names that replace it, for a merge into quantized tensors)."""
     from rich.progress import track
 
-    touched, nbytes = set(), 0
+    touched, nbytes, renamed = set(), 0, {}
     for shard in track(shards, description="merging shards", console=console, transient=True):
         tensors, meta = {}, None
         with safe_open(str(shard), framework="pt") as f:
             meta = f.metadata()
             for name in f.keys():
                 t = f.get_tensor(name)
-                merged = _finite(merge(name, t), name)
+                merged = merge(name, t)
+                if isinstance(merged, dict):  # quantized: written as they are, never cast
+                    for key, value in merged.items():
+                        tensors[key] = _finite(value, name)
+                        nbytes += value.numel() * value.element_size()
+                    renamed[name] = list(merged)
+                    touched.add(name.removesuffix(".weight"))
+                    continue
+                merged = _finite(merged, name)
                 if merged is not None:
                     t = merged
                     touched.add(name.removesuffix(".weight"))
@@ -167,16 +182,21 @@ def _merge_shards(shards: list[Path], merge: AdapterMerge, dtype, out: Path, con
         except SafetensorError as e:  # its writer reports the OS error as text: "… (os error 28)"
             m = re.search(r"os error (\d+)", str(e))
             raise (write_error(OSError(int(m.group(1)), str(e), str(out / shard.name))) if m else None) or e from None
-    return touched, nbytes
+    return touched, nbytes, renamed
 
 
-def _write_index(source: Path, target: Path, nbytes: int) -> None:
+def _write_index(source: Path, target: Path, nbytes: int, renamed: dict[str, list[str]] | None = None) -> None:
     """The base's shard index with `total_size` (bytes of all tensors, as transformers writes it) recomputed:
-    a cast to another dtype changes it. Shard names and the weight map stay as they are."""
+    a cast to another dtype changes it. Shard names stay; a weight merged into quantized tensors is listed
+    under their names, in its shard."""
     if not source.is_file():
         return
     index = json.loads(source.read_text())
     index["metadata"] = {**(index.get("metadata") or {}), "total_size": nbytes}
+    weight_map = {}
+    for name, shard in (index.get("weight_map") or {}).items():
+        weight_map |= {new: shard for new in (renamed or {}).get(name, [name])}
+    index["weight_map"] = weight_map
     write_json_atomic(target, index)
 
 
@@ -214,6 +234,12 @@ def _drop_local_name(path: Path) -> None:
     config = json.loads(path.read_text())
     if config.pop("_name_or_path", None) is not None:
         path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _set_config_key(path: Path, key: str, value) -> None:
+    config = json.loads(path.read_text())
+    config[key] = value
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _set_config_dtype(path: Path, dtype: str) -> None:

@@ -53,16 +53,22 @@ class AdapterMerge:
 
     `merge(weight_name, W)` is the merged weight in W's dtype for a weight the adapter touches, else None
     (leave W unchanged). `modules` names every adapted module, so a caller can check that each was found
-    among the base's weights. `fold(module, W)` is the kind's own formula (fp32 result)."""
+    among the base's weights. `fold(module, W)` is the kind's own formula (fp32 result).
+
+    A merge into a quantized model (QA-LoRA) has `quantization`, the quantization_config the merged
+    config.json records, and its `fold` returns the tensors that replace the weight, by full name
+    (`<module>.qweight`, …), written as they are (no dtype cast)."""
 
     modules: frozenset[str]
-    fold: Callable[[str, torch.Tensor], torch.Tensor]
+    fold: Callable[[str, torch.Tensor], torch.Tensor | dict[str, torch.Tensor]]
+    quantization: dict | None = None
 
-    def __call__(self, weight_name: str, weight: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, weight_name: str, weight: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor] | None:
         module = weight_name.removesuffix(".weight")
         if module not in self.modules or not weight_name.endswith(".weight"):
             return None
-        return self.fold(module, weight).to(weight.dtype)
+        merged = self.fold(module, weight)
+        return merged if isinstance(merged, dict) else merged.to(weight.dtype)
 
 
 # ---------------------------------------------------------------- files: write, read, check

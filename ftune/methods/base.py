@@ -51,6 +51,9 @@ class Method:
     # added fp32 ones (adapters), and how many parameters train, from the architecture alone (`perf.Arch`).
     trains_base: bool = False
     trainable_params: Callable[[Any, MethodConfig], int] | None = None
+    # Bytes of the base weights as training holds them, given (Arch, cfg, bytes per weight of the model's dtype),
+    # for a method that quantizes the base itself (QA-LoRA: INT4); default: from model.quantization.
+    weight_bytes: Callable[[Any, MethodConfig, int], float] | None = None
     multi_process: bool = True  # may train under DDP (torchrun, accelerate launch, --gpus N); False: refused at set-up
     single_process_reason: str = ""  # why not (multi_process False), said in the refusal
     # Training paths the method's forward can take. False keeps the loop off that path (the run's log says so,
