@@ -3,12 +3,15 @@ short training run whose loss goes down. A method registered without a row here 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
 
 from conftest import read_metrics
 from ftune.config import load_config, load_resolved
+from ftune.errors import FtuneError
 from ftune.methods import REGISTRY, PrepareContext, get_method
 from ftune.models import load_model
 
@@ -22,6 +25,7 @@ CASES = {
                                                  "deltaT": 1, "lora_dropout": 0.0}}),
     "sora": ({"recipe": "sora", "method": {"name": "sora", "r": 4, "lora_alpha": 8, "sparse_lambda": 0.1,
                                            "lora_dropout": 0.0}}),
+    "bottleneck": ({"recipe": "bottleneck", "method": {"name": "bottleneck", "config": "houlsby", "reduction_factor": 4}}),
     "lisa": ({"recipe": "lisa", "method": {"name": "lisa", "n_layers": 1, "interval_steps": 2}, "train": {"lr": 1e-3}}),
 }
 IDS = ["Text : great movie Label :", "Text : bad plot Label : negative"]
@@ -85,6 +89,11 @@ def test_training_lowers_loss_and_merge_matches(name, make_config, tmp_path, tok
     losses = [m["loss"] for m in read_metrics(cfg.run_dir) if "loss" in m]
     assert len(losses) == 8 and losses[-1] < losses[0], losses
     method = get_method(name)
+    if not method.mergeable and not method.trains_base:  # a non-linear adapter: refused, nothing written
+        with pytest.raises(FtuneError, match=rf"method '{name}' is not mergeable: .*`ftune eval "):
+            merge_run(cfg.run_dir)
+        assert not (Path(cfg.run_dir) / "merged").exists()
+        return
     merged = merge_run(cfg.run_dir)
     if not method.mergeable:
         assert merged is None
