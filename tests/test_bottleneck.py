@@ -193,3 +193,27 @@ def test_cli_trains_evaluates_and_refuses_to_merge(make_config, tmp_path):
     exec(snippet.replace('"runs/qwen7b_bottleneck"', repr(str(run))).replace('"cuda"', '"cpu"'), scope)
     layers = bottleneck_modules(scope["model"])
     assert len(layers) == 2 and any(m.adapter_up.weight.abs().sum() > 0 for m in layers.values())  # trained, loaded
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_path_matches_transformers_in_bf16_on_gpu():
+    """On CUDA with a bf16 base under bf16 autocast (as training runs): the fast path (kernels: auto) and
+    transformers' forward agree, and the adapter weights and their gradients stay fp32."""
+    base, _ = prepared(config="houlsby", reduction_factor=4)
+    perturb(base)
+    for p in base.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    base = base.cuda()
+    fast = copy.deepcopy(base)
+    apply_kernels(base, ModelConfig(path="-", kernels="none"), "cuda")
+    assert "fast path" in apply_kernels(fast, ModelConfig(path="-", kernels="auto", layer_plan="1A1M"), "cuda")
+    batch = {k: v.cuda() for k, v in collate(rows([7, 3, 11, 5]), 0).items()}
+    base.train(), fast.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got, want = loss_and_grads(fast, batch), loss_and_grads(base, batch)
+    assert abs(float(got[0]) - float(want[0])) < 2e-2 * abs(float(want[0]))
+    for g, w in zip(got[1:], want[1:], strict=True):
+        assert g.dtype == torch.float32
+        assert float((g - w).norm() / w.norm().clamp_min(1e-12)) < 5e-2

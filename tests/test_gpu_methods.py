@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import invoke, read_metrics
+from ftune.methods import get_method
 from test_methods_matrix import CASES
 
 pytestmark = pytest.mark.gpu
@@ -35,7 +36,12 @@ def test_method_trains_merges_and_evaluates_on_gpu(name, make_config, tmp_path):
     assert json.loads((run / "run.json").read_text())["peak_mem_gib"] > 0
 
     merged = invoke("merge", run)
-    assert merged.exit_code == 0, merged.output
+    method = get_method(name)
+    if not method.mergeable and not method.trains_base:  # a non-linear adapter (bottleneck): refused, nothing written
+        assert merged.exit_code == 2 and "is not mergeable" in merged.output, merged.output
+        assert not (run / "merged").exists()
+    else:
+        assert merged.exit_code == 0, merged.output
     assert invoke("eval", run).exit_code == 0
     preds = [json.loads(x)["pred"] for x in (run / "eval" / "cls_test" / "predictions.jsonl").read_text().splitlines()]
     if (run / "merged").is_dir():
