@@ -10,19 +10,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import invoke
 from safetensors.torch import load_file, save_file
+from test_kernels import assert_all_close, loss_and_grads, rows
 from torch import nn
 
-from conftest import invoke
 from ftune.config.schema import ModelConfig, RunConfig
 from ftune.data.collate import collate, collate_packed
 from ftune.errors import FtuneError
 from ftune.kernels import apply_kernels
-from ftune.layers.bottleneck import ACTIVATIONS, BottleneckLinear, bottleneck_modules, load_bottleneck
+from ftune.layers.bottleneck import (
+    ACTIVATIONS,
+    BottleneckLinear,
+    bottleneck_modules,
+    load_bottleneck,
+)
 from ftune.methods import Method, PrepareContext, get_method
 from ftune.methods.bottleneck import BottleneckConfig
 from ftune.perf import arch_from_config
-from test_kernels import assert_all_close, loss_and_grads, rows
 
 METHOD = get_method("bottleneck")
 
@@ -163,6 +168,34 @@ def test_a_damaged_or_foreign_adapter_is_one_clear_error(tmp_path, damage, messa
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_on_a_4bit_base_init_equals_base_and_the_adapter_round_trips(tiny_model_dir, tmp_path):
+    """model.quantization: nf4: the adapters wrap bitsandbytes 4-bit linears (they only read their output)."""
+    from ftune.models import load_model
+
+    nf4 = ModelConfig(path=str(tiny_model_dir), quantization="nf4")
+    ids = torch.tensor([[1, 5, 9, 2]])
+    try:
+        model = load_model(nf4, "cpu")
+        with torch.no_grad():
+            before = model(ids).logits
+    except Exception as e:  # noqa: BLE001  # pragma: no cover - as tests/test_qlora.py: depends on the bitsandbytes build
+        pytest.skip(f"bitsandbytes cannot run 4-bit NF4 on this CPU: {type(e).__name__}: {e}")
+    cfg = BottleneckConfig(config="houlsby", reduction_factor=4)
+    run = RunConfig.model_validate({"model": nf4.model_dump(), "data": {"train": "unused.jsonl"}, "method": cfg})
+    METHOD.prepare(model, cfg, PrepareContext(run=run, total_steps=1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before)
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    perturb(model)
+    with torch.no_grad():
+        expected = model(ids).logits
+    METHOD.save(model, cfg, tmp_path)
+    loaded = METHOD.load(load_model(nf4, "cpu"), cfg, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected)
+
+
 def test_an_adapter_method_without_merge_must_say_why():
     with pytest.raises(ValueError, match="needs an unmergeable_reason"):
         Method(name="x", description="", config_cls=BottleneckConfig, prepare=None, save=None, load=None)
@@ -190,7 +223,7 @@ def test_cli_trains_evaluates_and_refuses_to_merge(make_config, tmp_path):
     snippet = readme.split("**Non-mergeable adapters", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     assert '"runs/qwen7b_bottleneck"' in snippet and '"cuda"' in snippet
     scope = {}
-    exec(snippet.replace('"runs/qwen7b_bottleneck"', repr(str(run))).replace('"cuda"', '"cpu"'), scope)
+    exec(snippet.replace('"runs/qwen7b_bottleneck"', repr(str(run))).replace('"cuda"', '"cpu"'), scope)  # noqa: S102 (the README's own code)
     layers = bottleneck_modules(scope["model"])
     assert len(layers) == 2 and any(m.adapter_up.weight.abs().sum() > 0 for m in layers.values())  # trained, loaded
 

@@ -5,7 +5,7 @@
     houlsby: after attention (o_proj, `mh_adapter`) and after the MLP (down_proj, `output_adapter`); swish
     pfeiffer: after the MLP only; relu.   U, u = 0 at init, so step 0 equals the base model.
 `config` picks the preset; `mh_adapter`, `output_adapter` and `non_linearity` override it one by one.
-The base is frozen; D, d, U, u train in fp32 (as LoRA's A and B). The adapters wrap o_proj / down_proj, so
+The base is frozen (16-bit, or 4-bit NF4 with model.quantization: nf4); D, d, U, u train in fp32 (as LoRA's A and B). The adapters wrap o_proj / down_proj, so
 transformers' forward and ftune's fast path (kernels/fast.py: modules it cannot fuse are called as they
 are) both run them; on the fast path the wrapped down_proj makes the MLP run module by module instead of
 the fused block, which keeps more activations (the memory estimate assumes the fused block).
@@ -115,6 +115,7 @@ METHOD = register(Method(
     save=save,
     load=load,
     trainable_params=trainable_params,
+    quantized_base=True,  # the adapter reads the 4-bit linear's output, never its weight
     unmergeable_reason="its adapters apply a non-linearity (down-projection, activation, up-projection) that no "
                        "weight of the base can hold",
 ))
