@@ -250,3 +250,24 @@ def test_fast_path_matches_transformers_in_bf16_on_gpu():
     for g, w in zip(got[1:], want[1:], strict=True):
         assert g.dtype == torch.float32
         assert float((g - w).norm() / w.norm().clamp_min(1e-12)) < 5e-2
+
+
+def test_recipe_and_7b_config_validate(tmp_path):
+    """configs/qwen7b_bottleneck.yaml resolves to the Pfeiffer preset; its comment's 45M weights is the count
+    for Qwen2.5-7B (hidden 3584, 28 layers): 28 × (2 · 3584 · 224 + 224 + 3584)."""
+    from ftune.config import load_config
+    from ftune.methods.bottleneck import settings
+    from ftune.perf import Arch
+
+    train = tmp_path / "x.jsonl"
+    train.write_text('{"instruction": "a", "output": "b"}\n')
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "qwen7b_bottleneck.yaml", [f"data.train={train}", f"data.eval={train}"])
+    assert cfg.method.name == "bottleneck" and cfg.model.path == "Qwen/Qwen2.5-7B" and cfg.model.dtype == "bf16"
+    assert settings(cfg.method) == {"config": "pfeiffer", "mh_adapter": False, "output_adapter": True,
+                                    "reduction_factor": 16, "non_linearity": "relu"}
+    qwen7b = Arch(hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128, intermediate=18944, vocab=152064, tied=False)
+    assert METHOD.trainable_params(qwen7b, cfg.method) == 45_064_320
+    houlsby = load_config(root / "configs" / "qwen7b_bottleneck.yaml",
+                          [f"data.train={train}", f"data.eval={train}", "method.config=houlsby"])
+    assert METHOD.trainable_params(qwen7b, houlsby.method) == 2 * 45_064_320
