@@ -162,7 +162,7 @@ def test_prefix_tuning_keeps_packing_off_and_merge_refuses(make_config, tmp_path
     assert "packing off for prefix_tuning" in result.output, result.output
     merged = invoke("merge", run)
     assert merged.exit_code == 2, merged.output
-    assert "prefix_tuning is not mergeable" in merged.output and "Traceback" not in merged.output
+    assert "'prefix_tuning' is not mergeable" in merged.output and "Traceback" not in merged.output
     assert not (run / "merged").exists()
     assert invoke("eval", run).exit_code == 0
 

@@ -41,12 +41,13 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | N
     artifact = run_dir / method.artifact
     if not artifact.is_dir():
         raise FtuneError(f"{run_dir}: no {method.artifact}/ — the run did not finish; resume it or train again")
-    if method.not_mergeable:
-        raise FtuneError(f"{run_dir}: method {method.name} is not mergeable: {method.not_mergeable}. Use the adapter "
-                         f"as it is: `ftune eval {run_dir}`, or peft.PeftModel.from_pretrained(base, '{artifact}')")
-    if method.merge_fn is None:
-        console.print(f"nothing to merge: method {method.name!r} saves a complete checkpoint at {artifact}")
-        return None
+    if not method.mergeable:
+        if method.trains_base:  # the artifact is the trained model itself
+            console.print(f"nothing to merge: method {method.name!r} saves a complete checkpoint at {artifact}")
+            return None
+        raise FtuneError(f"{run_dir}: method {method.name!r} is not mergeable: {method.unmergeable_reason}. Use the "
+                         f"adapter as it is: `ftune eval {run_dir} --data FILE` scores base + adapter, and serving loads "
+                         f"the base and applies {artifact} (README: Methods, non-mergeable adapters)")
     out = Path(out) if out else run_dir / "merged"
     source, gguf = resolve_source(cfg.model)
     check_output(out, {"the run": run_dir, "its adapter": artifact, "the base model": Path(source)}, overwrite)

@@ -39,6 +39,10 @@ class Method:
     # For adapters: read the artifact dir, return an AdapterMerge (merge(weight_name, tensor) -> merged tensor,
     # or None for a weight left unchanged; .modules: every adapted module).
     merge_fn: Callable[[Path], AdapterMerge] | None = None
+    # Why an adapter without merge_fn cannot be folded into the base (a non-linear one): `ftune merge` refuses
+    # with it and points to eval / serving with the adapter. Not needed when the artifact is a whole model
+    # (trains_base: full, LISA), which merge reports as nothing to merge.
+    unmergeable_reason: str = ""
     quantized_base: bool = False  # may train on a 4-bit base
     requires_quantized: bool = False  # only makes sense on a 4-bit base (qlora)
     # Optimizer parameter groups; default: trainable params, no weight decay on biases/norms (see train.optim).
@@ -64,8 +68,10 @@ class Method:
     packing: bool = True
     layer_recompute: bool = True
     path_reason: str = ""
-    # An adapter that cannot be folded into the base's weights: why (`ftune merge` refuses with it, exit 2).
-    not_mergeable: str = ""
+
+    def __post_init__(self):
+        if self.merge_fn is None and not self.trains_base and not self.unmergeable_reason:
+            raise ValueError(f"method {self.name!r}: an adapter method without merge_fn needs an unmergeable_reason")
 
     @property
     def mergeable(self) -> bool:

@@ -97,5 +97,5 @@ METHOD = register(Method(
     load=load,
     trainable_params=trainable_params,
     quantized_base=True,
-    not_mergeable=prompt_tuning.NOT_MERGEABLE,
+    unmergeable_reason=prompt_tuning.NOT_MERGEABLE,
 ))

@@ -110,5 +110,5 @@ METHOD = register(Method(
     packing=False,
     layer_recompute=False,
     path_reason=WHY,
-    not_mergeable=prompt_tuning.NOT_MERGEABLE,
+    unmergeable_reason=prompt_tuning.NOT_MERGEABLE,
 ))

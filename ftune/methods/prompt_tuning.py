@@ -117,5 +117,5 @@ METHOD = register(Method(
     load=load,
     trainable_params=lambda arch, cfg: cfg.num_virtual_tokens * arch.hidden,
     quantized_base=True,
-    not_mergeable=NOT_MERGEABLE,
+    unmergeable_reason=NOT_MERGEABLE,
 ))
