@@ -250,6 +250,25 @@ def merge(
     merge_run(run_dir, out_dir, dtype, overwrite, console=err, verify=verify)
 
 
+@app.command()
+@user_errors
+def export(
+    target: str = typer.Argument(..., help="A run directory (after `ftune merge`) or a model directory such as RUN_DIR/merged."),
+    format: str = typer.Option("gguf", "--format", help="Output format: gguf (llama.cpp, Ollama)."),
+    qtype: str = typer.Option("f16", "--type", help="Weight type: f16, bf16, q8_0 or f32 (norms and biases stay f32)."),
+    out_file: Optional[str] = typer.Option(None, "--out", help="Output file (default RUN_DIR/gguf/<run>-<type>.gguf)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file that `ftune export` wrote."),
+):
+    """Write a merged model as one GGUF file (weights, hyperparameters, tokenizer, chat template)."""
+    if _not_first_process():
+        return
+    if format != "gguf":
+        raise FtuneError(f"--format: {format!r} is not a supported export format (supported: gguf)")
+    from ftune.export.to_gguf import export_gguf
+
+    export_gguf(target, out_file, qtype, overwrite, console=err)
+
+
 @app.command("eval")
 @user_errors
 def eval_(
