@@ -142,7 +142,7 @@ def test_every_tensor_reads_back_with_its_values(models, tmp_path, arch, qtype):
     assert fields[f"{arch}.rope.freq_base"] == 50000.0
     assert fields[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
     assert fields["ftune.version"] == __import__("ftune").__version__
-    assert fields["ftune.source"] == str(models[arch].resolve())
+    assert fields["ftune.source"] == models[arch].name  # never this machine's absolute path
 
 
 def test_tokenizer_metadata(models, tmp_path):

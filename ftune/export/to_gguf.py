@@ -10,8 +10,8 @@ whose rows are not a multiple of 32 values is written f16, as llama.cpp's conver
 
 Streaming: every tensor's header entry is written first (shapes are read from the safetensors headers), then
 the tensors one at a time, so a 7B model is never in memory whole. The file is written beside its final name
-and renamed when complete. Ownership: the file carries `ftune.version` and `ftune.source` keys; --overwrite
-replaces only a GGUF file that has them.
+and renamed when complete. Ownership: the file carries `ftune.version` (and `ftune.source`: the base's hub id or
+the directory's name); --overwrite replaces only a GGUF file with `ftune.version`.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def export_gguf(target: str | Path, out: str | Path | None = None, qtype: str = 
             add_hparams(writer, config, arch, qtype, source, gguf)
             add_vocab(writer, source, vocab)
             writer.add_string(OWNER_KEY, _version())
-            writer.add_string(SOURCE_KEY, str(source.resolve()))
+            writer.add_string(SOURCE_KEY, _source_name(source))
             for t in plan:
                 writer.add_tensor_info(t["gguf"], t["shape"], t["np_dtype"], t["nbytes"], raw_dtype=t["qtype"])
             writer.write_header_to_file(Path(tmp))
@@ -185,16 +185,28 @@ def add_hparams(writer, config: dict, arch: str, qtype: str, source: Path, gguf)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
+def _base(source: Path) -> str | None:
+    """The base model a merge recorded (hub id or local path), or None."""
+    marker = source / ".ftune-merged"
+    try:
+        base = read_json_file(marker, "").get("base_model_name_or_path") if marker.is_file() else None
+    except (FtuneError, AttributeError):
+        return None
+    return base if isinstance(base, str) and base else None
+
+
 def _model_name(source: Path) -> str:
     """The base model's name (from the merge marker) or the directory's: llama.cpp shows it as general.name."""
-    marker = source / ".ftune-merged"
-    if marker.is_file():
-        try:
-            base = read_json_file(marker, "").get("base_model_name_or_path")
-        except (FtuneError, AttributeError):
-            base = None
-        if isinstance(base, str) and base:
-            return f"{Path(base).name} (ftune merged)"
+    base = _base(source)
+    return f"{Path(base).name} (ftune merged)" if base else source.resolve().name
+
+
+def _source_name(source: Path) -> str:
+    """What `ftune.source` records: the base's hub id for a merge of a hub model, else the directory's name. Never
+    an absolute path: GGUF files get shared, and this machine's folders are nobody else's business."""
+    base = _base(source)
+    if base and not Path(base).is_absolute():
+        return f"{base} (merged)"
     return source.resolve().name
 
 
