@@ -7,6 +7,7 @@ A user's mistake (FtuneError) prints one message and exits with code 2, never a 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 import os
 import sys
 from typing import Optional
@@ -252,18 +253,37 @@ def merge(
     merge_run(run_dir, out_dir, dtype, overwrite, console=err, verify=verify)
 
 
-@app.command("export-int4")
+@app.command()
 @user_errors
-def export_int4(
-    merged_dir: str = typer.Argument(..., help="An INT4 checkpoint written by `ftune merge` of a qalora run (RUN_DIR/merged)."),
-    out_dir: str = typer.Option(..., "--out", help="Where to write the compressed-tensors (W4A16, pack_quantized) checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an export ftune wrote there before."),
+def export(
+    target: str = typer.Argument(..., help="A run directory (after `ftune merge`) or a model directory such as RUN_DIR/merged."),
+    format: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, Ollama), or compressed-tensors (a qalora run's "
+                               "merged INT4 model as W4A16 for vLLM and other compressed-tensors loaders)."),
+    qtype: str = typer.Option("f16", "--type", help="gguf weight type: f16, bf16, q8_0 or f32 (norms and biases stay f32)."),
+    out_file: Optional[str] = typer.Option(None, "--out", help="Output: a .gguf file (default RUN_DIR/gguf/<run>-<type>.gguf); "
+                                           "for compressed-tensors a directory (required)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output that `ftune export` wrote."),
 ):
-    """Export a merged QA-LoRA model as compressed-tensors W4A16 (zero points rounded to integers: the shift is printed)."""
+    """Export a merged model: one GGUF file (weights, hyperparameters, tokenizer, chat template), or a QA-LoRA model
+    as compressed-tensors W4A16 (its float zero points rounded to integers; the largest shift is printed)."""
+    if _not_first_process():
+        return
+    if format == "gguf":
+        from ftune.export.to_gguf import export_gguf
+
+        export_gguf(target, out_file, qtype, overwrite, console=err)
+        return
+    if format != "compressed-tensors":
+        raise FtuneError(f"--format: {format!r} is not a supported export format (supported: gguf, compressed-tensors)")
+    if qtype != "f16":
+        raise FtuneError("--type: only for --format gguf; compressed-tensors keeps the model's INT4 weights as they are")
+    if out_file is None:
+        raise FtuneError("--out DIR: say where to write the compressed-tensors checkpoint")
     from ftune.export.int4 import export_compressed_tensors
 
-    worst = export_compressed_tensors(merged_dir, out_dir, overwrite)
-    err.print(f"[green]exported[/] {merged_dir} to {out_dir} (compressed-tensors pack_quantized); zero points rounded "
+    source = Path(target) / "merged" if (Path(target) / "merged").is_dir() else Path(target)
+    worst = export_compressed_tensors(str(source), out_file, overwrite)
+    err.print(f"[green]exported[/] {source} to {out_file} (compressed-tensors pack_quantized); zero points rounded "
               f"to integers: largest shift {worst:.3f} quantization steps", highlight=False)
 
 

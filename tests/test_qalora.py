@@ -198,14 +198,14 @@ def test_export_compressed_tensors_reads_back_with_the_library(make_config, tmp_
     assert invoke("train", qalora_config(make_config, tmp_path, steps=4)).exit_code == 0
     assert invoke("merge", tmp_path / "run").exit_code == 0
     merged, out = tmp_path / "run" / "merged", tmp_path / "ct"
-    result = invoke("export-int4", merged, "--out", out)
+    result = invoke("export", merged, "--format", "compressed-tensors", "--out", out)
     assert result.exit_code == 0, result.output
     shift = float(result.output.split("largest shift")[1].split()[0])
     assert 0 < shift <= 0.5
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized" and config["config_groups"]["group_0"]["weights"]["group_size"] == 32
-    assert invoke("export-int4", merged, "--out", out).exit_code == 2  # never over an existing export without --overwrite
-    assert invoke("export-int4", tmp_path / "run" / "adapter", "--out", tmp_path / "x").exit_code == 2
+    assert invoke("export", merged, "--format", "compressed-tensors", "--out", out).exit_code == 2  # never over an existing export without --overwrite
+    assert invoke("export", tmp_path / "run" / "adapter", "--format", "compressed-tensors", "--out", tmp_path / "x").exit_code == 2
 
     name = "model.layers.0.mlp.down_proj"
     with safe_open(str(merged / "model.safetensors"), "pt") as f:
