@@ -287,7 +287,7 @@ def eval_(
 @app.command()
 @user_errors
 def predict(
-    target: str = typer.Argument(..., help="RUN_DIR, a merged checkpoint, or a model directory (with --config)."),
+    target: str = typer.Argument(..., help="RUN_DIR, a merged checkpoint, a model directory (with --config), or a config YAML (its base model, untrained)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Dotted key=value overrides of the run's config, e.g. "
                                                     "eval.threshold=0.5 or eval.threshold=null.", show_default=False),
     data: str = typer.Option(..., "--data", help="Rows to predict (.jsonl, .json, .csv, .tsv, .parquet), in the run's data "
@@ -314,7 +314,7 @@ def predict(
 @app.command()
 @user_errors
 def chat(
-    target: str = typer.Argument(..., help="RUN_DIR, a merged checkpoint or a model directory."),
+    target: str = typer.Argument(..., help="RUN_DIR, a merged checkpoint, a model directory, or a config YAML (its base model, untrained)."),
     system: Optional[str] = typer.Option(None, "--system", help="System message (default: the run's data.system_prompt)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Most tokens per reply."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="Sample at this temperature; 0 = greedy (the default)."),

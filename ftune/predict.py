@@ -78,6 +78,9 @@ def run_predict(target: str, data: str, out: str | None = None, config: str | No
     if max_new_tokens is not None:
         overrides.append(f"eval.max_new_tokens={max_new_tokens}")  # label generation reads it there
     cfg, kind, run_dir, root = resolve_target(target, config, overrides)
+    if temperature > 0 and cfg.data.format == "classification":
+        raise FtuneError("--temperature samples generated text; a classification run scores its labels instead (their "
+                         "calibrated temperature is eval.temperature=T)")
     out_path = Path(out) if out else root / "predict" / f"{source_stem(data)}.jsonl"
     check_out(out_path, data, overwrite)
     tokenizer = load_tokenizer(cfg.model)
@@ -112,12 +115,12 @@ def _classify(model, tokenizer, examples, cfg: RunConfig, labels, advance, calib
     for i, e in enumerate(examples):
         row = {"row": e.row, "text": e.text, "pred": got["pred"][i]}
         if got["confidence"] is not None:
-            row["scores"] = {lab: round(float(x), 6) for lab, x in zip(labels, got["probs"][i])}
-            row["confidence"] = round(got["confidence"][i], 6)
-            row |= {"rejected": None if threshold is None else got["confidence"][i] < threshold,
-                    "threshold": threshold, "threshold_from": threshold_from}
             if threshold is not None:
                 row["scored"] = got["scored"][i]  # the top label before the threshold
+            row |= {"rejected": None if threshold is None else got["confidence"][i] < threshold,
+                    "confidence": round(got["confidence"][i], 6),
+                    "scores": {lab: round(float(x), 6) for lab, x in zip(labels, got["probs"][i])},
+                    "threshold": threshold, "threshold_from": threshold_from}
         else:
             row["output"] = got["outputs"][i]  # eval.mode: generate; pred is <invalid> when it names no label
         if got["shortened"][i]:

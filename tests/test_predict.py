@@ -135,6 +135,8 @@ def test_predict_names_the_file_and_row_of_bad_data(calibrated_run, tmp_path):
     table.write_text("sentence\ngood movie\n", encoding="utf-8")
     result = invoke("predict", calibrated_run, "--data", table)
     assert result.exit_code == 2 and f"{table}: no column 'text'" in flat(result.output)
+    result = invoke("predict", calibrated_run, "--data", bad, "--temperature", "0.7")
+    assert result.exit_code == 2 and "eval.temperature=T" in flat(result.output)
     result = invoke("predict", calibrated_run, "--data", tmp_path / "missing.jsonl")
     assert result.exit_code == 2 and "missing.jsonl: data file not found" in result.output
     assert not (calibrated_run / "predict" / "bad.jsonl").exists()
@@ -199,14 +201,52 @@ def test_chat_streams_the_greedy_reply_to_stdout(tiny_model_dir):
 
 
 def test_chat_without_a_chat_template_says_what_to_do(tmp_path):
-    from transformers import AutoTokenizer
     from conftest import build_model_dir
 
-    model_dir = build_model_dir(tmp_path / "m")
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    tok.chat_template = None
-    tok.save_pretrained(str(model_dir))
-    (model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    model_dir = no_chat_template(build_model_dir(tmp_path / "m"))
     result = invoke("chat", model_dir)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "no chat template" in flat(result.output) and "ftune predict" in flat(result.output)
+
+
+def no_chat_template(model_dir: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.chat_template = None
+    (model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    tok.save_pretrained(str(model_dir))
+    return model_dir
+
+
+def test_chat_falls_back_to_an_alpaca_runs_prompt_template(tmp_path, make_config, data_dir, monkeypatch):
+    from conftest import build_model_dir
+    from typer.testing import CliRunner
+
+    from ftune.cli import app
+
+    model_dir = no_chat_template(build_model_dir(tmp_path / "m"))
+    # a config names the base model with the run's data settings: no training needed to see the prompt
+    config = make_config({"model": {"path": str(model_dir)}, "data": {"train": str(data_dir / "alpaca.jsonl"),
+                                                                       "test": None, "format": "alpaca", "max_length": 64}})
+    import ftune.chat as chat_module
+
+    sent = []
+    real = chat_module.prompt_ids
+    monkeypatch.setattr(chat_module, "prompt_ids", lambda tok, text: (sent.append(text), real(tok, text))[1])
+    result = CliRunner().invoke(app, ["chat", str(config), "--max-new-tokens", "3"], input="say hello\nto bob\n")
+    assert result.exit_code == 0, result.output
+    assert "no chat template: each line is sent alone through the run's prompt template" in flat(result.output)
+    assert sent == ["### Instruction:\nsay hello\n\n### Response:\n", "### Instruction:\nto bob\n\n### Response:\n"]
+
+
+def test_predict_answers_chat_rows_and_keeps_a_final_assistant_turn_as_gold(tiny_model_dir, data_dir, make_config, tmp_path):
+    config = make_config({"data": {"train": str(data_dir / "chat.jsonl"), "test": None, "format": "chat", "max_length": 64}})
+    rows = write_jsonl(tmp_path / "talk.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}]},
+        {"messages": [{"role": "user", "content": "what is this"}, {"role": "assistant", "content": "a poem"}]}])
+    ok("predict", tiny_model_dir, "--config", config, "--data", rows, "--out", tmp_path / "o.jsonl", "--max-new-tokens", "4")
+    out = read_lines(tmp_path / "o.jsonl")
+    assert out[0]["messages"] == [{"role": "user", "content": "hi"}] and "gold" not in out[0]
+    assert out[1]["messages"] == [{"role": "user", "content": "what is this"}] and out[1]["gold"] == "a poem"
+    assert all(isinstance(r["output"], str) for r in out)
