@@ -29,7 +29,7 @@ def flat(text: str) -> str:
 def calibrated_run(tmp_path_factory, tiny_model_dir, data_dir):
     """A LoRA classification run whose threshold and temperature were chosen at the end of training."""
     import yaml
-    from conftest import base_config, deep_merge, reset_accelerate
+    from conftest import base_config, deep_merge
 
     tmp = tmp_path_factory.mktemp("predict-run")
     raw = deep_merge(base_config(tiny_model_dir, data_dir, tmp / "run"),
@@ -37,15 +37,7 @@ def calibrated_run(tmp_path_factory, tiny_model_dir, data_dir):
                       "eval": {"reject_label": "other", "threshold": "auto", "temperature": "auto"}})
     config = tmp / "config.yaml"
     config.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    mp = pytest.MonkeyPatch()  # module scope: the autouse fixtures pin the CPU per test only
-    mp.setenv("ACCELERATE_USE_CPU", "true")
-    mp.setenv("FTUNE_CACHE", str(tmp / "cache"))
-    reset_accelerate()
-    try:
-        ok("train", config)
-    finally:
-        reset_accelerate()
-        mp.undo()
+    ok("train", config)  # on the CPU: conftest pins module fixtures there
     return tmp / "run"
 
 
