@@ -43,8 +43,9 @@ def make_checkpoint(arch: str, root: Path, layers: int | None, seed: int = 0) ->
     t0 = time.time()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(qwen2_config(arch, layers), dtype=torch.bfloat16)
-    model.to_empty(device="cuda")
-    gen = torch.Generator("cuda").manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: quick checks of the scripts only
+    model.to_empty(device=device)
+    gen = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

@@ -1,0 +1,278 @@
+"""Speed and memory as users get them: `ftune train` on the shipped configs, and in the same invocation the
+training path users assemble from libraries — transformers' `Trainer` + PEFT (± liger-kernel) — on the same
+data with the same hyperparameters (issue 11).
+
+    python scripts/bench_train.py --out bench-train                      # every case
+    python scripts/bench_train.py --cases ftune-lora,trainer-lora --steps 6
+
+Model: Qwen2.5-7B's architecture with random bf16 weights (scripts/bench_setup.py), a word-level tokenizer in its
+own folder. Data: alpaca rows of about 2,040 tokens (instruction, input, long output), written as JSON lines;
+both sides train on ftune's tokenization of them (the prompt masked, the output trained). ftune runs as
+`python -m ftune train CONFIG` with only what a benchmark must change: the model and data paths, the step count,
+`data.max_length=2048` where the config ships less, logging every step, no eval. Everything else — packing,
+dropout, optimizer, scheduler, gradient accumulation, kernels, layer plan — is the shipped config's.
+The references run `Trainer.train()` with the config's micro-batch, accumulation, lr, schedule, warmup, clip,
+weight decay, LoRA (r, alpha, dropout, all seven linears) and optimizer (fused AdamW, or paged 8-bit AdamW as
+the QLoRA config asks), bf16, non-reentrant gradient checkpointing as PEFT and TRL document it (and once without,
+with liger, where it fits the card). QLoRA: NF4 + double quant + `prepare_model_for_kbit_training`.
+
+Each case runs in its own process (a clean CUDA context: peak memory is the case's own). tokens/s is the median
+over optimizer steps after `--warmup`, counting real (non-padding) tokens; ftune's is what it logs
+(metrics.jsonl), the Trainer's is timed by a callback around each optimizer step (CUDA-synchronised).
+Results: OUT/bench_train.json and OUT/bench_train.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT))
+
+# case -> (kind, shipped config, extra overrides / reference options)
+CASES: dict[str, tuple[str, str, dict]] = {
+    "ftune-lora": ("ftune", "configs/qwen7b_lora.yaml", {}),
+    "ftune-lora-16gib": ("ftune", "configs/qwen7b_lora.yaml", {"overrides": ["model.layer_plan=auto", "model.memory_budget_gib=16"]}),
+    "ftune-qlora": ("ftune", "configs/qwen7b_qlora.yaml", {}),
+    "trainer-lora": ("trainer", "configs/qwen7b_lora.yaml", {"liger": False, "gc": True}),
+    "trainer-lora-liger": ("trainer", "configs/qwen7b_lora.yaml", {"liger": True, "gc": True}),
+    "trainer-lora-liger-nogc": ("trainer", "configs/qwen7b_lora.yaml", {"liger": True, "gc": False}),
+    "trainer-qlora": ("trainer", "configs/qwen7b_qlora.yaml", {"liger": False, "gc": True}),
+}
+# ratio rows of the report: (ftune case, reference case, target from the issue)
+RATIOS = [("ftune-lora", "trainer-lora", "≥ 2.2× at ≤ 48 GiB"), ("ftune-lora", "trainer-lora-liger", "≥ 1.8×"),
+          ("ftune-lora", "trainer-lora-liger-nogc", "—"), ("ftune-lora-16gib", "trainer-lora", "≥ 1.3× at ≤ 16 GiB"),
+          ("ftune-qlora", "trainer-qlora", "≥ 2.2× at ≤ 0.5× memory")]
+WORDS = 32000
+
+
+# ---------------------------------------------------------------- assets: tokenizer, data, checkpoint
+
+def make_tokenizer(folder: Path) -> Path:
+    """A word-level tokenizer: the alpaca template's words plus WORDS synthetic ones (ids well inside Qwen2.5's
+    152k vocabulary). One token per word, so a row's length is known before tokenizing."""
+    if (folder / "tokenizer.json").is_file():
+        return folder
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ftune.data.formats import ALPACA_TEMPLATE
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    template_words = pre_tokenizers.Whitespace().pre_tokenize_str(ALPACA_TEMPLATE.format(instruction="", input=""))
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + [w for w, _ in template_words] + [f"w{i}" for i in range(WORDS)]))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(folder))
+    return folder
+
+
+def make_data(path: Path, rows: int, tokens: int, seed: int = 0) -> Path:
+    """Alpaca rows of about `tokens` tokens each: a short instruction and input, the rest output."""
+    if path.is_file():
+        return path
+    rng = random.Random(seed)
+
+    def words(n: int) -> str:
+        return " ".join(f"w{rng.randrange(WORDS)}" for _ in range(n))
+
+    with path.open("w") as f:
+        for _ in range(rows):
+            out_len = tokens - 16 - 24 - 20 + rng.randrange(-20, 1)  # template ~16 tokens, eos: rows of ~2,020-2,040
+            f.write(json.dumps({"instruction": words(16), "input": words(24), "output": words(out_len)}) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------- one case, in its own process
+
+def run_ftune(case: str, config: str, extra: dict, assets: dict, args) -> dict:
+    run_dir = Path(args.work) / "runs" / case
+    overrides = [f"model.path={assets['model']}", f"model.tokenizer={assets['tokenizer']}", f"data.train={assets['data']}",
+                 "data.eval=null", "train.eval_every=null", "train.save_every=null", "data.max_length=2048",
+                 f"train.max_steps={args.steps}", "train.log_every=1",
+                 f"output_dir={run_dir}", *extra.get("overrides", [])]
+    cmd = [sys.executable, "-m", "ftune", "train", str(ROOT / config), *overrides, "--overwrite"]
+    t0 = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout, check=False,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
+    result = {"case": case, "command": " ".join(["ftune train", config, *extra.get("overrides", [])]), "wall_s": round(time.time() - t0, 1)}
+    log = (done.stdout + done.stderr).splitlines()
+    result["log"] = [line for line in log if "kernels:" in line or "layer plan" in line or "packing" in line.lower()][:6]
+    if done.returncode != 0:
+        return result | {"error": "\n".join(log[-15:])}
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "tokens_per_s" in m and "loss" in m]
+    run = json.loads((run_dir / "run.json").read_text())
+    timed = [m["tokens_per_s"] for m in steps if m["step"] > args.warmup]
+    return result | {"tokens_per_s": statistics.median(timed), "peak_gib": run.get("peak_mem_gib"),
+                     "losses": [round(m["loss"], 4) for m in steps], "mfu": steps[-1].get("mfu"), "steps": len(steps)}
+
+
+def trainer_worker(spec: dict) -> dict:
+    """transformers' Trainer + PEFT on ftune's tokenization of the same rows (run in a fresh process)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
+                              TrainingArguments)
+
+    import ftune.methods  # noqa: F401  (registers the methods the config names)
+    from ftune.config import load_config
+    from ftune.data import load_split
+    from ftune.models import load_tokenizer
+
+    cfg = load_config(spec["config"], [f"model.path={spec['model']}", f"model.tokenizer={spec['tokenizer']}",
+                                       f"data.train={spec['data']}", "data.eval=null", "train.eval_every=null",
+                                       "train.save_every=null", "data.max_length=2048"])
+    tokenizer = load_tokenizer(cfg.model)
+    split = load_split(cfg.data.train, cfg.data, tokenizer, None)
+    rows = [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in split.dataset]
+    qlora = cfg.model.quantization == "nf4"
+    cuda = torch.cuda.is_available()  # CPU: a quick check of this script only
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    kw = {"dtype": torch.bfloat16, "attn_implementation": "sdpa", "device_map": {"": 0} if cuda else "cpu"}
+    if qlora:
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                                       bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], **kw)
+    model.config.use_cache = False
+    gc_kwargs = {"use_reentrant": False}
+    if qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["gc"], gradient_checkpointing_kwargs=gc_kwargs)
+    m = cfg.method
+    model = get_peft_model(model, LoraConfig(r=m.r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    t = cfg.train
+    optim = {"adamw": "adamw_torch_fused", "paged_adamw_8bit": "paged_adamw_8bit", "adamw_8bit": "adamw_bnb_8bit"}[t.optimizer]
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times, self.tokens, self.t0 = [], [], 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            sync()
+            self.t0, self.seen = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            self.times.append(time.perf_counter() - self.t0)
+            self.tokens.append(state.num_input_tokens_seen - self.seen)
+
+    timer = Timer()
+    targs = TrainingArguments(
+        output_dir=spec["out"], per_device_train_batch_size=t.micro_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_steps=spec["steps"], learning_rate=t.lr, lr_scheduler_type=t.lr_scheduler, warmup_steps=math.ceil(t.warmup_ratio * spec["steps"]),
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, optim=optim, bf16=cuda, use_cpu=not cuda, logging_steps=1, save_strategy="no",
+        report_to="none", gradient_checkpointing=spec["gc"], gradient_checkpointing_kwargs=gc_kwargs,
+        use_liger_kernel=spec["liger"], remove_unused_columns=False, include_num_input_tokens_seen="non_padding", seed=t.seed,
+        dataloader_num_workers=2)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collator, callbacks=[timer])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    per_step = [n / s for n, s in zip(timer.tokens[spec["warmup"]:], timer.times[spec["warmup"]:])]
+    losses = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e]
+    return {"tokens_per_s": statistics.median(per_step), "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "losses": losses, "steps": len(timer.times)}
+
+
+def run_trainer(case: str, config: str, extra: dict, assets: dict, args) -> dict:
+    spec = {"config": str(ROOT / config), **assets, "steps": args.steps, "warmup": args.warmup,
+            "out": str(Path(args.work) / "runs" / case), **extra}
+    t0 = time.time()
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                          timeout=args.case_timeout, check=False)
+    result = {"case": case, "command": f"Trainer + PEFT{' + liger' if extra['liger'] else ''}"
+              f"{'' if extra['gc'] else ', no checkpointing'} on {config}", "wall_s": round(time.time() - t0, 1)}
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        return result | {"error": "\n".join((done.stdout + done.stderr).splitlines()[-15:])}
+    return result | json.loads(lines[-1][len("RESULT "):])
+
+
+# ---------------------------------------------------------------- report
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    def version(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return "-"
+    return {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "date": time.strftime("%Y-%m-%d"),
+            **{n: version(n) for n in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel")}}
+
+
+def markdown(results: dict, env: dict, args) -> str:
+    soft = ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("device", "date"))
+    lines = [f"`python scripts/bench_train.py --steps {args.steps} --warmup {args.warmup}` on {env['device']}, {env['date']}; {soft}",
+             "", "| case | what runs | tok/s | peak GiB | loss first → last | note |", "|---|---|---:|---:|---|---|"]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {name} | {r['command']} | failed | | | {r['error'].splitlines()[-1][:120]} |")
+            continue
+        losses = r.get("losses") or [float("nan")]
+        note = "; ".join(r.get("log", []))[:160]
+        lines.append(f"| {name} | {r['command']} | {r['tokens_per_s']:,.0f} | {r['peak_gib'] or 0:.1f} | {losses[0]:.3f} → {losses[-1]:.3f} | {note} |")
+    lines += ["", "| ftune | reference | speed ratio | memory ratio | target |", "|---|---|---:|---:|---|"]
+    for a, b, target in RATIOS:
+        ra, rb = results.get(a, {}), results.get(b, {})
+        if "tokens_per_s" in ra and "tokens_per_s" in rb:
+            lines.append(f"| {a} | {b} | {ra['tokens_per_s'] / rb['tokens_per_s']:.2f}× | {(ra['peak_gib'] or 0) / (rb['peak_gib'] or 1):.2f}× | {target} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per case (each is the config's accumulation × micro-batch)")
+    p.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
+    p.add_argument("--rows", type=int, default=160, help="alpaca rows written (enough for --steps at the configs' global batch)")
+    p.add_argument("--tokens", type=int, default=2040, help="tokens per row, about")
+    p.add_argument("--layers", type=int, default=None, help="fewer decoder layers (a quick check, not a benchmark)")
+    p.add_argument("--arch", default="7b", choices=["7b", "0.5b"], help="Qwen2.5 architecture (0.5b: a quick check)")
+    p.add_argument("--case-timeout", type=int, default=240)
+    p.add_argument("--work", default="/tmp/ftune-bench-train")
+    p.add_argument("--out", default="bench-train")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(trainer_worker(json.loads(args.worker))), flush=True)
+        return
+    from bench_setup import make_checkpoint
+
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    assets = {"model": str(make_checkpoint(args.arch, work, args.layers)), "tokenizer": str(make_tokenizer(work / "tokenizer")),
+              "data": str(make_data(work / "alpaca-2k.jsonl", args.rows, args.tokens))}
+    print(f"assets ready in {time.time() - t0:.0f}s", flush=True)
+    env, results = environment(), {}
+    for name in args.cases.split(","):
+        kind, config, extra = CASES[name]
+        r = (run_ftune if kind == "ftune" else run_trainer)(name, config, extra, assets, args)
+        results[name] = r
+        print(f"{name}: {r.get('tokens_per_s', 0):,.0f} tok/s, {r.get('peak_gib') or 0:.1f} GiB, {r['wall_s']}s "
+              f"{r.get('error', '')[-600:]}", flush=True)
+        (out / "bench_train.json").write_text(json.dumps({"env": env, "args": vars(args), "results": results}, indent=1))
+        (out / "bench_train.md").write_text(markdown(results, env, args))
+    print(markdown(results, env, args))
+
+
+if __name__ == "__main__":
+    main()
