@@ -28,10 +28,16 @@ def resolve_labels(cfg: DataConfig) -> list[str] | None:
         return None
     labels = read_labels(cfg.labels)
     if labels is None:
-        return infer_labels(read_rows(cfg.train), cfg.columns.label)
-    problems = label_set_problems(labels)  # a list is checked with the config; a file only now, still before any model
-    if problems:
-        raise FtuneError(f"data.labels ({cfg.labels}): {'; '.join(problems)}")
+        labels = infer_labels(read_rows(cfg.train), cfg.columns.label)
+    else:
+        problems = label_set_problems(labels)  # a list is checked with the config; a file only now, still before any model
+        if problems:
+            raise FtuneError(f"data.labels ({cfg.labels}): {'; '.join(problems)}")
+    strays = [k for k in cfg.label_aliases if k not in labels]
+    if strays:
+        where = "data.labels" if cfg.labels is not None else "the train file's labels"
+        raise FtuneError(f"data.label_aliases: {', '.join(map(repr, strays))} not in the label set ({where}: "
+                         f"{', '.join(map(repr, labels[:8]))}{', …' if len(labels) > 8 else ''}); alias labels of the set only")
     return labels
 
 

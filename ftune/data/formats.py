@@ -209,6 +209,7 @@ def render(rows: list[dict], cfg: DataConfig, path: str | Path, labels: list[str
     """Check and render every row; raise one DataError listing all bad rows. A gold label outside `labels`
     is one problem per distinct label (count and first rows), or, with `unknown_to` (eval.unknown_labels:
     reject), that row's label becomes `unknown_to` and the original is kept in Example.original_label."""
+    from ftune.data.labels import surface
     from ftune.data.sources import source_label
 
     path, cols, problems, out = Path(source_label(path)), cfg.columns, [], []
@@ -238,7 +239,7 @@ def render(rows: list[dict], cfg: DataConfig, path: str | Path, labels: list[str
                         label = None
             if text is not None and label is not None:
                 template = cfg.prompt_template or CLASSIFICATION_TEMPLATE
-                out.append(Example(row=i + 1, prompt=template.format(text=text), target=cfg.label_prefix + label, label=label,
+                out.append(Example(row=i + 1, prompt=template.format(text=text), target=cfg.label_prefix + surface(label, cfg), label=label,
                                    text=text, template=template, fields={"text": text}, original_label=original))
         elif cfg.format == "alpaca":
             instruction = _text(row, cols.instruction, where, problems)

@@ -73,7 +73,9 @@ def label_room(tokenizer, labels: list[str], cfg: DataConfig) -> int:
     """Tokens the longest label's target takes (prefix, label, EOS): a classification prompt gets
     max_length minus this, for every example, so eval (which scores every label after one prompt) sees the
     prompt training saw."""
-    return max(len(target_ids(tokenizer, cfg.label_prefix + lab, cfg)) for lab in labels)
+    from ftune.data.labels import surface
+
+    return max(len(target_ids(tokenizer, cfg.label_prefix + surface(lab, cfg), cfg)) for lab in labels)
 
 
 def fit_prompt(tokenizer, ex: Example, cfg: DataConfig, room: int) -> tuple[str, bool] | None:

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from ftune.config import RunConfig, load_config, load_resolved
 from ftune.config.loader import RESOLVED_NAME
 from ftune.data import Split, load_examples, load_split, resolve_labels, source_fingerprint, source_label
+from ftune.data.labels import label_token_warnings
 from ftune.data.sources import source_stem
 from ftune.data.tokenize import classification_prompts
 from ftune.errors import FtuneError
@@ -173,9 +175,12 @@ def _require_finite(scores: torch.Tensor, what: str) -> None:
 
 @torch.no_grad()
 def generate_labels(model, tokenizer, prompts: list[str], labels: list[str], cfg: RunConfig, progress=None):
-    """Greedy generation mapped to a label (case and surrounding space ignored); no match = <invalid>."""
+    """Greedy generation mapped to a label through its surface text (case and surrounding space ignored);
+    no match = <invalid>."""
+    from ftune.data.labels import surface
+
     device = next(model.parameters()).device
-    lookup = {lab.strip().lower(): lab for lab in labels}
+    lookup = {surface(lab, cfg.data).strip().lower(): lab for lab in labels}
     outputs, pred = [], []
     old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
@@ -248,6 +253,9 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
     check_report_dir(out_dir, Path(source_label(data)))
     tokenizer = load_tokenizer(cfg.model)
     labels = resolve_labels(cfg.data)
+    if labels is not None:
+        for w in label_token_warnings(tokenizer, labels, cfg):
+            console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     split = Split(data, load_examples(data, cfg.data, labels, *_unknown_labels(cfg, labels)), None, None) \
         if cfg.data.format == "classification" else load_split(data, cfg.data, tokenizer, labels)
     device = "cuda" if torch.cuda.is_available() else "cpu"

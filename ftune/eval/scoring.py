@@ -19,18 +19,13 @@ import torch
 
 from ftune.config.schema import DataConfig
 from ftune.data.collate import collate
+from ftune.data.labels import label_target_ids
 from ftune.data.tokenize import IGNORE
 
 
 def label_token_ids(tokenizer, labels: list[str], cfg: DataConfig) -> list[list[int]]:
-    """Each label's target ids exactly as training tokenizes them (prefix, label, EOS)."""
-    out = []
-    for label in labels:
-        ids = tokenizer(cfg.label_prefix + label, add_special_tokens=False)["input_ids"]
-        if cfg.add_eos and tokenizer.eos_token_id is not None:
-            ids = ids + [tokenizer.eos_token_id]
-        out.append(ids)
-    return out
+    """Each label's target ids exactly as training tokenizes them (prefix, surface text, EOS)."""
+    return label_target_ids(tokenizer, labels, cfg)
 
 
 @functools.lru_cache(maxsize=None)

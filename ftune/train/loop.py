@@ -40,11 +40,11 @@ from ftune.train.hooks import BudgetHook, QualityGateHook
 from ftune.train.interrupt import StopRequest
 from ftune.train.optim import build_optimizer, build_scheduler, default_param_groups
 from ftune.train.preflight import (
+    check_label_collisions,
     check_launch,
     check_method_launch,
     report_data,
     say_mode,
-    warn_label_collisions,
 )
 from ftune.train.progress import RunLog, gpu_memory_gib
 from ftune.train.rundir import (
@@ -138,10 +138,11 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
     check_method_launch(method, world)
     tokenizer = load_tokenizer(cfg.model)
     labels = resolve_labels(cfg.data)
+    if labels is not None:
+        check_label_collisions(console, tokenizer, labels, cfg)  # before tokenizing: identical labels are an error
     train_split = load_split(cfg.data.train, cfg.data, tokenizer, labels)  # bad rows are reported here
     if labels is not None:
         cfg.data.labels = labels  # frozen into ftune.yaml so eval scores the same label set
-        warn_label_collisions(console, tokenizer, labels, cfg)
     eval_split = load_split(cfg.data.eval, cfg.data, tokenizer, labels) if cfg.data.eval else None
     if cfg.data.test and cfg.data.test not in (cfg.data.train, cfg.data.eval):
         load_examples(cfg.data.test, cfg.data, labels)  # read and checked now, not first at `ftune eval`
