@@ -48,7 +48,8 @@ def load_examples(path, cfg: DataConfig, labels: list[str] | None, unknown_to: s
     return render(read_rows(path), cfg, path, labels, unknown_to, unknown_hint)
 
 
-def load_split(path, cfg: DataConfig, tokenizer, labels: list[str] | None) -> Split:
+def load_split(path, cfg: DataConfig, tokenizer, labels: list[str] | None, head: bool = False) -> Split:
+    """Rows checked, rendered and tokenized; `head`: for the classification head (ftune.head)."""
     examples = load_examples(path, cfg, labels)
-    dataset, stats = tokenize_split(tokenizer, examples, cfg, path, labels)
+    dataset, stats = tokenize_split(tokenizer, examples, cfg, path, labels, head)
     return Split(path, examples, dataset, stats)

@@ -28,8 +28,9 @@ from ftune.errors import FtuneError
 from ftune.eval import calibrate as C
 from ftune.eval import metrics as M
 from ftune.eval import report as R
-from ftune.eval.scoring import label_logprobs, label_token_ids, lm_loss, predict_labels
+from ftune.eval.scoring import head_logprobs, label_logprobs, label_token_ids, lm_loss, predict_labels
 from ftune.io import atomic_dir, read_json_file, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from ftune.layers.peft_format import load_head_from
 from ftune.methods import get_method
 from ftune.models import bf16_preferred, load_model, load_tokenizer
 
@@ -61,8 +62,11 @@ def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[
         outputs, pred = generate_labels(model, tokenizer, prompts, labels, cfg, progress)
         conf = raw_conf = None
     else:
-        logprobs, lengths = label_logprobs(model, tokenizer, prompts, label_token_ids(tokenizer, labels, cfg.data),
-                                           cfg.eval.batch_size, cfg.data.max_length, progress)
+        if cfg.model.head == "classifier":  # one forward per example; log-probabilities over the label set
+            logprobs, lengths = head_logprobs(model, tokenizer, prompts, cfg.eval.batch_size, cfg.data.max_length, progress)
+        else:
+            logprobs, lengths = label_logprobs(model, tokenizer, prompts, label_token_ids(tokenizer, labels, cfg.data),
+                                               cfg.eval.batch_size, cfg.data.max_length, progress)
         _require_finite(logprobs, "label scores")
         pred, raw_probs = predict_labels(logprobs, lengths, labels, cfg.eval.length_normalize)
         raw_conf = raw_probs.max(-1).values.tolist()
@@ -259,10 +263,13 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
     split = Split(data, load_examples(data, cfg.data, labels, *_unknown_labels(cfg, labels)), None, None) \
         if cfg.data.format == "classification" else load_split(data, cfg.data, tokenizer, labels)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(cfg.model, device)
+    head = cfg.model.head == "classifier"
+    model = load_model(cfg.model, device, labels=labels if head else None)
     if kind == "run":
         method = get_method(cfg.method.name)
         model = method.load(model, cfg.method, run_dir / method.artifact)
+        if head:
+            model = load_head_from(model, run_dir / method.artifact)
     model.eval()
     n = min(len(split.examples), cfg.eval.max_examples or len(split.examples))
     from rich.progress import Progress

@@ -103,6 +103,27 @@ def _score_chunk(model, chunk, fed, fed_mask, targets, width, device, pad_id) ->
     return (scores + gathered.sum(-1).view(b, n_labels)).cpu()
 
 
+@torch.no_grad()
+def head_logprobs(model, tokenizer, prompts: list[str], batch_size: int = 16, max_length: int = 1024,
+                  progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classification head's (log-softmax over the label set [N, L], lengths of 1 [L]): one forward per
+    example, in the form label scoring returns, so prediction, calibration and reports are the same code."""
+    from ftune.data.tokenize import prompt_ids
+    from ftune.head import last_token_logits
+
+    device, results = _device(model), []
+    for start in range(0, len(prompts), batch_size):
+        rows = [{"input_ids": (ids := prompt_ids(tokenizer, p)[:max_length]), "labels": [IGNORE] * len(ids)}
+                for p in prompts[start:start + batch_size]]
+        batch = collate(rows, tokenizer.pad_token_id)
+        logits = last_token_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        results.append(torch.log_softmax(logits.float(), -1).cpu())
+        if progress is not None:
+            progress(len(rows))
+    scores = torch.cat(results)
+    return scores, torch.ones(scores.shape[1])
+
+
 def predict_labels(logprobs: torch.Tensor, lengths: torch.Tensor, labels: list[str], length_normalize: bool,
                    temperature: float = 1.0):
     """(predicted labels, probability of each label [N, L]): softmax over the label set of the scores / temperature
