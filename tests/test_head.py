@@ -125,3 +125,38 @@ def test_labels_that_tokenize_identically_train_with_the_head(make_config, tmp_p
 def test_head_config_rules(make_config, override, message):
     result = invoke("validate", make_config({"model": {"head": "classifier"}, **override}))
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+MATRIX = {  # the methods' rows of tests/test_methods_matrix.py, with the head (qlora: tests/test_gpu_methods.py)
+    "dora": ({"method": {"name": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "use_dora": True}}),
+    "adalora": ({"recipe": "adalora", "method": {"name": "adalora", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1,
+                                                 "deltaT": 1, "lora_dropout": 0.0},
+                 "train": {"max_steps": 4}}),
+    "sora": ({"recipe": "sora", "method": {"name": "sora", "r": 4, "lora_alpha": 8, "sparse_lambda": 0.1,
+                                           "lora_dropout": 0.0}}),
+    "lisa": ({"recipe": "lisa", "method": {"name": "lisa", "n_layers": 1, "interval_steps": 2}, "train": {"lr": 1e-3}}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MATRIX))
+def test_every_method_trains_the_head_and_saves_it(name, make_config, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    case = MATRIX[name]
+    replace = {k: case[k] for k in ("method", "recipe") if k in case}
+    extra = {k: v for k, v in case.items() if k not in replace}
+    config = make_config({"model": {"head": "classifier"}, **extra}, replace=replace)
+    result = invoke("train", config)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    ours = ftune_logits(run)
+    if (run / "adapter").is_dir():
+        from peft import PeftModel
+
+        base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=3)
+        theirs = hf_logits(PeftModel.from_pretrained(base, str(run / "adapter")), tok)
+    else:
+        theirs = hf_logits(AutoModelForSequenceClassification.from_pretrained(str(run / "model")), tok)
+    assert torch.allclose(theirs, ours, atol=1e-5)
+    assert invoke("eval", run, "--out", tmp_path / "report").exit_code == 0
