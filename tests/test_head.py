@@ -113,7 +113,7 @@ def test_eval_is_one_forward_per_batch_whatever_the_label_count(tiny_model_dir):
 def test_labels_that_tokenize_identically_train_with_the_head(make_config, tmp_path):
     rows = [{"text": "good movie", "label": "退款"}, {"text": "bad film", "label": "退货"}]
     write_jsonl(tmp_path / "unk.jsonl", rows)
-    run, result = train(make_config, tmp_path, data={"train": str(tmp_path / "unk.jsonl"), "test": None})
+    run, _ = train(make_config, tmp_path, data={"train": str(tmp_path / "unk.jsonl"), "test": None})
     assert (run / "adapter" / "adapter_config.json").is_file()
 
 

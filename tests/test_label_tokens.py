@@ -19,7 +19,14 @@ CHARS = list("退款货查询订单其他好坏") + [" ", ":", "\n"] + list("Tex
 
 def char_tokenizer():
     """One token per character (space included), with BOS/EOS/pad: the Chinese-label case in miniature."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -135,8 +142,8 @@ def test_training_and_reports_use_the_aliases_inside_and_the_labels_outside(make
     assert {p["pred"] for p in preds} <= {"positive", "negative", "other"}
     assert set(preds[0]["scores"]) == {"positive", "negative", "other"}
     # what the model was trained on: the alias text, not the label
-    from ftune.data import load_split
     from ftune.config import load_resolved
+    from ftune.data import load_split
 
     rcfg = load_resolved(run)
     from ftune.models import load_tokenizer

@@ -157,7 +157,7 @@ def _add_head(out: Path, head: dict, labels: list[str], pad_token_id: int | None
     """Turn the merged causal LM into a *ForSequenceClassification checkpoint: the head added to the last shard
     (and to the index when there is one: transformers reads a lone model.safetensors before any index), and
     config.json naming the architecture, the labels and the pad token transformers' forward pools by."""
-    last = sorted(out.glob("*.safetensors"))[-1]
+    last = max(out.glob("*.safetensors"))
     with safe_open(str(last), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     save_file(tensors | {k: v.contiguous() for k, v in head.items()}, str(last), metadata=meta or {"format": "pt"})
