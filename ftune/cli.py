@@ -7,6 +7,7 @@ A user's mistake (FtuneError) prints one message and exits with code 2, never a 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 import os
 import sys
 from typing import Optional
@@ -18,8 +19,8 @@ from rich.markup import escape
 from ftune.errors import FtuneError
 
 app = typer.Typer(
-    help="Config-driven fine-tuning of open LLMs: `ftune train CONFIG key=value …`, then `ftune merge RUN_DIR` "
-         "and `ftune eval RUN_DIR`.",
+    help="Config-driven fine-tuning of open LLMs: `ftune train CONFIG key=value …`, then `ftune merge RUN_DIR`, "
+         "`ftune eval RUN_DIR`, and `ftune predict RUN_DIR --data FILE` or `ftune chat RUN_DIR` to use the model.",
     no_args_is_help=True, pretty_exceptions_enable=False)
 # Piped output (CI logs, `| tee`) gets a wide fixed width instead of rich's 80 columns, so tables stay readable.
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -145,7 +146,9 @@ def _launch(n: int, args: list[str]) -> None:
 
     import torch
 
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    from ftune.device import cpu_forced
+
+    cpu = cpu_forced()
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if not cpu and have < n:
         raise FtuneError(f"--gpus {n}: this machine has {have} CUDA GPU{'' if have == 1 else 's'}"
@@ -271,6 +274,40 @@ def merge(
     merge_run(run_dir, out_dir, dtype, overwrite, console=err, verify=verify)
 
 
+@app.command()
+@user_errors
+def export(
+    target: str = typer.Argument(..., help="A run directory (after `ftune merge`) or a model directory such as RUN_DIR/merged."),
+    format: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, Ollama), or compressed-tensors (a qalora run's "
+                               "merged INT4 model as W4A16 for vLLM and other compressed-tensors loaders)."),
+    qtype: str = typer.Option("f16", "--type", help="gguf weight type: f16, bf16, q8_0 or f32 (norms and biases stay f32)."),
+    out_file: Optional[str] = typer.Option(None, "--out", help="Output: a .gguf file (default RUN_DIR/gguf/<run>-<type>.gguf); "
+                                           "for compressed-tensors a directory (required)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output that `ftune export` wrote."),
+):
+    """Export a merged model: one GGUF file (weights, hyperparameters, tokenizer, chat template), or a QA-LoRA model
+    as compressed-tensors W4A16 (its float zero points rounded to integers; the largest shift is printed)."""
+    if _not_first_process():
+        return
+    if format == "gguf":
+        from ftune.export.to_gguf import export_gguf
+
+        export_gguf(target, out_file, qtype, overwrite, console=err)
+        return
+    if format != "compressed-tensors":
+        raise FtuneError(f"--format: {format!r} is not a supported export format (supported: gguf, compressed-tensors)")
+    if qtype != "f16":
+        raise FtuneError("--type: only for --format gguf; compressed-tensors keeps the model's INT4 weights as they are")
+    if out_file is None:
+        raise FtuneError("--out DIR: say where to write the compressed-tensors checkpoint")
+    from ftune.export.int4 import export_compressed_tensors
+
+    source = Path(target) / "merged" if (Path(target) / "merged").is_dir() else Path(target)
+    worst = export_compressed_tensors(str(source), out_file, overwrite)
+    err.print(f"[green]exported[/] {source} to {out_file} (compressed-tensors pack_quantized); zero points rounded "
+              f"to integers: largest shift {worst:.3f} quantization steps", highlight=False)
+
+
 @app.command("eval")
 @user_errors
 def eval_(
@@ -301,6 +338,49 @@ def eval_(
     from ftune.eval.run import run_eval
 
     run_eval(targets[0], data, config, out_dir, overrides, console=out)
+
+
+@app.command()
+@user_errors
+def predict(
+    target: str = typer.Argument(..., help="RUN_DIR, a merged checkpoint, a model directory (with --config), or a config YAML (its base model, untrained)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted key=value overrides of the run's config, e.g. "
+                                                    "eval.threshold=0.5 or eval.threshold=null.", show_default=False),
+    data: str = typer.Option(..., "--data", help="Rows to predict (.jsonl, .json, .csv, .tsv, .parquet), in the run's data "
+                                                 "format; the label / output column may be absent."),
+    out_file: Optional[str] = typer.Option(None, "--out", help="Output JSON-lines file (default RUN_DIR/predict/<data name>.jsonl)."),
+    config: Optional[str] = typer.Option(None, "--config", help="Config giving data settings for a model directory without one."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Rows per forward pass (default eval.batch_size)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Generation tasks: tokens to generate "
+                                                 "per row (default 256; label generation: eval.max_new_tokens)."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="Generation tasks: sample at this temperature; "
+                                      "0 = greedy (the default). Classification's calibrated temperature is eval.temperature."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an --out file that `ftune predict` did not write."),
+):
+    """Predict every row of a data file with a trained model; write one JSON line per row, in order.
+
+    Classification: pred, scores (probability per label), confidence and, with a threshold (the run's calibrated one, or eval.threshold), rejected / threshold / threshold_from. Other formats: the generated output. Prints where the file went."""
+    if _not_first_process():
+        return
+    from ftune.predict import run_predict
+
+    run_predict(target, data, out_file, config, overrides or [], batch_size, max_new_tokens, temperature, overwrite, console=err)
+
+
+@app.command()
+@user_errors
+def chat(
+    target: str = typer.Argument(..., help="RUN_DIR, a merged checkpoint, a model directory, or a config YAML (its base model, untrained)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message (default: the run's data.system_prompt)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Most tokens per reply."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="Sample at this temperature; 0 = greedy (the default)."),
+):
+    """Chat with a trained model: one line of input per turn, the reply streamed as it is generated.
+
+    Uses the tokenizer's chat template and keeps the history; /reset clears it, /exit or end of input (Ctrl-D) ends. Without a chat template, a run trained on alpaca rows is prompted with its own template, one turn at a time. Input may be piped: `printf 'hi\\n/exit\\n' | ftune chat RUN_DIR`."""
+    from ftune.chat import run_chat
+
+    run_chat(target, system, max_new_tokens, temperature, console=err)
 
 
 @app.command()

@@ -104,6 +104,18 @@ def _file_beside(path: Path):
     _fsync_dir(path.parent)
 
 
+@contextmanager
+def atomic_file(path: str | Path):
+    """Yield a temp file name beside `path` for a writer that opens files itself (GGUF): renamed over `path`
+    when the block ends without error, removed otherwise; a refused write names `path`, not the temp file."""
+    path = Path(path)
+    try:
+        with _file_beside(path) as tmp_name:
+            yield tmp_name
+    except OSError as e:
+        raise write_error(OSError(e.errno, e.strerror, str(path)), path) or e from None
+
+
 def _replace_with(path: Path, data: bytes) -> Path:
     with _file_beside(path) as tmp_name:
         Path(tmp_name).write_bytes(data)

@@ -46,16 +46,17 @@ def _weight_bytes(arch: Arch, quantization: str, double_quant: bool, dtype_bytes
     return linear * (0.5 + per_block / 64) + other * 2
 
 
-def _fast_path(run, on_cuda: bool) -> bool:
+def _fast_path(run, method, on_cuda: bool) -> bool:
     k = run.model.kernels
-    return k in ("liger", "torch") or (k == "auto" and on_cuda)
+    return method.fast_path and (k in ("liger", "torch") or (k == "auto" and on_cuda))
 
 
 def estimate_memory(run, method, arch: Arch, on_cuda: bool = True) -> MemoryEstimate:
     """`method`: the run's registered Method (what trains, how many parameters)."""
     m, t = run.model, run.train
     dtype_bytes = 4 if m.dtype == "fp32" or (m.dtype == "auto" and not on_cuda) else 2
-    weights = _weight_bytes(arch, m.quantization, m.double_quant, dtype_bytes)
+    weights = (method.weight_bytes(arch, run.method, dtype_bytes) if method.weight_bytes is not None
+               else _weight_bytes(arch, m.quantization, m.double_quant, dtype_bytes))
     if method.trains_base:  # full / LISA: gradients in the weights' dtype
         param_bytes = dtype_bytes
         n_train = method.trainable_params(arch, run.method)
@@ -68,7 +69,7 @@ def estimate_memory(run, method, arch: Arch, on_cuda: bool = True) -> MemoryEsti
 
     tokens = t.micro_batch_size * run.data.max_length
     h, kv, i = arch.hidden, arch.kv_heads * arch.head_dim, arch.intermediate
-    fast = _fast_path(run, on_cuda)
+    fast = _fast_path(run, method, on_cuda)
     frozen = not method.trains_base
     if fast:
         keep = (5 * h + 2 * kv + 2 * i) * 2 if frozen else (6 * h + 2 * kv + 3 * i) * 2

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ftune import int4
 from ftune.config.schema import ModelConfig
 from ftune.errors import FtuneError
 from ftune.quant import is_4bit
@@ -217,6 +218,12 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str
                    "label2id": {lab: i for i, lab in enumerate(labels)}}
     hf_logging.set_verbosity_error()  # the per-tensor GGUF/load progress bars drown ftune's own output
     hf_logging.disable_progress_bar()
+    int4 = None if gguf else _int4_config(Path(directory))
+    if int4 is not None:
+        if quant is not None:
+            raise FtuneError(f"model.quantization: {directory} is already INT4 (a merged QA-LoRA model); set quantization: none")
+        return _finish(load_int4_model(directory, int4, dtype, resolve_attention(cfg.attn_implementation, device), device),
+                       cfg, source, quant)
     try:
         model = auto.from_pretrained(
             directory, dtype=dtype, attn_implementation=resolve_attention(cfg.attn_implementation, device),
@@ -232,6 +239,10 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str
             raise
         raise FtuneError(f"model.path: the weights in {directory} do not match its config.json (tensor shapes differ); "
                          f"{REFETCH}") from None
+    return _finish(model, cfg, source, quant)
+
+
+def _finish(model, cfg: ModelConfig, source: str | None, quant):
     model.config.use_cache = False
     if source is None:  # adapters and merged checkpoints name the base by this, not by the directory it was read from
         name, revision = base_reference(cfg)
@@ -242,6 +253,57 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str
     if cfg.head == "classifier":
         model.score.float()  # the head trains and scores in fp32 whatever the base's dtype (ftune.head casts its input)
     return model
+
+
+def _int4_config(directory: Path) -> dict | None:
+    """The quantization_config of a merged INT4 checkpoint (`ftune.int4`'s format), else None."""
+    import json
+
+    try:
+        qc = json.loads((directory / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == int4.QUANT_METHOD else None
+
+
+def load_int4_model(directory: str | Path, qc: dict, dtype: torch.dtype, attn: str, device: torch.device | str):
+    """A merged INT4 checkpoint: the architecture from config.json with its listed linears as `Int4Linear`,
+    every tensor loaded from the safetensors files (transformers does not know ftune's format). Parameters
+    are built without memory (accelerate's init_empty_weights) and replaced by the file's tensors."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    fix = f"{directory} is a cut or edited INT4 checkpoint; merge the run again"
+    modules, group_size = qc.get("modules"), qc.get("group_size")
+    if not isinstance(modules, list) or group_size not in (32, 64, 128):
+        raise FtuneError(f"{directory / 'config.json'}: quantization_config lacks its modules or group_size; {fix}")
+    config = AutoConfig.from_pretrained(str(directory))
+    config.quantization_config = None
+    del config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    try:
+        int4.swap_linears(model, modules, lambda name, m: int4.Int4Linear(
+            m.in_features, m.out_features, group_size, m.bias is not None, "cpu", dtype))
+    except (AttributeError, ValueError) as e:
+        raise FtuneError(f"{directory / 'config.json'}: quantization_config.modules do not fit the model ({e}); {fix}") from None
+    state = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        check_safetensors(f, fix)
+        state |= load_file(str(f))
+    expected = model.state_dict()
+    wrong = [k for k, v in state.items() if k not in expected or tuple(v.shape) != tuple(expected[k].shape)]
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(expected) - set(state) - tied)
+    if wrong or missing:
+        raise FtuneError(f"{directory}: tensors do not fit its config (unexpected or misshapen {wrong[:3]}, missing "
+                         f"{missing[:3]}); {fix}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def keep_4bit_layout(model) -> None:

@@ -97,7 +97,9 @@ def gpu_spec(name: str | None = None) -> tuple[str, float, float] | None:
         return key, GPUS[key][1], GPUS[key][2]
     import torch
 
-    if not torch.cuda.is_available():
+    from ftune.device import cuda_usable
+
+    if not cuda_usable():
         return None
     props = torch.cuda.get_device_properties(0)
     for key, (pattern, _, peak) in sorted(GPUS.items(), key=lambda kv: -len(kv[1][0])):

@@ -195,6 +195,27 @@ def pin_cpu(monkeypatch) -> None:
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
 
 
+def cpu_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess of a CPU test: a new process reads CUDA_VISIBLE_DEVICES, so hiding the
+    GPU there is exact (the launcher, accelerate and ftune all see no CUDA)."""
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    return {**env, "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_fixtures_on_cpu(request):
+    """Module-scoped fixtures (a trained tiny run shared by a module's tests) are built before the per-test
+    pin below: in a module without `gpu` tests, pin the CPU for the whole module too."""
+    gpu_here = any(item.get_closest_marker("gpu") is not None for item in request.session.items
+                   if item.module is request.module)
+    if gpu_here:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        pin_cpu(mp)
+        yield
+
+
 def reset_accelerate() -> None:
     """Forget accelerate's process-wide state (PartialState, AcceleratorState, GradientState): every
     `ftune train` builds an Accelerator, and one built with another mixed_precision or device in the same

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import invoke, read_metrics
+from conftest import cpu_env, invoke, read_metrics
 from safetensors.torch import load_file
 
 
@@ -26,10 +26,7 @@ def free_port() -> int:
 
 
 def torchrun(n: int, *args, cpu_ddp: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop("ACCELERATE_USE_CPU", None)
-    if cpu_ddp:
-        env["ACCELERATE_USE_CPU"] = "1"  # accelerate's switch for multi-process CPU training (gloo)
+    env = cpu_env(ACCELERATE_USE_CPU="1") if cpu_ddp else cpu_env()  # accelerate's switch for CPU processes (gloo)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(free_port()),
            "-m", "ftune", "train", *map(str, args)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
@@ -37,7 +34,7 @@ def torchrun(n: int, *args, cpu_ddp: bool = True) -> subprocess.CompletedProcess
 
 def ftune_gpus(n: int, *args) -> subprocess.CompletedProcess:
     """`python -m ftune train ARGS --gpus N` on the CPU, as a user (or CI) without GPUs would test it."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="1")
+    env = cpu_env(ACCELERATE_USE_CPU="1")
     cmd = [sys.executable, "-m", "ftune", "train", *map(str, args), "--gpus", str(n)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
 
@@ -150,7 +147,7 @@ def test_processes_that_do_not_form_one_training_are_refused(make_config, tmp_pa
 def test_eval_under_a_launcher_writes_its_report_once(make_config, tmp_path):
     out = tmp_path / "run"
     assert invoke("train", make_config(out_dir=out)).exit_code == 0
-    env = dict(os.environ, ACCELERATE_USE_CPU="1")
+    env = cpu_env(ACCELERATE_USE_CPU="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "ftune", "eval", str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)

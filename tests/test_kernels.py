@@ -33,7 +33,7 @@ def lora(base: nn.Linear, r: int = 4, dora: bool = False) -> LoraLinear:
 
 
 def grads(x: torch.Tensor, modules, outs) -> list[torch.Tensor]:
-    loss = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs)
+    loss = sum((o * torch.linspace(-1, 1, o.numel(), device=o.device).view_as(o)).sum() for o in outs)
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     return torch.autograd.grad(loss, [x, *params])
 

@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -161,7 +162,8 @@ def test_broken_model_directory(case, make_config, tiny_model_dir, tmp_path):
     assert digest(model) == before
 
 
-@pytest.mark.parametrize("content", [os.urandom(64), b"GGUF\xff\xff\xff\xff" + bytes(64)])
+@pytest.mark.parametrize("content", [random.Random(7).randbytes(64), b"GGUF\xff\xff\xff\xff" + bytes(64)],
+                         ids=["random-bytes", "bad-header"])  # fixed bytes: xdist workers must collect the same ids
 def test_garbage_gguf(content, make_config, tmp_path):
     path = write(tmp_path / "m.gguf", content)
     refused("train", make_config({"model": {"path": str(path)}}), names=str(path), says="not a GGUF")

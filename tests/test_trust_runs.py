@@ -59,6 +59,8 @@ def test_a_crash_after_start_keeps_the_old_run(make_config, tmp_path, monkeypatc
 
     import ftune.train.loop as loop
 
+    real_step = loop.train_step
+
     def crash(*args, **kwargs):
         raise RuntimeError("power cut")
 
@@ -68,7 +70,7 @@ def test_a_crash_after_start_keeps_the_old_run(make_config, tmp_path, monkeypatc
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # the staged run is gone too
 
-    monkeypatch.undo()
+    monkeypatch.setattr(loop, "train_step", real_step)  # not undo(): that would unpin the CPU too
     ok("train", config, "train.max_steps=3", "--overwrite")
     assert json.loads((out / "run.json").read_text())["steps"] == 3
 
@@ -290,6 +292,8 @@ def test_resumed_losses_equal_an_uninterrupted_run_without_duplicate_steps(make_
 def test_ctrl_c_writes_a_checkpoint_and_says_how_to_continue(make_config, tmp_path, monkeypatch):
     import ftune.train.loop as loop
 
+    real_step = loop.train_step
+
     real = loop.train_step
 
     def step(state, *args):
@@ -305,13 +309,15 @@ def test_ctrl_c_writes_a_checkpoint_and_says_how_to_continue(make_config, tmp_pa
     assert "stopping after this step" in result.output
     assert f"interrupted after step 2: checkpoint written to {out / 'checkpoints' / 'step-000002'}" in result.output
     assert f"continue from step-000002 with:\n  ftune train {config} train.max_steps=5 --resume" in result.output
-    monkeypatch.undo()
+    monkeypatch.setattr(loop, "train_step", real_step)  # not undo(): that would unpin the CPU too
     ok("train", config, "train.max_steps=5", "--resume")
     assert json.loads((out / "run.json").read_text())["steps"] == 5
 
 
 def test_ctrl_c_before_any_checkpoint_gives_one_way_forward(make_config, tmp_path, monkeypatch):
     import ftune.train.loop as loop
+
+    real_step = loop.train_step
 
     def step(state, *args):
         raise KeyboardInterrupt  # a second Ctrl-C: at once, mid-step
@@ -321,7 +327,7 @@ def test_ctrl_c_before_any_checkpoint_gives_one_way_forward(make_config, tmp_pat
     monkeypatch.setattr(loop, "train_step", step)
     result = fails(130, "train", config)
     assert "before any checkpoint was written; nothing to resume. Start over with the same command" in result.output
-    monkeypatch.undo()
+    monkeypatch.setattr(loop, "train_step", real_step)  # not undo(): that would unpin the CPU too
     result = ok("train", config)  # the same command, no flag needed
     assert "holds an unfinished run that saved nothing: starting it over" in result.output
 

@@ -42,10 +42,10 @@ def resolve_labels(cfg: DataConfig) -> list[str] | None:
 
 
 def load_examples(path, cfg: DataConfig, labels: list[str] | None, unknown_to: str | None = None,
-                  unknown_hint: str = "") -> list[Example]:
+                  unknown_hint: str = "", require_target: bool = True) -> list[Example]:
     """The file's rows checked and rendered; gold labels outside `labels` are an error, or become
     `unknown_to` (see formats.render)."""
-    return render(read_rows(path), cfg, path, labels, unknown_to, unknown_hint)
+    return render(read_rows(path), cfg, path, labels, unknown_to, unknown_hint, require_target)
 
 
 def load_split(path, cfg: DataConfig, tokenizer, labels: list[str] | None, head: bool = False) -> Split:

@@ -205,17 +205,19 @@ def _text(row: dict, column: str, where: str, problems: list, required: bool = T
 
 
 def render(rows: list[dict], cfg: DataConfig, path: str | Path, labels: list[str] | None = None,
-           unknown_to: str | None = None, unknown_hint: str = "") -> list[Example]:
+           unknown_to: str | None = None, unknown_hint: str = "", require_target: bool = True) -> list[Example]:
     """Check and render every row; raise one DataError listing all bad rows. A gold label outside `labels`
     is one problem per distinct label (count and first rows), or, with `unknown_to` (eval.unknown_labels:
-    reject), that row's label becomes `unknown_to` and the original is kept in Example.original_label."""
+    reject), that row's label becomes `unknown_to` and the original is kept in Example.original_label.
+    `require_target=False` (`ftune predict`): the label / output / assistant turn may be absent; one that is
+    there is kept as given (label, target) and not checked against `labels`."""
     from ftune.data.labels import surface
     from ftune.data.sources import source_label
 
     path, cols, problems, out = Path(source_label(path)), cfg.columns, [], []
     label_set = set(labels) if labels else None
     unknown: dict[str, list[str]] = {}  # label -> rows, in first-seen order; its problem goes where it was first seen
-    _check_columns(rows, cfg, path)
+    _check_columns(rows, cfg, path, require_target)
     lines = _jsonl_lines(path, len(rows))
     for i, row in enumerate(rows):
         where = _where(path, i, lines)
@@ -224,9 +226,11 @@ def render(rows: list[dict], cfg: DataConfig, path: str | Path, labels: list[str
             label = row.get(cols.label)
             if isinstance(label, int) and not isinstance(label, bool):
                 label = str(label)
-            label = _text({cols.label: label}, cols.label, where, problems)
+            label = _text({cols.label: label}, cols.label, where, problems, required=require_target)
             original = None
-            if label is not None:
+            if label is not None and not require_target:
+                label = label.strip() or None  # a gold label to show beside the prediction, nothing more
+            elif label is not None:
                 label = label.strip()
                 if label_set is not None and label not in label_set:
                     if unknown_to is not None:
@@ -237,20 +241,21 @@ def render(rows: list[dict], cfg: DataConfig, path: str | Path, labels: list[str
                             problems.append(_Unknown(label))
                         unknown[label].append(_loc(path, i, lines))
                         label = None
-            if text is not None and label is not None:
+            if text is not None and (label is not None or not require_target):
                 template = cfg.prompt_template or CLASSIFICATION_TEMPLATE
-                out.append(Example(row=i + 1, prompt=template.format(text=text), target=cfg.label_prefix + surface(label, cfg), label=label,
+                target = cfg.label_prefix + surface(label, cfg) if label is not None else ""
+                out.append(Example(row=i + 1, prompt=template.format(text=text), target=target, label=label,
                                    text=text, template=template, fields={"text": text}, original_label=original))
         elif cfg.format == "alpaca":
             instruction = _text(row, cols.instruction, where, problems)
             extra = _text(row, cols.input, where, problems, required=False) or ""
-            output = _text(row, cols.output, where, problems)
-            if instruction is not None and output is not None:
+            output = _text(row, cols.output, where, problems, required=require_target)
+            if instruction is not None and (output is not None or not require_target):
                 template = cfg.prompt_template or (ALPACA_TEMPLATE if extra.strip() else ALPACA_NO_INPUT)
                 fields = {"instruction": instruction, "input": extra}
-                out.append(Example(row=i + 1, prompt=template.format(**fields), target=output, template=template, fields=fields))
+                out.append(Example(row=i + 1, prompt=template.format(**fields), target=output or "", template=template, fields=fields))
         elif cfg.format == "chat":
-            messages = _messages(row.get(cols.messages), cols.messages, where, problems)
+            messages = _messages(row.get(cols.messages), cols.messages, where, problems, require_target)
             if messages is not None:
                 if cfg.system_prompt and messages[0]["role"] != "system":
                     messages = [{"role": "system", "content": cfg.system_prompt}] + messages
@@ -278,18 +283,18 @@ class _Unknown:
 REQUIRED = {"classification": ("text", "label"), "alpaca": ("instruction", "output"), "chat": ("messages",), "text": ("text",)}
 
 
-def _check_columns(rows: list[dict], cfg: DataConfig, path: Path) -> None:
+def _check_columns(rows: list[dict], cfg: DataConfig, path: Path, require_target: bool = True) -> None:
     """A table (CSV/TSV/Parquet) without a needed column is one message, not one per row."""
     if path.suffix not in (".csv", ".tsv", ".parquet") or not rows:
         return
-    for key in REQUIRED.get(cfg.format, ()):
+    for key in REQUIRED.get(cfg.format, ()) if require_target else REQUIRED.get(cfg.format, ())[:1]:
         column = getattr(cfg.columns, key)
         if column not in rows[0]:
             raise FtuneError(f"{path}: no column {column!r} (columns: {', '.join(map(str, rows[0]))}); "
                              f"rename the column or set data.columns.{key}")
 
 
-def _messages(value, column: str, where: str, problems: list) -> list[dict] | None:
+def _messages(value, column: str, where: str, problems: list, require_target: bool = True) -> list[dict] | None:
     if not isinstance(value, list) or not value:
         problems.append(f"{where}: field {column!r}: expected a non-empty list of {{role, content}} messages")
         return None
@@ -297,7 +302,7 @@ def _messages(value, column: str, where: str, problems: list) -> list[dict] | No
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             problems.append(f"{where}: field {column!r}[{j}]: expected {{'role': one of {sorted(ROLES)}, 'content': text}}, got {m!r:.60}")
             return None
-    if not any(m["role"] == "assistant" for m in value):
+    if require_target and not any(m["role"] == "assistant" for m in value):
         problems.append(f"{where}: field {column!r}: no assistant message to learn from")
         return None
     return [{"role": m["role"], "content": m["content"]} for m in value]

@@ -9,6 +9,7 @@ Targets:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 from collections import Counter
@@ -23,7 +24,8 @@ from ftune.config.loader import RESOLVED_NAME
 from ftune.data import Split, load_examples, load_split, resolve_labels, source_fingerprint, source_label
 from ftune.data.labels import label_token_warnings
 from ftune.data.sources import source_stem
-from ftune.data.tokenize import classification_prompts
+from ftune.data.tokenize import classification_prompts, prompt_ids
+from ftune.device import default_device
 from ftune.errors import FtuneError
 from ftune.eval import calibrate as C
 from ftune.eval import metrics as M
@@ -51,36 +53,11 @@ def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[
         result = lm_loss(model, dataset, tokenizer.pad_token_id, cfg.eval.batch_size, progress)
         _require_finite(torch.tensor([result["loss"]]), "the loss")
         return {"summary": {"loss": result["loss"], "perplexity": result["perplexity"]}, "report": result, "predictions": []}
-    # Long inputs are shortened exactly as training shortened them (the label's room kept free).
-    prompts, shortened = classification_prompts(tokenizer, examples, cfg.data, labels)
     gold = [e.label for e in examples]
     reject = cfg.eval.reject_label
-    if reject is not None and reject not in labels:
-        raise FtuneError(f"eval.reject_label: {reject!r} is not one of the {len(labels)} labels")
-    calib = None
-    if cfg.eval.mode == "generate":
-        outputs, pred = generate_labels(model, tokenizer, prompts, labels, cfg, progress)
-        conf = raw_conf = None
-    else:
-        if cfg.model.head == "classifier":  # one forward per example; log-probabilities over the label set
-            logprobs, lengths = head_logprobs(model, tokenizer, prompts, cfg.eval.batch_size, cfg.data.max_length, progress)
-        else:
-            logprobs, lengths = label_logprobs(model, tokenizer, prompts, label_token_ids(tokenizer, labels, cfg.data),
-                                               cfg.eval.batch_size, cfg.data.max_length, progress)
-        _require_finite(logprobs, "label scores")
-        pred, raw_probs = predict_labels(logprobs, lengths, labels, cfg.eval.length_normalize)
-        raw_conf = raw_probs.max(-1).values.tolist()
-        calib = _calibration(cfg, logprobs, lengths, gold, pred, labels, calibration, fit, split.path)
-        probs = raw_probs if calib["temperature"] == 1.0 else \
-            predict_labels(logprobs, lengths, labels, cfg.eval.length_normalize, calib["temperature"])[1]
-        conf = probs.max(-1).values.tolist()
-        outputs = None
-    scored = pred  # before any threshold: what the sweep starts from
-    threshold = calib["threshold"] if calib else cfg.eval.threshold
-    if threshold is not None and conf is not None:
-        if reject is None:
-            raise FtuneError("eval.threshold: needs eval.reject_label (low-confidence predictions become that label)")
-        pred = M.apply_threshold(pred, conf, threshold, reject)
+    got = classify(model, tokenizer, examples, cfg, labels, progress, calibration, fit, gold, split.path)
+    pred, scored, conf, raw_conf = got["pred"], got["scored"], got["confidence"], got["raw_confidence"]
+    calib, probs, outputs, shortened = got["calibration"], got["probs"], got["outputs"], got["shortened"]
     report = M.classification_report(gold, pred, labels, reject_label=reject, invalid_label=INVALID)
     summary = _summary(report, reject)
     result = {"summary": summary, "report": report}
@@ -105,6 +82,45 @@ def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[
             row["output"] = outputs[i]
         predictions.append(row)
     return result | {"predictions": predictions, "confidence": conf, "scored": scored, "shortened": sum(shortened)}
+
+
+def classify(model, tokenizer, examples, cfg: RunConfig, labels: list[str], progress=None, calibration: dict | None = None,
+             fit: bool | None = False, gold: list[str] | None = None, where=None) -> dict:
+    """Predicted labels of classification examples, as `ftune eval` and `ftune predict` both make them: prompts
+    fitted as training fitted them, then label scores (eval.mode: score) with eval's temperature and threshold
+    applied, or generated text mapped to a label (generate). `gold` is only read when `fit` chooses an `auto`
+    value (see _calibration). Returns pred (after the threshold), scored (before), probs [N, L] and confidence
+    (None in generate mode), raw_confidence (before the temperature), calibration, outputs (generate mode),
+    shortened (per example) and threshold (the one applied, or None)."""
+    # Long inputs are shortened exactly as training shortened them (the label's room kept free).
+    prompts, shortened = classification_prompts(tokenizer, examples, cfg.data, labels)
+    reject = cfg.eval.reject_label
+    if reject is not None and reject not in labels:
+        raise FtuneError(f"eval.reject_label: {reject!r} is not one of the {len(labels)} labels")
+    calib = probs = outputs = conf = raw_conf = None
+    if cfg.eval.mode == "generate":
+        outputs, pred = generate_labels(model, tokenizer, prompts, labels, cfg, progress)
+    else:
+        if cfg.model.head == "classifier":  # one forward per example; log-probabilities over the label set
+            logprobs, lengths = head_logprobs(model, tokenizer, prompts, cfg.eval.batch_size, cfg.data.max_length, progress)
+        else:
+            logprobs, lengths = label_logprobs(model, tokenizer, prompts, label_token_ids(tokenizer, labels, cfg.data),
+                                               cfg.eval.batch_size, cfg.data.max_length, progress)
+        _require_finite(logprobs, "label scores")
+        pred, raw_probs = predict_labels(logprobs, lengths, labels, cfg.eval.length_normalize)
+        raw_conf = raw_probs.max(-1).values.tolist()
+        calib = _calibration(cfg, logprobs, lengths, gold, pred, labels, calibration, fit, where)
+        probs = raw_probs if calib["temperature"] == 1.0 else \
+            predict_labels(logprobs, lengths, labels, cfg.eval.length_normalize, calib["temperature"])[1]
+        conf = probs.max(-1).values.tolist()
+    scored = pred  # before any threshold: what the sweep starts from
+    threshold = calib["threshold"] if calib else None
+    if threshold is not None:
+        if reject is None:
+            raise FtuneError("eval.threshold: needs eval.reject_label (low-confidence predictions become that label)")
+        pred = M.apply_threshold(pred, conf, threshold, reject)
+    return {"pred": pred, "scored": scored, "probs": probs, "confidence": conf, "raw_confidence": raw_conf,
+            "calibration": calib, "outputs": outputs, "shortened": shortened, "threshold": threshold}
 
 
 def _summary(report: dict, reject: str | None) -> dict:
@@ -177,32 +193,43 @@ def _require_finite(scores: torch.Tensor, what: str) -> None:
                          f"metric can be computed: its weights are broken (a diverged run?); retrain with a lower train.lr")
 
 
-@torch.no_grad()
 def generate_labels(model, tokenizer, prompts: list[str], labels: list[str], cfg: RunConfig, progress=None):
-    """Greedy generation mapped to a label through its surface text (case and surrounding space ignored);
-    no match = <invalid>."""
+    """Greedy generation mapped to a label through its surface text (data.label_aliases; case and surrounding
+    space ignored); no match = <invalid>."""
     from ftune.data.labels import surface
 
-    device = next(model.parameters()).device
     lookup = {surface(lab, cfg.data).strip().lower(): lab for lab in labels}
-    outputs, pred = [], []
-    old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        for start in range(0, len(prompts), cfg.eval.batch_size):
-            chunk = prompts[start:start + cfg.eval.batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
-            out = model.generate(**enc, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, use_cache=True)
-            for seq in out[:, enc["input_ids"].shape[1]:]:
-                text = tokenizer.decode(seq, skip_special_tokens=True)
-                first = text.strip().splitlines()[0].strip() if text.strip() else ""
-                outputs.append(text)
-                pred.append(lookup.get(first.lower(), INVALID))
-            if progress is not None:
-                progress(len(chunk))
-    finally:
-        tokenizer.padding_side = old_side
+    outputs = generate_texts(model, tokenizer, [prompt_ids(tokenizer, p) for p in prompts], cfg.eval.batch_size,
+                             cfg.eval.max_new_tokens, progress)
+    pred = []
+    for text in outputs:
+        first = text.strip().splitlines()[0].strip() if text.strip() else ""
+        pred.append(lookup.get(first.lower(), INVALID))
     return outputs, pred
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int, progress=None,
+                   temperature: float = 0.0) -> list[str]:
+    """The text generated after each prompt (token ids, special tokens included), batch by batch with left padding:
+    greedy, or sampled at `temperature` > 0 (the rest of the model's generation config applies)."""
+    device = next(model.parameters()).device
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        width = max(len(x) for x in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, x in enumerate(chunk):  # left padding: every prompt ends where generation starts
+            ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
+            mask[i, width - len(x):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
+        outputs += [tokenizer.decode(seq, skip_special_tokens=True) for seq in out[:, width:]]
+        if progress is not None:
+            progress(len(chunk))
+    return outputs
 
 
 def resolve_target(target: str, config: str | None, overrides: list[str]) -> tuple[RunConfig, str, Path | None, Path]:
@@ -246,6 +273,37 @@ def mapped_labels(examples) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def load_target_model(cfg: RunConfig, kind: str, run_dir: Path | None):
+    """The model a resolved target names, in eval mode on the GPU when there is one: the base with the run's
+    artifact loaded for a run, else the model (a merged checkpoint, a model directory, a config's base) as it is."""
+    head = cfg.model.head == "classifier"  # a sequence-classification model over the run's label set
+    model = load_model(cfg.model, default_device(), labels=resolve_labels(cfg.data) if head else None)
+    if kind == "run":
+        method = get_method(cfg.method.name)
+        model = method.load(model, cfg.method, run_dir / method.artifact)
+        if head:
+            model = load_head_from(model, run_dir / method.artifact)
+    return model.eval()
+
+
+def calibration_dir(kind: str, run_dir: Path | None, root: Path) -> Path:
+    """Where a target's calibration.json is: the run directory, or the merged checkpoint (which carries its run's)."""
+    return run_dir if kind == "run" else root
+
+
+@contextlib.contextmanager
+def inference(model, console: Console, description: str, total: int):
+    """A transient progress bar over `total` examples (yields its advance(k)), under bf16 autocast where the device
+    prefers it, as evaluation during training runs."""
+    from rich.progress import Progress
+
+    device = next(model.parameters()).device.type
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16_preferred(device)):
+            yield lambda k: bar.advance(task, k)
+
+
 def run_eval(target: str, data: str | None = None, config: str | None = None, out: str | None = None,
              overrides: list[str] = (), console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
@@ -262,23 +320,11 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
             console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     split = Split(data, load_examples(data, cfg.data, labels, *_unknown_labels(cfg, labels)), None, None) \
         if cfg.data.format == "classification" else load_split(data, cfg.data, tokenizer, labels)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    head = cfg.model.head == "classifier"
-    model = load_model(cfg.model, device, labels=labels if head else None)
-    if kind == "run":
-        method = get_method(cfg.method.name)
-        model = method.load(model, cfg.method, run_dir / method.artifact)
-        if head:
-            model = load_head_from(model, run_dir / method.artifact)
-    model.eval()
+    model = load_target_model(cfg, kind, run_dir)
     n = min(len(split.examples), cfg.eval.max_examples or len(split.examples))
-    from rich.progress import Progress
-
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task(f"eval {Path(source_label(data)).name}", total=n)
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16_preferred(device)):
-            result = evaluate_model(model, tokenizer, split, cfg, labels, lambda k: bar.advance(task, k),
-                                    calibration=C.read_calibration(run_dir if kind == "run" else root))
+    with inference(model, console, f"eval {Path(source_label(data)).name}", n) as advance:
+        result = evaluate_model(model, tokenizer, split, cfg, labels, advance,
+                                calibration=C.read_calibration(calibration_dir(kind, run_dir, root)))
     meta = {"target": str(Path(target).resolve()), "kind": kind, "model": cfg.model.path, "method": cfg.method.name if kind in ("run", "merged") else "base",
             "dataset": str(Path(data).resolve()) if isinstance(data, str) and Path(data).exists() else source_label(data),
             "dataset_sha256": source_fingerprint(data), "examples": n, "mode": cfg.eval.mode,

@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ftune.config import load_resolved, resolved_yaml
+from ftune.device import default_device
 from ftune.errors import FtuneError
 from ftune.head import last_token_logits
 from ftune.io import atomic_dir, remove_stale_temps, write_error, write_json_atomic, write_text_atomic
@@ -41,9 +42,13 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | N
     artifact = run_dir / method.artifact
     if not artifact.is_dir():
         raise FtuneError(f"{run_dir}: no {method.artifact}/ — the run did not finish; resume it or train again")
-    if method.merge_fn is None:
-        console.print(f"nothing to merge: method {method.name!r} saves a complete checkpoint at {artifact}")
-        return None
+    if not method.mergeable:
+        if method.trains_base:  # the artifact is the trained model itself
+            console.print(f"nothing to merge: method {method.name!r} saves a complete checkpoint at {artifact}")
+            return None
+        raise FtuneError(f"{run_dir}: method {method.name!r} is not mergeable: {method.unmergeable_reason}. Use the "
+                         f"adapter as it is: `ftune eval {run_dir} --data FILE` scores base + adapter, and serving loads "
+                         f"the base and applies {artifact} (README: Methods, non-mergeable adapters)")
     out = Path(out) if out else run_dir / "merged"
     source, gguf = resolve_source(cfg.model)
     check_output(out, {"the run": run_dir, "its adapter": artifact, "the base model": Path(source)}, overwrite)
@@ -53,17 +58,22 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | N
     target_dtype = DTYPES[dtype] if dtype else None
     merge = method.merge_fn(artifact)
     shards = sorted(Path(source).glob("*.safetensors")) if not gguf else []
+    if merge.quantization is not None and not shards:
+        raise FtuneError(f"merge: method {method.name!r} merges into INT4 tensors from the base's safetensors shards; "
+                         f"{source} has none (a GGUF base): train from a Hugging Face safetensors directory instead")
     head = read_head(artifact) if cfg.model.head == "classifier" else None
     if head == {}:
         raise FtuneError(f"{artifact}: model.head: classifier, but the adapter holds no classification head (score); "
                          f"train the run again")
     with atomic_dir(out) as tmp:
         if shards:
-            touched, nbytes = _merge_shards(shards, merge, target_dtype, tmp, console, drop=LM_HEAD if head else ())
+            touched, nbytes, renamed = _merge_shards(shards, merge, target_dtype, tmp, console, drop=LM_HEAD if head else ())
             for name in COPY:
                 if (Path(source) / name).is_file():
                     shutil.copy2(Path(source) / name, tmp / name)
-            _write_index(Path(source) / INDEX, tmp / INDEX, nbytes)
+            _write_index(Path(source) / INDEX, tmp / INDEX, nbytes, renamed)
+            if merge.quantization is not None:
+                _set_config_key(tmp / "config.json", "quantization_config", merge.quantization)
             if head is not None:
                 _add_head(tmp, head, cfg.data.labels, load_tokenizer(cfg.model).pad_token_id)
             if target_dtype is not None:
@@ -132,7 +142,7 @@ VERIFY_TEXT = "The quick brown fox jumps over the lazy dog. 0123456789"
 def verify_merge(cfg, method, artifact: Path, merged: Path) -> float:
     """Max |logits(merged) − logits(base + artifact)| on a short text. One model in memory at a time;
     the adapter side loads the base as the run did (4-bit for QLoRA), the merged side unquantized."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     ids = load_tokenizer(cfg.model)(VERIFY_TEXT, return_tensors="pt")["input_ids"].to(device)
     logits = []
     for model_cfg, apply in ((cfg.model, True),
@@ -179,11 +189,12 @@ def _add_head(out: Path, head: dict, labels: list[str], pad_token_id: int | None
 
 
 def _merge_shards(shards: list[Path], merge: AdapterMerge, dtype, out: Path, console: Console,
-                  drop: tuple[str, ...] = ()) -> tuple[set[str], int]:
-    """(weights the adapter changed, bytes of every tensor written: the index's total_size). `drop`: weights left out."""
+                  drop: tuple[str, ...] = ()) -> tuple[set[str], int, dict[str, list[str]]]:
+    """(weights the adapter changed, bytes of every tensor written: the index's total_size, weight name ->
+    the names that replace it, for a merge into quantized tensors). `drop`: weights left out."""
     from rich.progress import track
 
-    touched, nbytes = set(), 0
+    touched, nbytes, renamed = set(), 0, {}
     for shard in track(shards, description="merging shards", console=console, transient=True):
         tensors, meta = {}, None
         with safe_open(str(shard), framework="pt") as f:
@@ -192,7 +203,15 @@ def _merge_shards(shards: list[Path], merge: AdapterMerge, dtype, out: Path, con
                 if name in drop:
                     continue
                 t = f.get_tensor(name)
-                merged = _finite(merge(name, t), name)
+                merged = merge(name, t)
+                if isinstance(merged, dict):  # quantized: written as they are, never cast
+                    for key, value in merged.items():
+                        tensors[key] = _finite(value, name)
+                        nbytes += value.numel() * value.element_size()
+                    renamed[name] = list(merged)
+                    touched.add(name.removesuffix(".weight"))
+                    continue
+                merged = _finite(merged, name)
                 if merged is not None:
                     t = merged
                     touched.add(name.removesuffix(".weight"))
@@ -205,16 +224,21 @@ def _merge_shards(shards: list[Path], merge: AdapterMerge, dtype, out: Path, con
         except SafetensorError as e:  # its writer reports the OS error as text: "… (os error 28)"
             m = re.search(r"os error (\d+)", str(e))
             raise (write_error(OSError(int(m.group(1)), str(e), str(out / shard.name))) if m else None) or e from None
-    return touched, nbytes
+    return touched, nbytes, renamed
 
 
-def _write_index(source: Path, target: Path, nbytes: int) -> None:
+def _write_index(source: Path, target: Path, nbytes: int, renamed: dict[str, list[str]] | None = None) -> None:
     """The base's shard index with `total_size` (bytes of all tensors, as transformers writes it) recomputed:
-    a cast to another dtype changes it. Shard names and the weight map stay as they are."""
+    a cast to another dtype changes it. Shard names stay; a weight merged into quantized tensors is listed
+    under their names, in its shard."""
     if not source.is_file():
         return
     index = json.loads(source.read_text())
     index["metadata"] = {**(index.get("metadata") or {}), "total_size": nbytes}
+    weight_map = {}
+    for name, shard in (index.get("weight_map") or {}).items():
+        weight_map |= {new: shard for new in (renamed or {}).get(name, [name])}
+    index["weight_map"] = weight_map
     write_json_atomic(target, index)
 
 
@@ -252,6 +276,12 @@ def _drop_local_name(path: Path) -> None:
     config = json.loads(path.read_text())
     if config.pop("_name_or_path", None) is not None:
         path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _set_config_key(path: Path, key: str, value) -> None:
+    config = json.loads(path.read_text())
+    config[key] = value
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _set_config_dtype(path: Path, dtype: str) -> None:

@@ -53,8 +53,9 @@ def _decoder_layers(model):
     return getattr(getattr(model, "model", None), "layers", None)
 
 
-def apply_kernels(model, cfg, device) -> str:
-    """Install the configured training path on `model` (in place); returns a one-line description."""
+def apply_kernels(model, cfg, device, fast_path: bool = True, why: str = "") -> str:
+    """Install the configured training path on `model` (in place); returns a one-line description.
+    `fast_path=False` (a method that cannot take ftune's layer forward; `why` says why) keeps transformers' own."""
     from ftune.kernels.fast import install, unsupported_reason
     from ftune.kernels.ops import ops_for
 
@@ -64,6 +65,8 @@ def apply_kernels(model, cfg, device) -> str:
     on_cuda = torch.device(device).type == "cuda"
     plans = layer_plans(cfg, n, on_cuda)
     note = ""
+    if kind != "none" and not fast_path:
+        kind, note = "none", f" (fast path off: {why})"
     if kind != "none":
         reason = unsupported_reason(model)
         if reason is not None:

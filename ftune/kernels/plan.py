@@ -112,6 +112,16 @@ def legacy_codes(n_layers: int, gradient_checkpointing: bool, checkpoint_fractio
     return ["c" if offload_activations else "C"] * k + ["K"] * (n_layers - k)
 
 
+def recomputes(m, n_layers: int | None = None) -> bool:
+    """Whether model config `m` recomputes any layer in backward (a plan letter other than K, or the legacy
+    gradient_checkpointing settings)."""
+    if m.layer_plan is not None:
+        return any(c.upper() != "K" for c in parse_plan(m.layer_plan))
+    if not m.gradient_checkpointing:
+        return False
+    return round(m.checkpoint_fraction * n_layers) > 0 if n_layers else m.checkpoint_fraction > 0
+
+
 def example(n_layers: int) -> str:
     """A plan that covers `n_layers` layers, for error messages."""
     half = n_layers // 2

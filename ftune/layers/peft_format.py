@@ -53,16 +53,22 @@ class AdapterMerge:
 
     `merge(weight_name, W)` is the merged weight in W's dtype for a weight the adapter touches, else None
     (leave W unchanged). `modules` names every adapted module, so a caller can check that each was found
-    among the base's weights. `fold(module, W)` is the kind's own formula (fp32 result)."""
+    among the base's weights. `fold(module, W)` is the kind's own formula (fp32 result).
+
+    A merge into a quantized model (QA-LoRA) has `quantization`, the quantization_config the merged
+    config.json records, and its `fold` returns the tensors that replace the weight, by full name
+    (`<module>.qweight`, …), written as they are (no dtype cast)."""
 
     modules: frozenset[str]
-    fold: Callable[[str, torch.Tensor], torch.Tensor]
+    fold: Callable[[str, torch.Tensor], torch.Tensor | dict[str, torch.Tensor]]
+    quantization: dict | None = None
 
-    def __call__(self, weight_name: str, weight: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, weight_name: str, weight: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor] | None:
         module = weight_name.removesuffix(".weight")
         if module not in self.modules or not weight_name.endswith(".weight"):
             return None
-        return self.fold(module, weight).to(weight.dtype)
+        merged = self.fold(module, weight)
+        return merged if isinstance(merged, dict) else merged.to(weight.dtype)
 
 
 # ---------------------------------------------------------------- files: write, read, check
@@ -390,3 +396,35 @@ def adalora_merge(adapter_dir: Path) -> AdapterMerge:
         return merge_adalora_weight(weight, a, e, b, scaling)
 
     return AdapterMerge(frozenset(ranks), fold)
+
+
+# ---------------------------------------------------------------- prompt learning: prompt tuning, P-tuning, prefix tuning
+
+PROMPT_KEY = "prompt_embeddings"  # PEFT's one tensor for these kinds: the virtual tokens as the model consumes them
+
+
+def prompt_config(model, peft_type: str, n: int, token_dim: int, heads: int, **fields) -> dict:
+    """PEFT's PromptLearningConfig fields for a decoder-only model (one transformer submodule)."""
+    return {"peft_type": peft_type, **_common_fields(model), "num_virtual_tokens": n, "token_dim": token_dim,
+            "num_transformer_submodules": 1, "num_attention_heads": heads,
+            "num_layers": model.config.num_hidden_layers, "inference_mode": True, **fields}
+
+
+def save_prompt(out_dir: Path, config: dict, embeddings: torch.Tensor) -> None:
+    """The folded virtual tokens ((n, token_dim), or (n, 2·layers·kv_dim) for prefix tuning) and the config."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({PROMPT_KEY: embeddings.detach().float().cpu().contiguous()}, str(out_dir / WEIGHTS_NAME),
+              metadata={"format": "pt"})
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_prompt(adapter_dir: Path, peft_type: str, width: int) -> tuple[dict, torch.Tensor]:
+    """Config and the (n, width) virtual tokens of a saved prompt-learning adapter; anything else is one FtuneError."""
+    config, tensors = read_adapter(adapter_dir, peft_type, required=("num_virtual_tokens",))
+    t = tensors.get(PROMPT_KEY)
+    n = config["num_virtual_tokens"]
+    if set(tensors) != {PROMPT_KEY} or t is None or tuple(t.shape) != (n, width):
+        got = {k: tuple(v.shape) for k, v in tensors.items()}
+        raise FtuneError(f"{Path(adapter_dir) / WEIGHTS_NAME}: expected one tensor {PROMPT_KEY!r} of shape ({n}, {width}) "
+                         f"for this base model, found {got}; it is from another run or model; {FIX}")
+    return config, t

@@ -39,6 +39,10 @@ class Method:
     # For adapters: read the artifact dir, return an AdapterMerge (merge(weight_name, tensor) -> merged tensor,
     # or None for a weight left unchanged; .modules: every adapted module).
     merge_fn: Callable[[Path], AdapterMerge] | None = None
+    # Why an adapter without merge_fn cannot be folded into the base (a non-linear one): `ftune merge` refuses
+    # with it and points to eval / serving with the adapter. Not needed when the artifact is a whole model
+    # (trains_base: full, LISA), which merge reports as nothing to merge.
+    unmergeable_reason: str = ""
     quantized_base: bool = False  # may train on a 4-bit base
     requires_quantized: bool = False  # only makes sense on a 4-bit base (qlora)
     # Optimizer parameter groups; default: trainable params, no weight decay on biases/norms (see train.optim).
@@ -51,8 +55,23 @@ class Method:
     # added fp32 ones (adapters), and how many parameters train, from the architecture alone (`perf.Arch`).
     trains_base: bool = False
     trainable_params: Callable[[Any, MethodConfig], int] | None = None
+    # Bytes of the base weights as training holds them, given (Arch, cfg, bytes per weight of the model's dtype),
+    # for a method that quantizes the base itself (QA-LoRA: INT4); default: from model.quantization.
+    weight_bytes: Callable[[Any, MethodConfig, int], float] | None = None
     multi_process: bool = True  # may train under DDP (torchrun, accelerate launch, --gpus N); False: refused at set-up
     single_process_reason: str = ""  # why not (multi_process False), said in the refusal
+    # Training paths the method's forward can take. False keeps the loop off that path (the run's log says so,
+    # with `path_reason`): ftune's fused layer forward (kernels/fast.py), padding-free packed micro-batches,
+    # recomputing layers in backward (model.gradient_checkpointing, recompute letters of model.layer_plan:
+    # refused at set-up, before the model loads, since turning it off would change the memory the user planned).
+    fast_path: bool = True
+    packing: bool = True
+    layer_recompute: bool = True
+    path_reason: str = ""
+
+    def __post_init__(self):
+        if self.merge_fn is None and not self.trains_base and not self.unmergeable_reason:
+            raise ValueError(f"method {self.name!r}: an adapter method without merge_fn needs an unmergeable_reason")
 
     @property
     def mergeable(self) -> bool:

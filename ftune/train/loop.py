@@ -17,6 +17,7 @@ from rich.console import Console
 from ftune.config import RunConfig, resolved_yaml
 from ftune.data import Split, load_examples, load_split, resolve_labels, source_fingerprint, source_label
 from ftune.data.collate import batch_tokens, count_targets
+from ftune.device import cuda_usable
 from ftune.errors import FtuneError, Interrupted, RunFailed
 from ftune.head import install_training_forward, train_head
 from ftune.hooks import TrainState
@@ -45,6 +46,7 @@ from ftune.train.preflight import (
     check_label_collisions,
     check_launch,
     check_method_launch,
+    check_method_paths,
     report_data,
     say_mode,
 )
@@ -72,10 +74,12 @@ def build_training(cfg: RunConfig, method: Method, accelerator, total_steps: int
     except (ValueError, OSError):
         hf = None
     n_layers = hf.get("num_hidden_layers") if isinstance(hf, dict) else None
-    check_plan(cfg.model, n_layers if isinstance(n_layers, int) else None,
-               fast_path=resolve_kernels(cfg.model.kernels, device) != "none")
+    n_layers = n_layers if isinstance(n_layers, int) else None
+    check_plan(cfg.model, n_layers, fast_path=resolve_kernels(cfg.model.kernels, device) != "none" and method.fast_path)
+    check_method_paths(method, cfg, n_layers)
     model = load_model(cfg.model, device, labels=cfg.data.labels if cfg.model.head == "classifier" else None)
-    model._ftune_kernels = apply_kernels(model, cfg.model, device)  # the training forward; eval and merge keep HF's
+    # the training forward; eval and merge keep HF's
+    model._ftune_kernels = apply_kernels(model, cfg.model, device, method.fast_path, method.path_reason)
     hooks = method.prepare(model, cfg.method, PrepareContext(run=cfg, total_steps=total_steps)) or []
     if cfg.model.head == "classifier":  # the head trains with any method; its loss replaces the LM's
         train_head(model)
@@ -136,6 +140,7 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
     mode = plan(final, resume, overwrite, method.artifact)
     trackers = tracker_names(cfg.train)
     check_trackers(trackers)  # before the model loads: a missing package is one message with its install command
+    _fresh_accelerate_state()
     accelerator = Accelerator(mixed_precision=_precision(cfg), log_with=trackers or None, project_dir=str(final))
     set_seed(cfg.train.seed)
     world = accelerator.num_processes
@@ -174,6 +179,8 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
     trainable, total = count_parameters(model)
     console.print(f"[bold]{cfg.method.name}[/]: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     console.print(getattr(accelerator.unwrap_model(model), "_ftune_kernels", ""), highlight=False)
+    if packing_on(cfg, accelerator.device) and not method.packing:
+        console.print(f"packing off for {method.name}: {method.path_reason}; micro-batches are padded", highlight=False)
     state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, cfg=cfg,
                        run_dir=rundir.path, total_steps=total_steps)
     if mode == "resume":
@@ -197,7 +204,7 @@ def _steps(run: Run, log: RunLog, stop: StopRequest) -> None:
     cfg, state, hooks, accelerator = run.cfg, run.state, run.hooks, run.accelerator
     world, rank = accelerator.num_processes, accelerator.process_index
     batches_per_epoch = micro_batches_per_epoch(len(run.train_split.dataset), cfg, world)
-    packed = packing_on(cfg, accelerator.device)
+    packed = packing_on(cfg, accelerator.device) and run.method.packing
     batches = micro_batches(state, run.train_split.dataset, cfg, world, rank, run.tokenizer.pad_token_id, packed)
     ga, skipped_in_row = cfg.train.gradient_accumulation_steps, 0
     # Read (a GPU sync) only at log and save steps: the loss since the last log line, and the first step
@@ -342,10 +349,24 @@ def _summary(run: Run) -> dict:
             "stop_reason": s.stop_reason, "final_eval": {}, "device": str(run.accelerator.device)}
 
 
+def _fresh_accelerate_state() -> None:
+    """accelerate keeps one process-wide state and refuses a second Accelerator with other settings ("already
+    initialized"). A single process may train more than once (a notebook, a script looping over configs, the
+    tests): each run starts from a clean state. Under a launcher the state holds the process group: kept."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def _precision(cfg: RunConfig) -> str:
     mp = cfg.train.mixed_precision
     if mp == "auto":
-        return "bf16" if torch.cuda.is_available() and bf16_preferred("cuda") else "no"
+        return "bf16" if cuda_usable() and bf16_preferred("cuda") else "no"
     return mp
 
 

@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from ftune.config import RunConfig
 from ftune.data import Split
+from ftune.device import cuda_usable
 from ftune.errors import FtuneError
 from ftune.train.rundir import has_checkpoint
 
@@ -21,11 +22,11 @@ def check_launch(accelerator, console: Console) -> None:
     run directory; and GPUs left idle deserve a word."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
-        hint = " (on CPU, set ACCELERATE_USE_CPU=1 so accelerate uses gloo)" if not torch.cuda.is_available() else ""
+        hint = " (on CPU, set ACCELERATE_USE_CPU=1 so accelerate uses gloo)" if not cuda_usable() else ""
         raise FtuneError(f"launched as {launched} processes, but they did not form one distributed training "
                          f"(accelerate sees {accelerator.num_processes}){hint}; launch with `accelerate launch -m ftune train "
                          f"CONFIG` or `torchrun --nproc_per_node N -m ftune train CONFIG`")
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = torch.cuda.device_count() if cuda_usable() else 0
     if accelerator.num_processes == 1 and gpus > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
         console.print(f"note: {gpus} GPUs are visible but this run uses one; to train on all of them: "
                       f"ftune train CONFIG --gpus {gpus}")
@@ -41,6 +42,17 @@ def check_method_launch(method, processes: int) -> None:
                          f"was launched as {processes} processes; start it without torchrun, "
                          f"`accelerate launch` or --gpus (one process), or pick a method that trains on several GPUs "
                          f"({others})")
+
+
+def check_method_paths(method, cfg: RunConfig, n_layers: int | None) -> None:
+    """A method that cannot recompute layers in backward is refused a plan that does, before the model loads."""
+    from ftune.kernels.plan import recomputes
+
+    if not method.layer_recompute and recomputes(cfg.model, n_layers):
+        key = "model.layer_plan" if cfg.model.layer_plan is not None else "model.gradient_checkpointing"
+        raise FtuneError(f"{key}: method {method.name} cannot recompute layers in backward ({method.path_reason}); "
+                         f"set model.gradient_checkpointing=false and leave model.layer_plan unset (or all K), "
+                         f"and lower train.micro_batch_size or data.max_length if memory is short")
 
 
 def say_mode(console: Console, mode: str, final: Path, resume: bool, changes: dict) -> None:

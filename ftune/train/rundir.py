@@ -33,7 +33,7 @@ RESOLVED = "ftune.yaml"
 # What a run directory of ftune holds; a folder with anything else in it is not (only) a run.
 RUN_FILES = {MARKER, RESOLVED, "metrics.jsonl", "run.json", "resumes.jsonl", "calibration.json", "adalora_ranks.json",
              "sora_ranks.jsonl",
-             "adapter", "model", "checkpoints", "merged", "eval", "tensorboard"}
+             "adapter", "model", "checkpoints", "merged", "eval", "predict", "tensorboard", "gguf"}
 
 
 def is_ftune_run(path: Path) -> bool:
