@@ -220,12 +220,33 @@ def validate(
     from ftune.train.trackers import check_trackers, tracker_names
 
     check_trackers(tracker_names(cfg.train))  # as `ftune train` does before loading the model
+    if not missing:
+        _check_label_tokens(cfg)
     if missing:
         from ftune.errors import ConfigError
 
         raise ConfigError(missing, header=f"{config} is valid except for its data files")
     err.print(f"[green]ok[/]: {escape(config)} is valid ({cfg.method.name}, output {escape(cfg.run_dir)})"
               + ("" if full else "; --full prints every key"))
+
+
+def _check_label_tokens(cfg) -> None:
+    """The label set as label scoring tokenizes it (the tokenizer only, no weights): identical labels are an
+    error, labels told apart badly a warning."""
+    if cfg.data.format != "classification" or cfg.model.head == "classifier":
+        return
+    from ftune.data import resolve_labels
+    from ftune.data.labels import label_token_warnings
+    from ftune.models import load_tokenizer
+
+    labels = resolve_labels(cfg.data)
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+    except (FtuneError, OSError, ValueError) as e:
+        err.print(f"note: label tokens not checked (the tokenizer did not load: {escape(str(e))[:200]}); "
+                  f"`ftune train` checks them", highlight=False, soft_wrap=True)
+        return
+    _print_warnings(label_token_warnings(tokenizer, labels, cfg))
 
 
 def _print_warnings(warnings: list[str]) -> None:

@@ -191,11 +191,15 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
                               bnb_4bit_quant_storage=torch.uint8)
 
 
-def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str | None = None):
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str | None = None,
+               labels: list[str] | None = None):
     """The base model on `device`, in the configured dtype / 4-bit, with the chosen attention backend and
     transformers' own forward. Training installs its kernels on top (`ftune.kernels.apply_kernels`, called
-    by `ftune.train.loop.build_training`); eval and merge keep this forward."""
-    from transformers import AutoModelForCausalLM
+    by `ftune.train.loop.build_training`); eval and merge keep this forward.
+    model.head: classifier loads transformers' *ForSequenceClassification over `labels` (the label set, in
+    order): the decoder as the causal LM has it, and `score`, a new Linear(hidden, len(labels)) kept in fp32
+    (ftune.head) in place of lm_head."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     directory, gguf = resolve_source(cfg, source)
@@ -205,6 +209,13 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str
     quant = quantization_config(cfg, dtype if dtype != torch.float32 else torch.bfloat16)
     if quant is not None:
         kwargs["quantization_config"] = quant
+    auto = AutoModelForCausalLM
+    if cfg.head == "classifier":
+        if not labels:
+            raise FtuneError("model.head: classifier needs the label set (data.labels) to size its head")
+        auto = AutoModelForSequenceClassification
+        kwargs |= {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                   "label2id": {lab: i for i, lab in enumerate(labels)}}
     hf_logging.set_verbosity_error()  # the per-tensor GGUF/load progress bars drown ftune's own output
     hf_logging.disable_progress_bar()
     int4 = None if gguf else _int4_config(Path(directory))
@@ -214,7 +225,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str
         return _finish(load_int4_model(directory, int4, dtype, resolve_attention(cfg.attn_implementation, device), device),
                        cfg, source, quant)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto.from_pretrained(
             directory, dtype=dtype, attn_implementation=resolve_attention(cfg.attn_implementation, device),
             trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, device_map={"": torch.device(device)}, **kwargs)
     except (OSError, ValueError) as e:
@@ -239,6 +250,8 @@ def _finish(model, cfg: ModelConfig, source: str | None, quant):
         model.ftune_base_revision = revision
     if quant is not None:
         keep_4bit_layout(model)
+    if cfg.head == "classifier":
+        model.score.float()  # the head trains and scores in fp32 whatever the base's dtype (ftune.head casts its input)
     return model
 
 

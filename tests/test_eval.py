@@ -67,7 +67,8 @@ def test_generate_maps_outputs_to_labels(monkeypatch, tokenizer):
             return torch.cat([input_ids, torch.zeros((n, 2), dtype=torch.long)], 1)
 
     monkeypatch.setattr(tokenizer, "decode", lambda seq, skip_special_tokens=True: next(outputs))
-    cfg = type("C", (), {"eval": EvalConfig(mode="generate", batch_size=4)})()
+    cfg = type("C", (), {"eval": EvalConfig(mode="generate", batch_size=4),
+                         "data": DataConfig(train="x.jsonl", format="classification")})()
     texts, pred = eval_run.generate_labels(FakeModel(), tokenizer, ["a", "b", "c", "d"], ["positive", "negative"], cfg)
     assert pred == ["positive", "negative", "<invalid>", "<invalid>"]
     assert texts[0] == " Positive\nmore"

@@ -215,11 +215,12 @@ def test_a_label_file_with_a_repeated_label_is_refused_before_loading(make_confi
     assert f"data.labels ({labels}): labels listed more than once: 'negative'" in result.output
 
 
-def test_labels_that_tokenize_alike_are_warned_about(make_config, tmp_path):
+def test_labels_that_tokenize_alike_are_refused_before_anything_is_written(make_config, tmp_path):
     rows = tmp_path / "train.jsonl"
     rows.write_text('{"text": "great movie", "label": "xyzzy"}\n{"text": "bad film", "label": "plugh"}\n')
-    result = ok("train", make_config({"data": {"train": str(rows), "test": None}}, out_dir=tmp_path / "run"))
-    assert "labels 'xyzzy' and 'plugh' tokenize identically" in result.output
+    result = invoke("train", make_config({"data": {"train": str(rows), "test": None}}, out_dir=tmp_path / "run"))
+    assert result.exit_code == 2 and "labels 'xyzzy', 'plugh' tokenize identically" in result.output  # issue #14
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_artifact_is_saved_before_the_final_eval_and_survives_its_failure(make_config, data_dir, tmp_path, monkeypatch):

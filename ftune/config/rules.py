@@ -22,6 +22,11 @@ def check_rules(cfg: RunConfig, check_files: bool = True, training: bool = True)
         problems.append("train.eval_every: set, but data.eval is not; add an eval file or remove eval_every")
     if cfg.data.labels is not None and cfg.data.format != "classification":
         problems.append(f"data.labels: only used with format: classification (format is {cfg.data.format!r})")
+    if cfg.data.label_aliases and cfg.data.format != "classification":
+        problems.append(f"data.label_aliases: only used with format: classification (format is {cfg.data.format!r})")
+    elif isinstance(cfg.data.labels, list):
+        problems += [f"data.label_aliases: {k!r} is not in data.labels" for k in cfg.data.label_aliases if k not in cfg.data.labels]
+    problems += _check_head(cfg)
     if cfg.eval.reject_label and isinstance(cfg.data.labels, list) and cfg.eval.reject_label not in cfg.data.labels:
         problems.append(f"eval.reject_label: {cfg.eval.reject_label!r} is not in data.labels")
     problems += _check_calibration(cfg)
@@ -54,6 +59,25 @@ def file_problems(cfg: RunConfig) -> list[str]:
 CLASSIFICATION_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_micro_f1", "eval_weighted_f1")
 REJECT_METRICS = ("eval_in_scope_macro_f1", "eval_reject_f1")
 LM_METRICS = ("eval_loss", "eval_perplexity")
+
+
+def _check_head(cfg: RunConfig) -> list[str]:
+    """model.head: classifier replaces label scoring: classification data, nothing generated, nothing packed."""
+    if cfg.model.head != "classifier":
+        return []
+    problems = []
+    if cfg.data.format != "classification":
+        problems.append(f"model.head: classifier needs data.format: classification (format is {cfg.data.format!r}); "
+                        f"use model.head: lm")
+    if cfg.eval.mode != "score":
+        problems.append("eval.mode: generate does not apply to model.head: classifier (it predicts a label in one "
+                        "forward, generates no text); use eval.mode: score")
+    if cfg.data.packing is True:
+        problems.append("data.packing: true cannot be used with model.head: classifier (each example's last prompt token "
+                        "feeds the head: examples are padded, never packed); use data.packing: auto or false")
+    if cfg.model.gguf_file or cfg.model.path.endswith(".gguf"):
+        problems.append("model.head: classifier needs a safetensors base, not a GGUF file")
+    return problems
 
 
 def _check_calibration(cfg: RunConfig) -> list[str]:

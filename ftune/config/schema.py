@@ -60,6 +60,11 @@ class ModelConfig(Section):
     kernels: Literal["auto", "liger", "torch", "none"] = Field(
         "auto", description="Training forward: auto = ftune's fused path with liger-kernel's Triton kernels on CUDA (its PyTorch kernels without liger), transformers' own forward on CPU; none = transformers' forward.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repo to run. Off unless you trust it.")
+    head: Literal["lm", "classifier"] = Field(
+        "lm", description="Output layer: lm = the causal LM's vocabulary (classification scores each label's text); "
+                          "classifier = a linear layer over the label set (transformers' `score`) fed by the last prompt "
+                          "token's final hidden state, trained in fp32 with the method's adapters (data.format: "
+                          "classification; one forward per example at eval, whatever the number of labels).")
 
 
 class Columns(Section):
@@ -95,6 +100,10 @@ class DataConfig(Section):
         None, description="Python format string for the prompt, with {text} (classification) or {instruction}/{input} (alpaca); a format default when unset.")
     label_prefix: str = Field(" ", description="Classification: text put before the label in the target (a space after the prompt's colon).")
     labels: list[str] | str | None = Field(None, description="Classification label set: a list, or a file with one label per line; read from the train data when unset.")
+    label_aliases: dict[str, str] = Field(
+        default_factory=dict, description="Classification: label -> the text trained and scored in its place (a verbaliser), "
+                                          "for labels whose own tokens collide or share their first tokens; predictions and "
+                                          "reports keep the label. Labels not listed are their own text.")
     system_prompt: str | None = Field(None, description="Chat: system message prepended to conversations that have none.")
 
     @field_validator("labels")
@@ -103,6 +112,14 @@ class DataConfig(Section):
         problems = label_set_problems(v) if isinstance(v, list) else []
         if problems:
             raise ValueError("; ".join(problems))
+        return v
+
+    @field_validator("label_aliases")
+    @classmethod
+    def _usable_aliases(cls, v):
+        blank = [k for k, text in v.items() if not text.strip()]
+        if blank:
+            raise ValueError(f"the text for {blank[0]!r} is blank; give each label a non-empty text")
         return v
     packing: Literal["auto"] | bool = Field(
         "auto", description="true: put a micro-batch's examples of different lengths end to end in one row, no padding (attention stays within each example); false: pad; auto = true with a CUDA GPU.")

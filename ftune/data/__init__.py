@@ -28,10 +28,16 @@ def resolve_labels(cfg: DataConfig) -> list[str] | None:
         return None
     labels = read_labels(cfg.labels)
     if labels is None:
-        return infer_labels(read_rows(cfg.train), cfg.columns.label)
-    problems = label_set_problems(labels)  # a list is checked with the config; a file only now, still before any model
-    if problems:
-        raise FtuneError(f"data.labels ({cfg.labels}): {'; '.join(problems)}")
+        labels = infer_labels(read_rows(cfg.train), cfg.columns.label)
+    else:
+        problems = label_set_problems(labels)  # a list is checked with the config; a file only now, still before any model
+        if problems:
+            raise FtuneError(f"data.labels ({cfg.labels}): {'; '.join(problems)}")
+    strays = [k for k in cfg.label_aliases if k not in labels]
+    if strays:
+        where = "data.labels" if cfg.labels is not None else "the train file's labels"
+        raise FtuneError(f"data.label_aliases: {', '.join(map(repr, strays))} not in the label set ({where}: "
+                         f"{', '.join(map(repr, labels[:8]))}{', …' if len(labels) > 8 else ''}); alias labels of the set only")
     return labels
 
 
@@ -42,7 +48,8 @@ def load_examples(path, cfg: DataConfig, labels: list[str] | None, unknown_to: s
     return render(read_rows(path), cfg, path, labels, unknown_to, unknown_hint, require_target)
 
 
-def load_split(path, cfg: DataConfig, tokenizer, labels: list[str] | None) -> Split:
+def load_split(path, cfg: DataConfig, tokenizer, labels: list[str] | None, head: bool = False) -> Split:
+    """Rows checked, rendered and tokenized; `head`: for the classification head (ftune.head)."""
     examples = load_examples(path, cfg, labels)
-    dataset, stats = tokenize_split(tokenizer, examples, cfg, path, labels)
+    dataset, stats = tokenize_split(tokenizer, examples, cfg, path, labels, head)
     return Split(path, examples, dataset, stats)

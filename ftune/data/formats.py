@@ -211,6 +211,7 @@ def render(rows: list[dict], cfg: DataConfig, path: str | Path, labels: list[str
     reject), that row's label becomes `unknown_to` and the original is kept in Example.original_label.
     `require_target=False` (`ftune predict`): the label / output / assistant turn may be absent; one that is
     there is kept as given (label, target) and not checked against `labels`."""
+    from ftune.data.labels import surface
     from ftune.data.sources import source_label
 
     path, cols, problems, out = Path(source_label(path)), cfg.columns, [], []
@@ -242,7 +243,7 @@ def render(rows: list[dict], cfg: DataConfig, path: str | Path, labels: list[str
                         label = None
             if text is not None and (label is not None or not require_target):
                 template = cfg.prompt_template or CLASSIFICATION_TEMPLATE
-                target = cfg.label_prefix + label if label is not None else ""
+                target = cfg.label_prefix + surface(label, cfg) if label is not None else ""
                 out.append(Example(row=i + 1, prompt=template.format(text=text), target=target, label=label,
                                    text=text, template=template, fields={"text": text}, original_label=original))
         elif cfg.format == "alpaca":

@@ -73,7 +73,9 @@ def label_room(tokenizer, labels: list[str], cfg: DataConfig) -> int:
     """Tokens the longest label's target takes (prefix, label, EOS): a classification prompt gets
     max_length minus this, for every example, so eval (which scores every label after one prompt) sees the
     prompt training saw."""
-    return max(len(target_ids(tokenizer, cfg.label_prefix + lab, cfg)) for lab in labels)
+    from ftune.data.labels import surface
+
+    return max(len(target_ids(tokenizer, cfg.label_prefix + surface(lab, cfg), cfg)) for lab in labels)
 
 
 def fit_prompt(tokenizer, ex: Example, cfg: DataConfig, room: int) -> tuple[str, bool] | None:
@@ -204,46 +206,61 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir or os.environ.get("FTUNE_CACHE") or Path.home() / ".cache" / "ftune") / "tokenized"
 
 
-def tokenize_split(tokenizer, examples: list[Example], cfg: DataConfig, path: str, labels: list[str] | None = None):
+def tokenize_split(tokenizer, examples: list[Example], cfg: DataConfig, path: str, labels: list[str] | None = None,
+                   head: bool = False):
     """A `datasets.Dataset` with input_ids/labels (examples with no target dropped), and its stats.
     Classification prompts are fitted for the longest of `labels` (the label set), as eval scores them.
+    `head` (model.head: classifier): the prompt alone, its last position labelled with the class index.
     Cached under cache_root by file content + tokenizer + data settings; written atomically, checked on use."""
     import datasets
 
     datasets.disable_progress_bars()
     label_set = list(labels) if cfg.format == "classification" and labels else None
-    labels_sig = json.dumps([sorted({e.label for e in examples if e.label is not None}), label_set])
+    head = bool(head and label_set)
+    labels_sig = json.dumps([sorted({e.label for e in examples if e.label is not None}), label_set] + (["head"] if head else []))
     root = cache_root(cfg)
     target = root / _fingerprint(tokenizer, cfg, path, labels_sig)
     cached = _load_entry(target)
     if cached is not None:
         return cached
-    ds, stats = _tokenize(tokenizer, examples, cfg, label_set)
+    ds, stats = _tokenize(tokenizer, examples, cfg, label_set, head)
     return _store_entry(root, target, ds, stats), stats
 
 
-def _tokenize(tokenizer, examples: list[Example], cfg: DataConfig, labels: list[str] | None = None):
+def encode_for_head(tokenizer, ex: Example, cfg: DataConfig, room: int, class_index: int) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated) for the classification head: the prompt fitted as label scoring fits it
+    (max_length minus `room`, so eval sees the same prompt), its last position labelled with the class index."""
+    fitted = fit_prompt(tokenizer, ex, cfg, cfg.max_length - room)
+    prompt, shortened = fitted if fitted is not None else (ex.prompt, False)
+    ids = prompt_ids(tokenizer, prompt)
+    cut = shortened or len(ids) > cfg.max_length
+    ids = ids[: cfg.max_length]
+    return ids, [IGNORE] * (len(ids) - 1) + [class_index], cut
+
+
+def _tokenize(tokenizer, examples: list[Example], cfg: DataConfig, labels: list[str] | None = None, head: bool = False):
     """(in-memory dataset, stats) of the examples: encoded, and those with no target token left dropped."""
     import datasets
 
     room = label_room(tokenizer, labels, cfg) if labels else None
+    index = {lab: i for i, lab in enumerate(labels or [])}
     rows = [{"row": e.row, "prompt": e.prompt, "target": e.target, "messages": json.dumps(e.messages),
-             "template": e.template, "fields": json.dumps(e.fields)} for e in examples]
+             "template": e.template, "fields": json.dumps(e.fields), "label": index.get(e.label, -1)} for e in examples]
 
     def batch_encode(batch):
         out = {"input_ids": [], "labels": [], "truncated": [], "row": batch["row"]}
-        for prompt, tgt, msgs, template, fields, row in zip(batch["prompt"], batch["target"], batch["messages"],
-                                                             batch["template"], batch["fields"], batch["row"]):
+        for prompt, tgt, msgs, template, fields, row, cls in zip(batch["prompt"], batch["target"], batch["messages"],
+                                                                  batch["template"], batch["fields"], batch["row"], batch["label"]):
             ex = Example(row=row, prompt=prompt, target=tgt, messages=json.loads(msgs), template=template,
                          fields=json.loads(fields))
-            ids, labels, cut = encode(tokenizer, ex, cfg, room)
+            ids, labels, cut = encode_for_head(tokenizer, ex, cfg, room, cls) if head else encode(tokenizer, ex, cfg, room)
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["truncated"].append(cut)
         return out
 
     ds = datasets.Dataset.from_list(rows).map(batch_encode, batched=True, num_proc=cfg.num_proc if len(rows) > 256 else None,
-                                              remove_columns=["prompt", "target", "messages", "template", "fields"])
+                                              remove_columns=["prompt", "target", "messages", "template", "fields", "label"])
     n_before = len(ds)
     # Position 0 is never predicted (the causal shift), so a target there alone teaches nothing and would
     # make a micro-batch's loss 0/0: such examples count as having no target.

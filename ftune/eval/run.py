@@ -17,10 +17,12 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from ftune.config import RunConfig, load_config, load_resolved
 from ftune.config.loader import RESOLVED_NAME
 from ftune.data import Split, load_examples, load_split, resolve_labels, source_fingerprint, source_label
+from ftune.data.labels import label_token_warnings
 from ftune.data.sources import source_stem
 from ftune.data.tokenize import classification_prompts, prompt_ids
 from ftune.device import default_device
@@ -28,8 +30,9 @@ from ftune.errors import FtuneError
 from ftune.eval import calibrate as C
 from ftune.eval import metrics as M
 from ftune.eval import report as R
-from ftune.eval.scoring import label_logprobs, label_token_ids, lm_loss, predict_labels
+from ftune.eval.scoring import head_logprobs, label_logprobs, label_token_ids, lm_loss, predict_labels
 from ftune.io import atomic_dir, read_json_file, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from ftune.layers.peft_format import load_head_from
 from ftune.methods import get_method
 from ftune.models import bf16_preferred, load_model, load_tokenizer
 
@@ -98,8 +101,11 @@ def classify(model, tokenizer, examples, cfg: RunConfig, labels: list[str], prog
     if cfg.eval.mode == "generate":
         outputs, pred = generate_labels(model, tokenizer, prompts, labels, cfg, progress)
     else:
-        logprobs, lengths = label_logprobs(model, tokenizer, prompts, label_token_ids(tokenizer, labels, cfg.data),
-                                           cfg.eval.batch_size, cfg.data.max_length, progress)
+        if cfg.model.head == "classifier":  # one forward per example; log-probabilities over the label set
+            logprobs, lengths = head_logprobs(model, tokenizer, prompts, cfg.eval.batch_size, cfg.data.max_length, progress)
+        else:
+            logprobs, lengths = label_logprobs(model, tokenizer, prompts, label_token_ids(tokenizer, labels, cfg.data),
+                                               cfg.eval.batch_size, cfg.data.max_length, progress)
         _require_finite(logprobs, "label scores")
         pred, raw_probs = predict_labels(logprobs, lengths, labels, cfg.eval.length_normalize)
         raw_conf = raw_probs.max(-1).values.tolist()
@@ -188,8 +194,11 @@ def _require_finite(scores: torch.Tensor, what: str) -> None:
 
 
 def generate_labels(model, tokenizer, prompts: list[str], labels: list[str], cfg: RunConfig, progress=None):
-    """Greedy generation mapped to a label (case and surrounding space ignored); no match = <invalid>."""
-    lookup = {lab.strip().lower(): lab for lab in labels}
+    """Greedy generation mapped to a label through its surface text (data.label_aliases; case and surrounding
+    space ignored); no match = <invalid>."""
+    from ftune.data.labels import surface
+
+    lookup = {surface(lab, cfg.data).strip().lower(): lab for lab in labels}
     outputs = generate_texts(model, tokenizer, [prompt_ids(tokenizer, p) for p in prompts], cfg.eval.batch_size,
                              cfg.eval.max_new_tokens, progress)
     pred = []
@@ -267,10 +276,13 @@ def mapped_labels(examples) -> dict[str, int]:
 def load_target_model(cfg: RunConfig, kind: str, run_dir: Path | None):
     """The model a resolved target names, in eval mode on the GPU when there is one: the base with the run's
     artifact loaded for a run, else the model (a merged checkpoint, a model directory, a config's base) as it is."""
-    model = load_model(cfg.model, default_device())
+    head = cfg.model.head == "classifier"  # a sequence-classification model over the run's label set
+    model = load_model(cfg.model, default_device(), labels=resolve_labels(cfg.data) if head else None)
     if kind == "run":
         method = get_method(cfg.method.name)
         model = method.load(model, cfg.method, run_dir / method.artifact)
+        if head:
+            model = load_head_from(model, run_dir / method.artifact)
     return model.eval()
 
 
@@ -303,6 +315,9 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
     check_report_dir(out_dir, Path(source_label(data)))
     tokenizer = load_tokenizer(cfg.model)
     labels = resolve_labels(cfg.data)
+    if labels is not None:
+        for w in label_token_warnings(tokenizer, labels, cfg):
+            console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     split = Split(data, load_examples(data, cfg.data, labels, *_unknown_labels(cfg, labels)), None, None) \
         if cfg.data.format == "classification" else load_split(data, cfg.data, tokenizer, labels)
     model = load_target_model(cfg, kind, run_dir)

@@ -19,18 +19,13 @@ import torch
 
 from ftune.config.schema import DataConfig
 from ftune.data.collate import collate
+from ftune.data.labels import label_target_ids
 from ftune.data.tokenize import IGNORE
 
 
 def label_token_ids(tokenizer, labels: list[str], cfg: DataConfig) -> list[list[int]]:
-    """Each label's target ids exactly as training tokenizes them (prefix, label, EOS)."""
-    out = []
-    for label in labels:
-        ids = tokenizer(cfg.label_prefix + label, add_special_tokens=False)["input_ids"]
-        if cfg.add_eos and tokenizer.eos_token_id is not None:
-            ids = ids + [tokenizer.eos_token_id]
-        out.append(ids)
-    return out
+    """Each label's target ids exactly as training tokenizes them (prefix, surface text, EOS)."""
+    return label_target_ids(tokenizer, labels, cfg)
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,6 +101,27 @@ def _score_chunk(model, chunk, fed, fed_mask, targets, width, device, pad_id) ->
     rest = targets[:, 1:].repeat(b, 1).to(device)
     gathered = logp.gather(-1, rest.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (rest != IGNORE)
     return (scores + gathered.sum(-1).view(b, n_labels)).cpu()
+
+
+@torch.no_grad()
+def head_logprobs(model, tokenizer, prompts: list[str], batch_size: int = 16, max_length: int = 1024,
+                  progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classification head's (log-softmax over the label set [N, L], lengths of 1 [L]): one forward per
+    example, in the form label scoring returns, so prediction, calibration and reports are the same code."""
+    from ftune.data.tokenize import prompt_ids
+    from ftune.head import last_token_logits
+
+    device, results = _device(model), []
+    for start in range(0, len(prompts), batch_size):
+        rows = [{"input_ids": (ids := prompt_ids(tokenizer, p)[:max_length]), "labels": [IGNORE] * len(ids)}
+                for p in prompts[start:start + batch_size]]
+        batch = collate(rows, tokenizer.pad_token_id)
+        logits = last_token_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        results.append(torch.log_softmax(logits.float(), -1).cpu())
+        if progress is not None:
+            progress(len(rows))
+    scores = torch.cat(results)
+    return scores, torch.ones(scores.shape[1])
 
 
 def predict_labels(logprobs: torch.Tensor, lengths: torch.Tensor, labels: list[str], length_normalize: bool,

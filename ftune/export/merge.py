@@ -21,8 +21,9 @@ from safetensors.torch import save_file
 from ftune.config import load_resolved, resolved_yaml
 from ftune.device import default_device
 from ftune.errors import FtuneError
+from ftune.head import last_token_logits
 from ftune.io import atomic_dir, remove_stale_temps, write_error, write_json_atomic, write_text_atomic
-from ftune.layers.peft_format import AdapterMerge
+from ftune.layers.peft_format import AdapterMerge, load_head_from, read_head
 from ftune.methods import get_method
 from ftune.models import DTYPES, base_reference, check_model_files, load_model, load_tokenizer, resolve_source
 
@@ -60,15 +61,21 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | N
     if merge.quantization is not None and not shards:
         raise FtuneError(f"merge: method {method.name!r} merges into INT4 tensors from the base's safetensors shards; "
                          f"{source} has none (a GGUF base): train from a Hugging Face safetensors directory instead")
+    head = read_head(artifact) if cfg.model.head == "classifier" else None
+    if head == {}:
+        raise FtuneError(f"{artifact}: model.head: classifier, but the adapter holds no classification head (score); "
+                         f"train the run again")
     with atomic_dir(out) as tmp:
         if shards:
-            touched, nbytes, renamed = _merge_shards(shards, merge, target_dtype, tmp, console)
+            touched, nbytes, renamed = _merge_shards(shards, merge, target_dtype, tmp, console, drop=LM_HEAD if head else ())
             for name in COPY:
                 if (Path(source) / name).is_file():
                     shutil.copy2(Path(source) / name, tmp / name)
             _write_index(Path(source) / INDEX, tmp / INDEX, nbytes, renamed)
             if merge.quantization is not None:
                 _set_config_key(tmp / "config.json", "quantization_config", merge.quantization)
+            if head is not None:
+                _add_head(tmp, head, cfg.data.labels, load_tokenizer(cfg.model).pad_token_id)
             if target_dtype is not None:
                 _set_config_dtype(tmp / "config.json", dtype)
         else:
@@ -141,18 +148,50 @@ def verify_merge(cfg, method, artifact: Path, merged: Path) -> float:
     for model_cfg, apply in ((cfg.model, True),
                              (cfg.model.model_copy(update={"path": str(merged), "gguf_file": None, "tokenizer": None,
                                                            "quantization": "none", "gradient_checkpointing": False}), False)):
-        model = load_model(model_cfg, device)
+        head = cfg.model.head == "classifier"
+        model = load_model(model_cfg, device, labels=cfg.data.labels if head else None)
         if apply:
-            model = method.load(model, cfg.method, artifact)
-        logits.append(model.eval()(input_ids=ids).logits.float().cpu())
+            model = load_head_from(method.load(model, cfg.method, artifact), artifact) if head else \
+                method.load(model, cfg.method, artifact)
+        model.eval()
+        out = last_token_logits(model, ids, torch.ones_like(ids)) if head else model(input_ids=ids).logits
+        logits.append(out.float().cpu())
         del model
     return float((logits[0] - logits[1]).abs().max())
 
 
-def _merge_shards(shards: list[Path], merge: AdapterMerge, dtype, out: Path,
-                  console: Console) -> tuple[set[str], int, dict[str, list[str]]]:
+LM_HEAD = ("lm_head.weight", "lm_head.bias")  # not part of a *ForSequenceClassification checkpoint
+
+
+def _add_head(out: Path, head: dict, labels: list[str], pad_token_id: int | None) -> None:
+    """Turn the merged causal LM into a *ForSequenceClassification checkpoint: the head added to the last shard
+    (and to the index when there is one: transformers reads a lone model.safetensors before any index), and
+    config.json naming the architecture, the labels and the pad token transformers' forward pools by."""
+    last = max(out.glob("*.safetensors"))
+    with safe_open(str(last), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors | {k: v.contiguous() for k, v in head.items()}, str(last), metadata=meta or {"format": "pt"})
+    if (out / INDEX).is_file():
+        index = json.loads((out / INDEX).read_text())
+        kept = {k: v for k, v in index.get("weight_map", {}).items() if k not in LM_HEAD}
+        index["weight_map"] = kept | {k: last.name for k in head}
+        size = index.setdefault("metadata", {}).get("total_size", 0)
+        index["metadata"]["total_size"] = size + sum(v.numel() * v.element_size() for v in head.values())
+        write_json_atomic(out / INDEX, index)
+    config = json.loads((out / "config.json").read_text())
+    config["architectures"] = [a.replace("ForCausalLM", "ForSequenceClassification") for a in config.get("architectures") or []]
+    config["id2label"] = {str(i): lab for i, lab in enumerate(labels)}
+    config["label2id"] = {lab: i for i, lab in enumerate(labels)}
+    config["problem_type"] = "single_label_classification"
+    if pad_token_id is not None:
+        config["pad_token_id"] = pad_token_id
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _merge_shards(shards: list[Path], merge: AdapterMerge, dtype, out: Path, console: Console,
+                  drop: tuple[str, ...] = ()) -> tuple[set[str], int, dict[str, list[str]]]:
     """(weights the adapter changed, bytes of every tensor written: the index's total_size, weight name ->
-    the names that replace it, for a merge into quantized tensors)."""
+    the names that replace it, for a merge into quantized tensors). `drop`: weights left out."""
     from rich.progress import track
 
     touched, nbytes, renamed = set(), 0, {}
@@ -161,6 +200,8 @@ def _merge_shards(shards: list[Path], merge: AdapterMerge, dtype, out: Path,
         with safe_open(str(shard), framework="pt") as f:
             meta = f.metadata()
             for name in f.keys():
+                if name in drop:
+                    continue
                 t = f.get_tensor(name)
                 merged = merge(name, t)
                 if isinstance(merged, dict):  # quantized: written as they are, never cast

@@ -20,9 +20,14 @@ Layer = TypeVar("Layer", bound=AdapterLayer)
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Qualified names of the linear layers an adapter can target; the output head is left out."""
+    """Qualified names of the linear layers an adapter can target; the output head (lm_head, or the classifier
+    head `score`, which trains whole) is left out."""
+    from ftune.head import HEAD, has_head
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [name for name, m in model.named_modules() if is_linear(m) and m is not head and not isinstance(m, AdapterLayer)
+    classifier = getattr(model, HEAD) if has_head(model) else None
+    return [name for name, m in model.named_modules() if is_linear(m) and m is not head and m is not classifier
+            and not isinstance(m, AdapterLayer)
             and not any(part.startswith("lora_") for part in name.split("."))]
 
 

@@ -97,8 +97,49 @@ def read_adapter(adapter_dir: Path, peft_type: str = "LORA", required: tuple = (
     if missing:
         raise FtuneError(f"{adapter_dir / CONFIG_NAME}: missing or non-numeric {', '.join(missing)}; {FIX}")
     check_safetensors(adapter_dir / WEIGHTS_NAME, FIX)
-    tensors = load_file(str(adapter_dir / WEIGHTS_NAME))
-    return config, {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+    tensors = {k.removeprefix(PREFIX): v for k, v in load_file(str(adapter_dir / WEIGHTS_NAME)).items()}
+    saved = tuple(f"{m}." for m in config.get("modules_to_save") or [])  # whole modules (the classifier head), not adapters
+    return config, {k: v for k, v in tensors.items() if not k.startswith(saved)}
+
+
+# ---------------------------------------------------------------- the classification head (ftune.head)
+
+def save_head(model, artifact_dir: Path) -> None:
+    """Add the classification head to a saved artifact. A PEFT adapter becomes a SEQ_CLS adapter keeping `score`
+    in modules_to_save (PEFT's key `base_model.model.score.weight`), so `PeftModel.from_pretrained` on an
+    AutoModelForSequenceClassification restores it; a whole checkpoint (full, LISA) already holds it."""
+    from ftune.head import HEAD, head_tensors
+
+    artifact_dir = Path(artifact_dir)
+    if not (artifact_dir / CONFIG_NAME).is_file():
+        return
+    config = json.loads((artifact_dir / CONFIG_NAME).read_text())
+    config["task_type"], config["modules_to_save"] = "SEQ_CLS", [HEAD]
+    tensors = load_file(str(artifact_dir / WEIGHTS_NAME)) | {PREFIX + k: v for k, v in head_tensors(model).items()}
+    save_file(tensors, str(artifact_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    (artifact_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_head(artifact_dir: Path) -> dict[str, torch.Tensor] | None:
+    """The classification head saved in a PEFT adapter (keys `score.*`); None for a whole checkpoint."""
+    from ftune.head import HEAD
+
+    artifact_dir = Path(artifact_dir)
+    if not (artifact_dir / CONFIG_NAME).is_file():
+        return None
+    check_safetensors(artifact_dir / WEIGHTS_NAME, FIX)
+    tensors = load_file(str(artifact_dir / WEIGHTS_NAME))
+    return {k.removeprefix(PREFIX): v for k, v in tensors.items() if k.startswith(f"{PREFIX}{HEAD}.")}
+
+
+def load_head_from(model, artifact_dir: Path):
+    """After the method loaded its artifact: the adapter's head into the model (a whole checkpoint loaded it already)."""
+    from ftune.head import load_head
+
+    saved = read_head(artifact_dir)
+    if saved is not None:
+        load_head(model, saved, Path(artifact_dir) / WEIGHTS_NAME)
+    return model
 
 
 def check_fit(model, tensors: dict, adapter_dir: Path) -> None:

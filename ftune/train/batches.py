@@ -21,6 +21,8 @@ def steps_per_epoch(n_examples: int, cfg: RunConfig, world: int) -> int:
 
 
 def packing_on(cfg: RunConfig, device: torch.device) -> bool:
+    if cfg.model.head == "classifier":  # the head reads each row's last real token: rows are padded, never packed
+        return False
     return cfg.data.packing is True or (cfg.data.packing == "auto" and device.type == "cuda")
 
 

@@ -19,6 +19,7 @@ from ftune.data import Split, load_examples, load_split, resolve_labels, source_
 from ftune.data.collate import batch_tokens, count_targets
 from ftune.device import cuda_usable
 from ftune.errors import FtuneError, Interrupted, RunFailed
+from ftune.head import install_training_forward, train_head
 from ftune.hooks import TrainState
 from ftune.io import (
     atomic_dir,
@@ -28,6 +29,7 @@ from ftune.io import (
 )
 from ftune.kernels import apply_kernels, resolve_kernels
 from ftune.kernels.plan import check_plan
+from ftune.layers.peft_format import save_head
 from ftune.methods import Method, PrepareContext, get_method
 from ftune.models import bf16_preferred, count_parameters, load_model, load_tokenizer
 from ftune.perf import read_model_config
@@ -41,12 +43,12 @@ from ftune.train.hooks import BudgetHook, QualityGateHook
 from ftune.train.interrupt import StopRequest
 from ftune.train.optim import build_optimizer, build_scheduler, default_param_groups
 from ftune.train.preflight import (
+    check_label_collisions,
     check_launch,
     check_method_launch,
     check_method_paths,
     report_data,
     say_mode,
-    warn_label_collisions,
 )
 from ftune.train.progress import RunLog, gpu_memory_gib
 from ftune.train.rundir import (
@@ -75,10 +77,13 @@ def build_training(cfg: RunConfig, method: Method, accelerator, total_steps: int
     n_layers = n_layers if isinstance(n_layers, int) else None
     check_plan(cfg.model, n_layers, fast_path=resolve_kernels(cfg.model.kernels, device) != "none" and method.fast_path)
     check_method_paths(method, cfg, n_layers)
-    model = load_model(cfg.model, device)
+    model = load_model(cfg.model, device, labels=cfg.data.labels if cfg.model.head == "classifier" else None)
     # the training forward; eval and merge keep HF's
     model._ftune_kernels = apply_kernels(model, cfg.model, device, method.fast_path, method.path_reason)
     hooks = method.prepare(model, cfg.method, PrepareContext(run=cfg, total_steps=total_steps)) or []
+    if cfg.model.head == "classifier":  # the head trains with any method; its loss replaces the LM's
+        train_head(model)
+        install_training_forward(model)
     hooks += [BudgetHook(cfg.train.budget.max_minutes, cfg.train.budget.max_tokens), QualityGateHook(cfg.train.quality_gates)]
     groups = method.param_groups(model, cfg.method, cfg.train) if method.param_groups else default_param_groups(model, cfg.train)
     optimizer = build_optimizer(groups, cfg.train, accelerator.device)
@@ -143,11 +148,13 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
     check_method_launch(method, world)
     tokenizer = load_tokenizer(cfg.model)
     labels = resolve_labels(cfg.data)
-    train_split = load_split(cfg.data.train, cfg.data, tokenizer, labels)  # bad rows are reported here
+    if labels is not None:
+        check_label_collisions(console, tokenizer, labels, cfg)  # before tokenizing: identical labels are an error
+    head = cfg.model.head == "classifier"
+    train_split = load_split(cfg.data.train, cfg.data, tokenizer, labels, head)  # bad rows are reported here
     if labels is not None:
         cfg.data.labels = labels  # frozen into ftune.yaml so eval scores the same label set
-        warn_label_collisions(console, tokenizer, labels, cfg)
-    eval_split = load_split(cfg.data.eval, cfg.data, tokenizer, labels) if cfg.data.eval else None
+    eval_split = load_split(cfg.data.eval, cfg.data, tokenizer, labels, head) if cfg.data.eval else None
     if cfg.data.test and cfg.data.test not in (cfg.data.train, cfg.data.eval):
         load_examples(cfg.data.test, cfg.data, labels)  # read and checked now, not first at `ftune eval`
     report_data(console, "train", train_split, cfg)
@@ -307,6 +314,8 @@ def _finish(run: Run, log: RunLog) -> dict:
             for h in run.hooks:
                 h.on_save(state, tmp)
             run.method.save(model, cfg.method, tmp)
+            if cfg.model.head == "classifier":
+                save_head(model, tmp)
             run.tokenizer.save_pretrained(str(tmp))
         state.run_dir = run.dir.promote()
         write_json_atomic(state.run_dir / "run.json", summary | {"status": "evaluating" if run.eval_split else "done"})

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from ftune.config import RunConfig
 from ftune.data import Split
@@ -64,17 +65,13 @@ def say_mode(console: Console, mode: str, final: Path, resume: bool, changes: di
                       highlight=False)
 
 
-def warn_label_collisions(console: Console, tokenizer, labels: list[str], cfg: RunConfig) -> None:
-    """Labels whose target tokens are identical can never be told apart by label scoring: they always tie."""
-    from ftune.eval.scoring import label_token_ids
+def check_label_collisions(console: Console, tokenizer, labels: list[str], cfg: RunConfig) -> None:
+    """Labels label scoring cannot tell apart are an error; labels it tells apart badly, a warning with the
+    cost and the remedies (ftune.data.labels). The classification head scores no label text: nothing to check."""
+    from ftune.data.labels import label_token_warnings
 
-    seen: dict[tuple, str] = {}
-    for label, ids in zip(labels, label_token_ids(tokenizer, labels, cfg.data)):
-        if tuple(ids) in seen:
-            console.print(f"[yellow]warning:[/] labels {seen[tuple(ids)]!r} and {label!r} tokenize identically "
-                          f"({ids}); their scores always tie and the first one always wins. Rename one of them",
-                          highlight=False)
-        seen.setdefault(tuple(ids), label)
+    for w in label_token_warnings(tokenizer, labels, cfg):
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
 
 
 def report_data(console: Console, name: str, split: Split, cfg: RunConfig) -> None:

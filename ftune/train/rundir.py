@@ -181,6 +181,7 @@ def _now() -> str:
 # Keys whose change makes the checkpoint meaningless (other weights, other data order or tokens): refused.
 FIXED = ("model.path", "model.gguf_file", "model.revision", "model.tokenizer", "model.quantization", "model.double_quant",
          "method.", "data.train", "data.train.", "data.format", "data.columns.", "data.prompt_template", "data.label_prefix", "data.labels",
+         "data.label_aliases", "data.label_aliases.", "model.head",
          "data.system_prompt", "data.max_length", "data.train_on_prompt", "data.add_eos", "train.seed",
          "train.micro_batch_size", "train.gradient_accumulation_steps", "train.optimizer")
 IGNORED = ("name", "output_dir", "recipe")  # where the run lives, not how it trains
