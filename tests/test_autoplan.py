@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from conftest import invoke
 from test_perf import QWEN7B, run_cfg
 
@@ -127,3 +128,23 @@ def test_validate_with_auto_prints_the_choice(make_config):
     result = invoke("validate", path)
     assert result.exit_code == 0, result.output
     assert "on this machine (no CUDA GPU); auto is decided at train time" in result.output
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_link_is_measured_and_auto_trains(make_config, tmp_path):
+    """GPU only: the pinned copy measures a plausible bandwidth; `ftune train` with auto and a budget between
+    the tiny model's all-offloaded and all-kept estimates picks a plan with offloaded or recomputed layers,
+    says `measured`, and trains."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from ftune.autoplan import measure_host_link
+
+    link = measure_host_link(torch.device("cuda"))
+    assert link is not None and 1 < link < 1000, link
+    result = invoke("train", make_config({"model": {"layer_plan": "auto", "memory_budget_gib": 80}}))
+    assert result.exit_code == 0, result.output
+    assert "layer plan auto: 2K" in result.output and "GB/s measured" in result.output, result.output
+    summary = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert summary["layer_plan_auto"]["host_link"] == "measured"
