@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ftune.errors import FtuneError
-from ftune.kernels.plan import check_plan, layer_codes
+from ftune.kernels.plan import check_plan, is_auto, layer_codes
 from ftune.perf import GIB, GPUS, Arch, arch_from_config, gpu_spec, read_model_config
 
 
@@ -51,8 +51,42 @@ def _fast_path(run, method, on_cuda: bool) -> bool:
     return method.fast_path and (k in ("liger", "torch") or (k == "auto" and on_cuda))
 
 
-def estimate_memory(run, method, arch: Arch, on_cuda: bool = True) -> MemoryEstimate:
-    """`method`: the run's registered Method (what trains, how many parameters)."""
+@dataclass(frozen=True)
+class ByteModel:
+    """The estimate's byte model for one run, before a plan is applied: static bytes, and activation bytes
+    per token of one decoder layer for each plan letter. `estimate_memory` and the layer-plan chooser
+    (ftune/autoplan.py) both price plans with it."""
+
+    weights: float  # bytes
+    trainable: float
+    optimizer: float
+    tokens: int  # per micro-batch
+    per_letter: dict  # upper-case letter -> activation bytes per token for one layer (offloaded: 0)
+    keep: float  # a K layer's bytes per token: one layer's working set while recomputing
+    chunk: float  # the MLP's chunked temporaries per token when nothing recomputes
+    loss: float  # bytes per token for the loss
+    fast: bool  # ftune's fast path (A and M exist only there)
+
+    @property
+    def static(self) -> float:
+        return self.weights + self.trainable + self.optimizer
+
+    def activations(self, codes) -> float:
+        """Activation bytes at `tokens` for a plan given one letter per layer (lower case = offloaded)."""
+        # offloaded layers (lower case) hold nothing on the GPU once their copies are done; the backlog of a
+        # forward that outruns PCIe is not modelled (docs/BENCHMARKS.md: keep the offloaded layers first)
+        layers = sum(0 if c.islower() else self.per_letter[c] for c in codes)
+        # one layer's working set in backward: a whole layer when recomputing, else the MLP's chunked temporaries
+        working = self.keep if any(c.upper() != "K" for c in codes) else self.chunk
+        return self.tokens * (layers + working + self.loss)
+
+    def total(self, codes) -> float:
+        return self.static + self.activations(codes)
+
+
+def byte_model(run, method, arch: Arch, on_cuda: bool = True, fast: bool | None = None) -> ByteModel:
+    """`method`: the run's registered Method (what trains, how many parameters); `fast`: whether ftune's fast
+    path runs, when known better than from the config (a loaded model it cannot take)."""
     m, t = run.model, run.train
     dtype_bytes = 4 if m.dtype == "fp32" or (m.dtype == "auto" and not on_cuda) else 2
     weights = (method.weight_bytes(arch, run.method, dtype_bytes) if method.weight_bytes is not None
@@ -69,7 +103,7 @@ def estimate_memory(run, method, arch: Arch, on_cuda: bool = True) -> MemoryEsti
 
     tokens = t.micro_batch_size * run.data.max_length
     h, kv, i = arch.hidden, arch.kv_heads * arch.head_dim, arch.intermediate
-    fast = _fast_path(run, method, on_cuda)
+    fast = _fast_path(run, method, on_cuda) if fast is None else fast
     frozen = not method.trains_base
     if fast:
         keep = (5 * h + 2 * kv + 2 * i) * 2 if frozen else (6 * h + 2 * kv + 3 * i) * 2
@@ -79,16 +113,17 @@ def estimate_memory(run, method, arch: Arch, on_cuda: bool = True) -> MemoryEsti
     else:
         keep = (6 * h + 2 * kv + 3 * i) * 2 + (2 * h + 2 * i) * 4
         per = {"K": keep, "C": h * 2, "A": h * 2, "M": keep}
-    codes = layer_codes(m, arch.layers, on_cuda)
-    # offloaded layers (lower case) hold nothing on the GPU once their copies are done; the backlog of a
-    # forward that outruns PCIe is not modelled (docs/BENCHMARKS.md: keep the offloaded layers first)
-    layers = sum(0 if c.islower() else per[c] for c in codes)
-    # one layer's working set in backward: a whole layer when recomputing, else the MLP's chunked temporaries
-    working = keep if any(c.upper() != "K" for c in codes) else 4 * min(tokens, 2048) * i * 2 / tokens
+    chunk = 4 * min(tokens, 2048) * i * 2 / tokens
     # loss: the fused kernel's chunk (~hidden-sized per token) and input gradient; else the full logits
     loss = 3 * h * 2 if fast else arch.vocab * (2 + 4 + 4)
-    activations = tokens * (layers + working + loss)
-    return MemoryEstimate(weights / GIB, trainable / GIB, optimizer / GIB, activations / GIB, tokens)
+    return ByteModel(weights, trainable, optimizer, tokens, per, keep, chunk, loss, fast)
+
+
+def estimate_memory(run, method, arch: Arch, on_cuda: bool = True) -> MemoryEstimate:
+    """`method`: the run's registered Method (what trains, how many parameters)."""
+    b = byte_model(run, method, arch, on_cuda)
+    activations = b.activations(layer_codes(run.model, arch.layers, on_cuda))
+    return MemoryEstimate(b.weights / GIB, b.trainable / GIB, b.optimizer / GIB, activations / GIB, b.tokens)
 
 
 def describe(est: MemoryEstimate, gpu: tuple | None) -> str:
@@ -119,4 +154,9 @@ def memory_report(run, method, gpu_name: str | None = None) -> str:
     check_plan(run.model, arch.layers)  # the plan covers the model's decoder layers
     if method.trainable_params is None:
         return f"memory estimate: skipped (method {method.name!r} does not say how many parameters it trains)"
+    if is_auto(run.model):
+        from ftune.autoplan import validate_choice
+
+        line, run = validate_choice(run, method, arch, gpu, gpu_name is not None)
+        return line + "\n" + describe(estimate_memory(run, method, arch, on_cuda=True), gpu)
     return describe(estimate_memory(run, method, arch, on_cuda=True), gpu)

@@ -18,6 +18,9 @@ def check_rules(cfg: RunConfig, check_files: bool = True, training: bool = True)
     # Training only: a QLoRA adapter may be evaluated on the 16-bit base, and its merged checkpoint is never 4-bit.
     if method.requires_quantized and cfg.model.quantization == "none" and training:
         problems.append(f"model.quantization: method {name!r} needs a 4-bit base; set model.quantization: nf4")
+    if cfg.model.memory_budget_gib is not None and cfg.model.layer_plan != "auto":
+        problems.append("model.memory_budget_gib: only used with model.layer_plan: auto (it is the budget auto chooses a "
+                        "plan for); set model.layer_plan=auto, or remove memory_budget_gib")
     if cfg.train.eval_every and not cfg.data.eval:
         problems.append("train.eval_every: set, but data.eval is not; add an eval file or remove eval_every")
     if cfg.data.labels is not None and cfg.data.format != "classification":

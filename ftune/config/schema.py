@@ -56,7 +56,9 @@ class ModelConfig(Section):
         False, description="With gradient_checkpointing on the fast path (CUDA): keep the checkpointed layers' saved inputs in pinned CPU memory, copied on a side stream.")
     layer_plan: str | None = Field(
         None,
-        description="Per-layer memory plan, first layer first, overriding gradient_checkpointing, checkpoint_fraction and offload_activations: runs of <count><letter> covering every decoder layer, e.g. 14a8c6K. K keeps all activations, A recomputes the attention block, M recomputes the MLP's gate/up, C both (A and M need the fast path); lower case also sends what the layer saves to pinned CPU memory (CUDA fast path). Checked by `ftune validate` and before training loads the model. docs/BENCHMARKS.md shows how to pick one.")
+        description="Per-layer memory plan, first layer first, overriding gradient_checkpointing, checkpoint_fraction and offload_activations: runs of <count><letter> covering every decoder layer, e.g. 14a8c6K. K keeps all activations, A recomputes the attention block, M recomputes the MLP's gate/up, C both (A and M need the fast path); lower case also sends what the layer saves to pinned CPU memory (CUDA fast path). Checked by `ftune validate` and before training loads the model. docs/BENCHMARKS.md shows how to pick one. auto = ftune chooses at set-up from the model, tokens per micro-batch, the GPU's free memory (or memory_budget_gib) and the host link, and prints its choice.")
+    memory_budget_gib: float | None = Field(
+        None, gt=0, description="With layer_plan: auto: the GPU memory (GiB) the chosen plan may fill; default: the GPU's free memory plus what this process holds, × 0.9.")
     kernels: Literal["auto", "liger", "torch", "none"] = Field(
         "auto", description="Training forward: auto = ftune's fused path with liger-kernel's Triton kernels on CUDA (its PyTorch kernels without liger), transformers' own forward on CPU; none = transformers' forward.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repo to run. Off unless you trust it.")

@@ -15,6 +15,10 @@ transformers' own forward can only recompute whole layers (K and C).
 Without a plan, the legacy settings say the same thing: the first round(checkpoint_fraction × layers)
 layers are C (c with offload_activations) when gradient_checkpointing is on, the rest K.
 
+`auto` asks ftune to choose the plan when training sets up (ftune/autoplan.py: from the model, the tokens per
+micro-batch, the GPU's free memory or `model.memory_budget_gib`, and the host link); set-up writes the chosen
+plan into the model config, so the kernels and the memory estimate only ever read a concrete plan.
+
 Everyone reads plans through this module: the kernels (`kernels/__init__.py`, `kernels/fast.py`), the
 memory estimate (`ftune/memory.py`, its byte model per letter), the training set-up and `ftune validate`
 (which call `check_plan` before any weights load).
@@ -45,8 +49,15 @@ LETTERS = {
 OFFLOAD = "lower case also sends what the layer saves to pinned CPU memory (CUDA fast path)"
 FAST_PATH_ONLY = "AM"  # transformers' own forward recomputes whole layers only
 EXAMPLE = "14a8c6K"
+AUTO = "auto"  # chosen at set-up (ftune/autoplan.py)
 GRAMMAR = (f"runs of <count><letter> covering every decoder layer, first layer first, e.g. {EXAMPLE}: "
-           + ", ".join(f"{c} {x.meaning}" for c, x in LETTERS.items()) + f"; {OFFLOAD}")
+           + ", ".join(f"{c} {x.meaning}" for c, x in LETTERS.items()) + f"; {OFFLOAD}; or {AUTO} to let ftune "
+           "choose one for the GPU's memory")
+
+
+def is_auto(m) -> bool:
+    """Whether model config `m` asks ftune to choose the plan (`layer_plan: auto`)."""
+    return m.layer_plan == AUTO
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,9 @@ def parse_plan(text: str) -> list[str]:
     """A plan ("14a8c6K") as one letter per decoder layer (["a", …, "K"]); FtuneError naming what is wrong."""
     if not text.strip():
         raise _bad(text, "it is empty; leave it unset to use gradient_checkpointing")
+    if text == AUTO:  # a caller that skipped the set-up's choice (ftune/autoplan.py resolve_layer_plan)
+        raise FtuneError("model.layer_plan: auto has not been resolved into a plan yet (it is chosen when training "
+                         "sets up)")
     codes, pos = [], 0
     while pos < len(text):
         m = _RUN.match(text, pos)
@@ -114,7 +128,9 @@ def legacy_codes(n_layers: int, gradient_checkpointing: bool, checkpoint_fractio
 
 def recomputes(m, n_layers: int | None = None) -> bool:
     """Whether model config `m` recomputes any layer in backward (a plan letter other than K, or the legacy
-    gradient_checkpointing settings)."""
+    gradient_checkpointing settings). `auto` counts as not recomputing: its choice honours a method that cannot."""
+    if is_auto(m):
+        return False
     if m.layer_plan is not None:
         return any(c.upper() != "K" for c in parse_plan(m.layer_plan))
     if not m.gradient_checkpointing:
@@ -137,8 +153,8 @@ def check_covers(codes: list[str], n_layers: int, text: str) -> None:
 def check_plan(m, n_layers: int | None = None, fast_path: bool | None = None) -> None:
     """What can be checked of model config `m`'s plan before the model loads: its grammar; that it covers
     exactly `n_layers` decoder layers when that is known; that A and M have the fast path when it is known
-    to be off (`fast_path=False`). A model config without a plan passes."""
-    if m.layer_plan is not None:
+    to be off (`fast_path=False`). A model config without a plan, or with `auto`, passes."""
+    if m.layer_plan is not None and not is_auto(m):
         codes = parse_plan(m.layer_plan)
         if n_layers is not None:
             check_covers(codes, n_layers, m.layer_plan)

@@ -14,8 +14,16 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from ftune.autoplan import resolve_layer_plan
 from ftune.config import RunConfig, resolved_yaml
-from ftune.data import Split, load_examples, load_split, resolve_labels, source_fingerprint, source_label
+from ftune.data import (
+    Split,
+    load_examples,
+    load_split,
+    resolve_labels,
+    source_fingerprint,
+    source_label,
+)
 from ftune.data.collate import batch_tokens, count_targets
 from ftune.device import cuda_usable
 from ftune.errors import FtuneError, Interrupted, RunFailed
@@ -28,11 +36,18 @@ from ftune.io import (
     write_text_atomic,
 )
 from ftune.kernels import apply_kernels, resolve_kernels
-from ftune.kernels.plan import check_plan
+from ftune.kernels.fast import unsupported_reason
+from ftune.kernels.plan import check_plan, is_auto
 from ftune.layers.peft_format import save_head
 from ftune.methods import Method, PrepareContext, get_method
 from ftune.models import bf16_preferred, count_parameters, load_model, load_tokenizer
 from ftune.perf import read_model_config
+from ftune.train.batches import (
+    micro_batches,
+    micro_batches_per_epoch,
+    packing_on,
+    steps_per_epoch,
+)
 from ftune.train.checkpoint import (
     complete_checkpoints,
     load_checkpoint,
@@ -59,7 +74,6 @@ from ftune.train.rundir import (
     record_resume,
     trim_metrics,
 )
-from ftune.train.batches import micro_batches, micro_batches_per_epoch, packing_on, steps_per_epoch
 from ftune.train.step import train_step
 from ftune.train.trackers import check_trackers, start_trackers, tracker_names
 
@@ -78,6 +92,12 @@ def build_training(cfg: RunConfig, method: Method, accelerator, total_steps: int
     check_plan(cfg.model, n_layers, fast_path=resolve_kernels(cfg.model.kernels, device) != "none" and method.fast_path)
     check_method_paths(method, cfg, n_layers)
     model = load_model(cfg.model, device, labels=cfg.data.labels if cfg.model.head == "classifier" else None)
+    # layer_plan: auto becomes a concrete plan here, for the GPU's memory now (a resume may choose another:
+    # plans change memory and speed, not the gradients); ftune.yaml keeps `auto`
+    if is_auto(cfg.model):
+        fast = (resolve_kernels(cfg.model.kernels, device) != "none" and method.fast_path
+                and unsupported_reason(model) is None)
+        model._ftune_plan_choice = resolve_layer_plan(cfg, method, model, device, fast)
     # the training forward; eval and merge keep HF's
     model._ftune_kernels = apply_kernels(model, cfg.model, device, method.fast_path, method.path_reason)
     hooks = method.prepare(model, cfg.method, PrepareContext(run=cfg, total_steps=total_steps)) or []
@@ -110,6 +130,7 @@ class Run:
     trainable: int
     total: int
     flops: float | None
+    layer_plan_auto: dict | None = None  # what `layer_plan: auto` chose (ftune/autoplan.py), for run.json
 
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> dict:
@@ -178,6 +199,11 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
             console.print(f"removed stale temporary folder {stale} (left by an interrupted ftune)")
     trainable, total = count_parameters(model)
     console.print(f"[bold]{cfg.method.name}[/]: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    choice = getattr(accelerator.unwrap_model(model), "_ftune_plan_choice", None)
+    if choice is not None:
+        console.print(choice.line(), highlight=False)
+        if choice.warning:
+            console.print(f"[yellow]warning:[/] {choice.warning}", highlight=False)
     console.print(getattr(accelerator.unwrap_model(model), "_ftune_kernels", ""), highlight=False)
     if packing_on(cfg, accelerator.device) and not method.packing:
         console.print(f"packing off for {method.name}: {method.path_reason}; micro-batches are padded", highlight=False)
@@ -196,7 +222,7 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
     start_trackers(accelerator, trackers, rundir.path, cfg.name)
     flops = _flops_per_token(accelerator.unwrap_model(model), method, trainable, train_split)
     return Run(cfg, accelerator, console, rundir, method, state, hooks, tokenizer, train_split, eval_split, labels,
-               trainable, total, flops)
+               trainable, total, flops, choice.record() if choice is not None else None)
 
 
 def _steps(run: Run, log: RunLog, stop: StopRequest) -> None:
@@ -346,7 +372,8 @@ def _summary(run: Run) -> dict:
     return {"method": run.cfg.method.name, "trainable_params": run.trainable, "total_params": run.total, "steps": s.step,
             "total_steps": s.total_steps, "tokens": s.tokens, "target_tokens": s.target_tokens,
             "skipped_steps": s.skipped_steps, "train_seconds": round(s.seconds(), 2), "peak_mem_gib": gpu_memory_gib(),
-            "stop_reason": s.stop_reason, "final_eval": {}, "device": str(run.accelerator.device)}
+            "stop_reason": s.stop_reason, "final_eval": {}, "device": str(run.accelerator.device)} | (
+            {"layer_plan_auto": run.layer_plan_auto} if run.layer_plan_auto else {})
 
 
 def _fresh_accelerate_state() -> None:

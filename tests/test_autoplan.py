@@ -1,0 +1,150 @@
+"""`model.layer_plan: auto` (ftune/autoplan.py): the chooser against the measured QLoRA/LoRA points of
+docs/BENCHMARKS.md (H100, Qwen2.5-7B, 4 × 2048 tokens), its fallbacks, and the CLI around it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import invoke
+from test_perf import QWEN7B, run_cfg
+
+from ftune.autoplan import PlanChoice, _layer_times, choose_plan, step_cost
+from ftune.kernels.plan import parse_plan
+from ftune.memory import byte_model
+from ftune.methods import get_method
+from ftune.perf import GIB, arch_from_config
+
+ARCH = arch_from_config(QWEN7B)
+H100 = 989.4 / 2  # the chooser's rate for a known GPU: half its bf16 peak
+
+
+def qlora_bytes(on_cuda=True, **model):
+    return byte_model(run_cfg("qlora", quantization="nf4", **model), get_method("qlora"), ARCH, on_cuda)
+
+
+def choose(b, budget, link=55.0, offload=True, **kw) -> PlanChoice:
+    return choose_plan(b, ARCH, 2048, True, budget, link, offload, tflops=H100, **kw)
+
+
+def test_a_budget_above_the_all_kept_estimate_keeps_everything():
+    b = qlora_bytes()
+    all_k = b.total(["K"] * 28) / GIB
+    for budget in (all_k + 0.01, 80.0):
+        c = choose(b, budget)
+        assert c.plan == "28K" and c.fits and c.warning is None and abs(c.cost_ms) < 1e-6
+        assert abs(c.peak_gib - all_k) < 1e-9
+    lora = byte_model(run_cfg(), get_method("lora"), ARCH, True)  # LoRA 7B speed mode: 39.8 GiB measured
+    assert choose(lora, 72.0).plan == "28K"
+
+
+def test_a_tight_qlora_budget_picks_the_measured_neighbourhood_of_14a8c6K():
+    """Measured on an H100 (docs/BENCHMARKS.md): 6 kept layers at 12.4 GiB, 7 over 13 GiB; the fastest plans
+    offload 12-18 layers' MLP activations (a) and recompute the rest fully (c). With a 12.5 GiB budget and the
+    H100's link the choice has that shape, fits, and costs no more (in the model) than 14a8c6K."""
+    b = qlora_bytes()
+    c = choose(b, 12.5)
+    assert c.fits and c.peak_gib <= 12.5
+    m = re.fullmatch(r"(\d+)a(\d+)c(\d+)K", c.plan)
+    assert m, c.plan
+    offloaded, kept = int(m[1]) + int(m[2]), int(m[3])
+    assert 12 <= int(m[1]) <= 20 and offloaded == 22 and kept == 6, c.plan
+    t = _layer_times(ARCH, b, 2048, True, H100, 55.0)
+    assert c.cost_ms <= step_cost(parse_plan("14a8c6K"), t) * 1e3 + 1
+    # the measured losers cost more in the model too: all offloaded as `a` (22a6K, 20% slower) and `k` prefixes
+    assert step_cost(parse_plan("22a6K"), t) > step_cost(parse_plan("14a8c6K"), t)
+    assert step_cost(parse_plan("8k14c6K"), t) > step_cost(parse_plan("14a8c6K"), t)
+    # a slow link moves the choice from offloading activations to recomputing (inputs only cross the link)
+    slow = choose(b, 12.5, link=10.0)
+    assert slow.fits and "a" not in slow.plan and "k" not in slow.plan, slow.plan
+
+
+def test_an_impossible_budget_gives_the_leanest_plan_and_says_by_how_much():
+    b = qlora_bytes()
+    c = choose(b, 3.0)
+    assert not c.fits and c.peak_gib > 3.0
+    assert c.peak_gib == min(b.total(parse_plan(p)) for p in ("28k", "28a", "28c", "28C")) / GIB
+    assert c.warning == (f"model.layer_plan: auto: no plan fits the 3.0 GiB budget; the leanest, {c.plan}, is estimated "
+                         f"at {c.peak_gib:.1f} GiB ({c.peak_gib - 3.0:.1f} GiB over). Lower train.micro_batch_size or "
+                         f"data.max_length (8,192 tokens per micro-batch now), or raise model.memory_budget_gib if the "
+                         f"GPU has the room")
+
+
+def test_without_the_fast_path_or_cuda_only_k_and_c():
+    b = qlora_bytes(kernels="none")  # transformers' own forward: whole layers recompute, nothing offloads
+    assert not b.fast
+    for budget in (12.5, 16.0, 20.0, 30.0):
+        c = choose(b, budget)
+        assert set(c.plan) <= set("0123456789KC"), c.plan
+    c = choose(qlora_bytes(), 12.5, offload=False)  # fast path, no CUDA: recompute letters, nothing lower case
+    assert c.plan == c.plan.upper() and c.fits, c.plan
+    no_recompute = choose(qlora_bytes(), 12.5, recompute=False)  # a method that cannot recompute: k and K only
+    assert set(no_recompute.plan) <= set("0123456789kK") and no_recompute.fits, no_recompute.plan
+    assert choose(qlora_bytes(), 12.5, offload=False, recompute=False).plan == "28K"
+
+
+def test_memory_budget_gib_values_are_checked(make_config):
+    for extra, message in [({"memory_budget_gib": 0}, "model.memory_budget_gib"),
+                           ({"memory_budget_gib": "lots", "layer_plan": "auto"}, "model.memory_budget_gib"),
+                           ({"memory_budget_gib": 12}, "model.memory_budget_gib: only used with model.layer_plan: auto")]:
+        for command in ("validate", "train"):
+            result = invoke(command, make_config({"model": extra}))
+            assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+            assert message in result.output, result.output
+
+
+def test_train_with_auto_on_cpu_resolves_and_records_the_plan(make_config, tmp_path):
+    """The tiny model on CPU (transformers' forward): a budget between the all-C and all-K estimates makes
+    auto recompute some layers; ftune.yaml keeps auto, run.json records the choice."""
+    from ftune.config import load_config
+
+    path = make_config({"model": {"layer_plan": "auto", "memory_budget_gib": 1.0}})
+    cfg = load_config(str(path), [])
+    arch = arch_from_config(json.loads((Path(cfg.model.path) / "config.json").read_text()))
+    b = byte_model(cfg, get_method("lora"), arch, on_cuda=False)
+    budget = (b.total(["C", "K"]) + b.total(["K", "K"])) / 2 / GIB  # 1C1K fits, 2K does not
+    result = invoke("train", path, f"model.memory_budget_gib={budget!r}")
+    assert result.exit_code == 0, result.output
+    assert f"layer plan auto: 1C1K (estimated peak {b.total(['C', 'K']) / GIB:.1f} GiB of a {budget:.1f} GiB budget)" \
+        in result.output, result.output
+    assert "2 layers checkpointed" not in result.output and "1 layers checkpointed" in result.output
+    run = tmp_path / "run"
+    assert "layer_plan: auto" in (run / "ftune.yaml").read_text()
+    summary = json.loads((run / "run.json").read_text())
+    assert summary["layer_plan_auto"]["plan"] == "1C1K" and summary["layer_plan_auto"]["fits"] is True
+    tight = invoke("train", path, "model.memory_budget_gib=1e-6", "--overwrite")
+    assert tight.exit_code == 0, tight.output
+    assert "layer plan auto: 2C" in tight.output and "no plan fits the 0.0 GiB budget" in tight.output
+
+
+def test_validate_with_auto_prints_the_choice(make_config):
+    path = make_config({"model": {"layer_plan": "auto"}})
+    result = invoke("validate", path, "--gpu", "h100")
+    assert result.exit_code == 0, result.output
+    assert "layer plan auto: 2K (estimated peak" in result.output and "for h100 (named" in result.output
+    assert "host link 25 GB/s assumed" in result.output  # validate does not measure the link
+    result = invoke("validate", path)
+    assert result.exit_code == 0, result.output
+    assert "on this machine (no CUDA GPU); auto is decided at train time" in result.output
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_link_is_measured_and_auto_trains(make_config, tmp_path):
+    """GPU only: the pinned copy measures a plausible bandwidth; `ftune train` with auto and a budget between
+    the tiny model's all-offloaded and all-kept estimates picks a plan with offloaded or recomputed layers,
+    says `measured`, and trains."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from ftune.autoplan import measure_host_link
+
+    link = measure_host_link(torch.device("cuda"))
+    assert link is not None and 1 < link < 1000, link
+    result = invoke("train", make_config({"model": {"layer_plan": "auto", "memory_budget_gib": 80}}))
+    assert result.exit_code == 0, result.output
+    assert "layer plan auto: 2K" in result.output and "GB/s measured" in result.output, result.output
+    summary = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert summary["layer_plan_auto"]["host_link"] == "measured"
