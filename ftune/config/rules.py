@@ -18,6 +18,10 @@ def check_rules(cfg: RunConfig, check_files: bool = True, training: bool = True)
     # Training only: a QLoRA adapter may be evaluated on the 16-bit base, and its merged checkpoint is never 4-bit.
     if method.requires_quantized and cfg.model.quantization == "none" and training:
         problems.append(f"model.quantization: method {name!r} needs a 4-bit base; set model.quantization: nf4")
+    if cfg.train.distributed == "fsdp2" and not method.multi_process:
+        problems.append(f"train.distributed: fsdp2 shards the model across processes, but method {name!r} trains in one "
+                        f"process only; use train.distributed: auto (one process ignores it) or a method that trains on "
+                        f"several GPUs")
     if cfg.train.eval_every and not cfg.data.eval:
         problems.append("train.eval_every: set, but data.eval is not; add an eval file or remove eval_every")
     if cfg.data.labels is not None and cfg.data.format != "classification":
