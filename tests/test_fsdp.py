@@ -54,3 +54,99 @@ def test_two_sharded_processes_train_like_one(make_config, tmp_path, method):
     for k in ref:
         assert sharded[k].shape == ref[k].shape, k  # gathered, not one process's shard
         torch.testing.assert_close(sharded[k], ref[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_a_sharded_checkpoint_resumes_in_one_process(make_config, tmp_path):
+    """full under FSDP2: weights and Adam moments are sharded; the checkpoint holds them whole (safetensors),
+    so one process continues at the same global batch and ends where the two would have."""
+    two, resumed = tmp_path / "two", tmp_path / "resumed"
+    config = make_config({"train": {"max_steps": 3, "micro_batch_size": 2, "save_every": 1, "distributed": "fsdp2",
+                                    "lr": 1e-3}}, replace={"method": {"name": "full"}})
+    done = torchrun(2, config, f"output_dir={two}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun(2, config, f"output_dir={resumed}", "train.max_steps=3", "train.budget.max_tokens=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((resumed / "run.json").read_text())["steps"] == 1
+    ckpt = resumed / "checkpoints" / "step-000001"
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    assert weights["model.layers.0.self_attn.q_proj.weight"].shape == (32, 32)  # whole, not a 16-row shard
+    assert not list(ckpt.glob("*.distcp")) and not list(ckpt.glob("*.pt"))  # nothing pickled
+    again = invoke("train", config, f"output_dir={resumed}", "train.gradient_accumulation_steps=2", "--resume")
+    assert again.exit_code == 0, again.output
+    for a, b in zip(read_metrics(two), read_metrics(resumed)):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["tokens"] == a["tokens"], (a, b)
+    ref, got = _artifact(two, "full"), _artifact(resumed, "full")
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-5, msg=k)
+
+
+# ---------------------------------------------------------------- the save check (every launch, every method)
+
+def test_save_check_refuses_shards_and_zeroed_weights():
+    shapes = {"a": torch.Size([4, 8]), "b": torch.Size([8, 4]), "gate": torch.Size([4])}
+    good = {"a": torch.randn(4, 8), "b": torch.zeros(8, 4), "gate": torch.zeros(4)}
+    check_weights(good, shapes, nonzero_at_start={"a"})  # B still zero (step 0, lr 0), a pruned gate: fine
+    with pytest.raises(RunFailed, match=r"a has shape \(2, 8\), but the parameter is \(4, 8\)"):
+        check_weights({**good, "a": torch.randn(2, 8)}, shapes, {"a"})  # one process's shard
+    with pytest.raises(RunFailed, match="a has shape"):
+        check_weights({**good, "a": torch.empty(0)}, shapes, {"a"})
+    with pytest.raises(RunFailed, match="a is all zeros, but was not when training started"):
+        check_weights({**good, "a": torch.zeros(4, 8)}, shapes, {"a"})
+
+
+def test_save_check_refuses_empty_or_all_zero_files(tmp_path):
+    save_file({"x": torch.ones(2, 2), "y": torch.zeros(3)}, str(tmp_path / "adapter_model.safetensors"))
+    check_artifact(tmp_path, any_trained_nonzero=True)
+    save_file({"x": torch.zeros(2, 2)}, str(tmp_path / "adapter_model.safetensors"))
+    check_artifact(tmp_path, any_trained_nonzero=False)  # all zero, and so are the weights (LoRA B alone at step 0)
+    with pytest.raises(RunFailed, match="every tensor written to .* is zero, but the trained weights are not"):
+        check_artifact(tmp_path, any_trained_nonzero=True)
+    save_file({"x": torch.ones(2, 0)}, str(tmp_path / "adapter_model.safetensors"))  # a ZeRO-3-style 40-byte adapter
+    with pytest.raises(RunFailed, match=r"adapter_model.safetensors holds an empty tensor \(x\)"):
+        check_artifact(tmp_path, any_trained_nonzero=True)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    with pytest.raises(RunFailed, match="holds no tensor"):
+        check_artifact(tmp_path, any_trained_nonzero=True)
+
+
+def test_a_save_that_zeroes_the_adapter_fails_and_keeps_nothing(make_config, tmp_path, monkeypatch):
+    """The check runs on every save, one process too: a method whose save wrote zeros is caught before the
+    artifact is renamed into place; run.json says failed (exit 1)."""
+    from ftune.layers import peft_format
+
+    real = peft_format.save_adapter
+    monkeypatch.setattr(peft_format, "save_adapter",
+                        lambda out, config, tensors: real(out, config, {k: torch.zeros_like(v) for k, v in tensors.items()}))
+    out = tmp_path / "run"
+    result = invoke("train", make_config(out_dir=out))
+    assert result.exit_code == 1, result.output
+    assert "save check: every tensor written to" in result.output
+    assert not (out / "adapter").exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+
+# ---------------------------------------------------------------- uneven last batch
+
+def test_a_process_without_an_example_gets_a_zero_weight_row(make_config):
+    """5 examples, 2 per process, 2 processes: the last micro-batch has 1 example. The second process runs a
+    zero-weight row (so both join the collectives) that adds no target and no token: the counts are those
+    of one process reading the same 5 examples."""
+    from ftune.config import load_config
+    from ftune.data.collate import batch_tokens, count_targets
+    from ftune.hooks import TrainState
+    from ftune.train.batches import micro_batches
+
+    cfg = load_config(make_config({"train": {"micro_batch_size": 2}}))
+    rows = [{"input_ids": [1, 5 + i, 6 + i, 7], "labels": [-100, -100, 6 + i, 7]} for i in range(5)]
+
+    def epoch(world, rank):
+        state = TrainState(model=None, optimizer=None, scheduler=None, accelerator=None, cfg=cfg, run_dir=None, total_steps=1)
+        it = micro_batches(state, rows, cfg, world, rank, pad_id=0)
+        return [next(it) for _ in range(-(-5 // (2 * world)))]
+
+    last = epoch(2, 1)[-1]
+    assert count_targets(last["labels"]) == 0 and batch_tokens(last) == 0
+    for what in (count_targets, batch_tokens):
+        f = (lambda b: what(b["labels"])) if what is count_targets else what
+        two = sum(f(b) for rank in (0, 1) for b in epoch(2, rank))
+        assert two == sum(f(b) for b in epoch(1, 0)) == (10 if what is count_targets else 20)
