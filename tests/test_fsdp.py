@@ -150,3 +150,60 @@ def test_a_process_without_an_example_gets_a_zero_weight_row(make_config):
         f = (lambda b: what(b["labels"])) if what is count_targets else what
         two = sum(f(b) for rank in (0, 1) for b in epoch(2, rank))
         assert two == sum(f(b) for b in epoch(1, 0)) == (10 if what is count_targets else 20)
+
+
+# ---------------------------------------------------------------- choosing, refusing, estimating
+
+def test_fsdp2_with_a_single_process_method_is_refused_before_anything_loads(make_config, tmp_path):
+    out = tmp_path / "run"
+    result = invoke("train", make_config({"train": {"distributed": "fsdp2"}}, out_dir=out,
+                                         replace={"method": {"name": "lisa", "n_layers": 1}}))
+    assert result.exit_code == 2, result.output
+    assert "train.distributed: fsdp2 shards the model across processes, but method 'lisa' trains in one process" in result.output
+    assert not out.exists()
+    bad = invoke("train", make_config({"train": {"distributed": "zero3"}}, out_dir=out))
+    assert bad.exit_code == 2 and "train.distributed" in bad.output and "fsdp2" in bad.output, bad.output
+
+
+def _qwen7b_dir(tmp_path):
+    from transformers import Qwen2Config
+
+    d = tmp_path / "qwen7b"
+    d.mkdir()
+    Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, tie_word_embeddings=False).save_pretrained(str(d))
+    return d
+
+
+def test_validate_gpus_prints_memory_per_gpu_for_each_strategy(make_config, tmp_path):
+    """Qwen2.5-7B shapes, full fine-tuning on 4 H100s: DDP needs weights + grads + Adam on every GPU
+    (7.6e9 x (2 + 2 + 4) bytes = 57 GiB before activations: does not fit with them); FSDP2 holds a quarter of
+    it plus the gathered layers and root, so auto picks fsdp2. LoRA fits DDP, so auto keeps ddp."""
+    model = _qwen7b_dir(tmp_path)
+    full = make_config({"model": {"path": str(model)}, "data": {"max_length": 2048}, "train": {"micro_batch_size": 4}},
+                       name="full.yaml", replace={"method": {"name": "full"}})
+    result = invoke("validate", full, "--gpus", "4", "--gpu", "h100")
+    assert result.exit_code == 0, result.output
+    lines = {ln.split()[0]: ln for ln in result.output.splitlines() if ln.strip().startswith(("ddp", "fsdp2"))}
+    assert "memory per GPU on 4 x h100 (79 GiB each), train.distributed: fsdp2 (auto):" in result.output
+    number = lambda s, key: float(s.split(key)[1].split()[0])  # noqa: E731
+    ddp, fsdp2 = lines["ddp"], lines["fsdp2"]
+    assert "does NOT fit" in ddp and "; fits" in fsdp2 and fsdp2.endswith("<- fsdp2")
+    assert number(fsdp2, "optimizer") == pytest.approx(number(ddp, "optimizer") / 4, abs=0.05)
+    assert number(fsdp2, "activations") == number(ddp, "activations")
+    w_ddp, w_fsdp = number(ddp, "weights"), number(fsdp2, "weights")
+    assert w_ddp / 4 < w_fsdp < w_ddp / 2  # a quarter, plus two layers and the root gathered
+    lora = make_config({"model": {"path": str(model)}}, name="lora.yaml")
+    result = invoke("validate", lora, "--gpus", "4", "--gpu", "h100")
+    assert "train.distributed: ddp (auto)" in result.output, result.output
+    fixed = invoke("validate", lora, "train.distributed=fsdp2", "--gpus", "2", "--gpu", "h100")
+    assert "train.distributed: fsdp2:" in fixed.output and fixed.output.count("<- fsdp2") == 1, fixed.output
+
+
+def test_auto_is_ddp_on_cpu_processes_and_ddp_when_it_fits():
+    from ftune.memory import MemoryEstimate, auto_strategy
+
+    small, big = MemoryEstimate(10, 1, 1, 1, 1), MemoryEstimate(60, 10, 20, 5, 1)
+    assert auto_strategy({"ddp": small, "fsdp2": small}, 80) == "ddp"
+    assert auto_strategy({"ddp": big, "fsdp2": small}, 80) == "fsdp2"
+    assert auto_strategy({"ddp": big, "fsdp2": small}, None) == "ddp"  # no GPU: CPU processes (gloo)
