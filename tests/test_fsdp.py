@@ -18,6 +18,7 @@ from ftune.train.save_check import check_artifact, check_weights
 
 METHODS = {  # as in test_distributed: small enough to prune/re-allocate within 4 steps
     "lora": None,
+    "qlora": {"name": "qlora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0},  # NF4 bytes stored as a float dtype: sharded
     "adalora": {"name": "adalora", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1, "deltaT": 1, "lora_dropout": 0.0,
                 "target_modules": ["q_proj", "v_proj"]},
     "sora": {"name": "sora", "r": 4, "lora_dropout": 0.0, "sparse_lambda": 0.9, "gate_lr": 0.6},
@@ -36,8 +37,9 @@ def test_two_sharded_processes_train_like_one(make_config, tmp_path, method):
     averaged whole adapter gradients, so every logged number and the saved artifact equal one process's."""
     one, two = tmp_path / "one", tmp_path / "two"
     replace = {"method": METHODS[method]} if METHODS[method] else None
-    config = make_config({"train": {"max_steps": 4, "micro_batch_size": 2, "distributed": "fsdp2",
-                                    "lr": 1e-3 if method == "full" else 1e-2}}, replace=replace)
+    extra = {"model": {"quantization": "nf4"}} if method == "qlora" else {}
+    config = make_config({**extra, "train": {"max_steps": 4, "micro_batch_size": 2, "distributed": "fsdp2",
+                                             "lr": 1e-3 if method == "full" else 1e-2}}, replace=replace)
     assert invoke("train", config, f"output_dir={one}", "train.micro_batch_size=4").exit_code == 0
     done = torchrun(2, config, f"output_dir={two}")
     assert done.returncode == 0, done.stderr[-3000:]
