@@ -199,6 +199,8 @@ def validate(
     gpu: Optional[str] = typer.Option(None, "--gpu", help="Estimate memory for this GPU (h100, h200, a100-80gb, a100-40gb, "
                                                           "l40s, l4, a10, rtx4090) instead of the detected one."),
     full: bool = typer.Option(False, "--full", help="Also print the whole resolved config (every key, defaults included)."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="Estimate memory per GPU for training on N GPUs, for each "
+                                                      "train.distributed strategy (ddp, fsdp2)."),
 ):
     """Check a config (every problem at once); print a summary and a GPU memory estimate; no model is loaded.
     Missing data files are reported after the estimate (exit 2), which needs no data."""
@@ -215,7 +217,11 @@ def validate(
         out.print(resolved_yaml(cfg), highlight=False, markup=False)
     for line in summary_lines(cfg, method):
         out.print(line, highlight=False, markup=False, soft_wrap=True)
-    out.print(memory_report(cfg, method, gpu), highlight=False, markup=False, soft_wrap=True)
+    if gpus > 1:
+        from ftune.train.preflight import check_method_launch
+
+        check_method_launch(method, gpus)  # LISA: one process only, as `ftune train --gpus N` says
+    out.print(memory_report(cfg, method, gpu, gpus), highlight=False, markup=False, soft_wrap=True)
     _print_warnings(warnings)
     from ftune.train.trackers import check_trackers, tracker_names
 

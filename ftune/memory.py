@@ -126,6 +126,46 @@ def estimate_memory(run, method, arch: Arch, on_cuda: bool = True) -> MemoryEsti
     return MemoryEstimate(b.weights / GIB, b.trainable / GIB, b.optimizer / GIB, activations / GIB, b.tokens)
 
 
+def per_gpu(run, method, arch: Arch, n: int, on_cuda: bool = True) -> dict[str, MemoryEstimate]:
+    """The estimate per GPU when `n` GPUs train together, for each strategy (train.distributed):
+      ddp    every GPU holds everything of the one-GPU estimate.
+      fsdp2  the base is 1/n per GPU, plus what is gathered at a time: the layer computing, the next one
+             (prefetched) and the root (embeddings, final norm, head: gathered for the whole step); a trained
+             base (full) also has its gradients and optimizer moments sharded; adapters stay whole on every
+             GPU (train/distributed.py). Activations are per GPU in both."""
+    one = estimate_memory(run, method, arch, on_cuda)
+    if n <= 1:
+        return {"ddp": one, "fsdp2": one}
+    dtype_bytes = 4 if run.model.dtype == "fp32" or (run.model.dtype == "auto" and not on_cuda) else 2
+    root = (arch.params - arch.layers * (arch.layer_linear_params + 2 * arch.hidden)) * dtype_bytes / GIB
+    layer = (one.weights - root) / arch.layers
+    weights = one.weights / n + (2 * layer + root) * (n - 1) / n
+    share = 1 / n if method.trains_base else 1.0
+    fsdp2 = MemoryEstimate(weights, one.trainable * share, one.optimizer * share, one.activations, one.tokens)
+    return {"ddp": one, "fsdp2": fsdp2}
+
+
+def auto_strategy(estimates: dict[str, MemoryEstimate], gpu_gib: float | None) -> str:
+    """train.distributed: auto: DDP when everything fits one GPU (the same 95% as `describe`), else FSDP2;
+    DDP when the GPU's memory is unknown (no GPU: CPU processes)."""
+    if gpu_gib is None or estimates["ddp"].total <= gpu_gib * 0.95:
+        return "ddp"
+    return "fsdp2"
+
+
+def describe_per_gpu(estimates: dict[str, MemoryEstimate], n: int, gpu: tuple | None, chosen: str) -> list[str]:
+    """The `validate --gpus N` lines: per-GPU memory for each strategy, and which one train.distributed picks."""
+    lines = []
+    for name, est in estimates.items():
+        line = (f"  {name:<5} per GPU: weights {est.weights:.1f} GiB + trainable/grads {est.trainable:.1f} + optimizer "
+                f"{est.optimizer:.1f} + activations {est.activations:.1f} = {est.total:.1f} GiB")
+        if gpu is not None:
+            line += "; fits" if est.total <= gpu[1] * 0.95 else "; does NOT fit"
+        lines.append(line + (f"  <- {chosen.split()[0]}" if chosen.split()[0] == name else ""))
+    where = f"{n} x {gpu[0]} ({gpu[1]:.0f} GiB each)" if gpu is not None else f"{n} GPUs (none detected; name one with --gpu)"
+    return [f"memory per GPU on {where}, train.distributed: {chosen}:", *lines]
+
+
 def describe(est: MemoryEstimate, gpu: tuple | None) -> str:
     line = (f"memory estimate: weights {est.weights:.1f} GiB + trainable/grads {est.trainable:.1f} + optimizer "
             f"{est.optimizer:.1f} + activations {est.activations:.1f} ({est.tokens:,} tokens per micro-batch) "
@@ -137,8 +177,9 @@ def describe(est: MemoryEstimate, gpu: tuple | None) -> str:
     return f"{line}; {name} has {mem:.0f} GiB: {verdict}"
 
 
-def memory_report(run, method, gpu_name: str | None = None) -> str:
-    """The `ftune validate` line: the estimate for `run` (trained with `method`) on the named GPU, else the detected one."""
+def memory_report(run, method, gpu_name: str | None = None, gpus: int = 1) -> str:
+    """The `ftune validate` line: the estimate for `run` (trained with `method`) on the named GPU, else the
+    detected one; `gpus` > 1: per GPU for each of train.distributed's strategies, and the one it picks."""
     check_plan(run.model, fast_path=run.model.kernels != "none")  # even when the estimate is skipped below
     gpu = gpu_spec(gpu_name)
     if gpu_name is not None and gpu is None:
@@ -154,9 +195,17 @@ def memory_report(run, method, gpu_name: str | None = None) -> str:
     check_plan(run.model, arch.layers)  # the plan covers the model's decoder layers
     if method.trainable_params is None:
         return f"memory estimate: skipped (method {method.name!r} does not say how many parameters it trains)"
+    prefix = ""
     if is_auto(run.model):
         from ftune.autoplan import validate_choice
 
         line, run = validate_choice(run, method, arch, gpu, gpu_name is not None)
-        return line + "\n" + describe(estimate_memory(run, method, arch, on_cuda=True), gpu)
-    return describe(estimate_memory(run, method, arch, on_cuda=True), gpu)
+        prefix = line + "\n"
+    if gpus <= 1:
+        return prefix + describe(estimate_memory(run, method, arch, on_cuda=True), gpu)
+    estimates = per_gpu(run, method, arch, gpus)
+    setting = run.train.distributed
+    chosen = setting if setting != "auto" else f"auto -> {auto_strategy(estimates, gpu[1] if gpu else None)}"
+    if setting == "auto":
+        chosen = chosen.split(" -> ")[1] + " (auto)"
+    return prefix + "\n".join(describe_per_gpu(estimates, gpus, gpu, chosen))

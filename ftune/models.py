@@ -181,24 +181,27 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
+def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, storage: torch.dtype = torch.uint8):
+    """`storage`: the dtype the packed 4-bit bytes are stored as; FSDP2 shards only floating tensors, so a
+    sharded run stores them as the model's float dtype (the same bytes, reinterpreted)."""
     if cfg.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization,
                               bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=compute_dtype,
-                              bnb_4bit_quant_storage=torch.uint8)
+                              bnb_4bit_quant_storage=storage)
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str | None = None,
-               labels: list[str] | None = None):
+               labels: list[str] | None = None, fsdp2: bool = False):
     """The base model on `device`, in the configured dtype / 4-bit, with the chosen attention backend and
     transformers' own forward. Training installs its kernels on top (`ftune.kernels.apply_kernels`, called
     by `ftune.train.loop.build_training`); eval and merge keep this forward.
     model.head: classifier loads transformers' *ForSequenceClassification over `labels` (the label set, in
     order): the decoder as the causal LM has it, and `score`, a new Linear(hidden, len(labels)) kept in fp32
-    (ftune.head) in place of lm_head."""
+    (ftune.head) in place of lm_head. `fsdp2`: to be sharded by FSDP2 (4-bit weights stored in the model's
+    float dtype, so that they shard)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -206,7 +209,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str
     check_model_files(directory, gguf if source is None else None)
     dtype = resolve_dtype(cfg.dtype, device)
     kwargs = {"gguf_file": gguf} if gguf and source is None else {}
-    quant = quantization_config(cfg, dtype if dtype != torch.float32 else torch.bfloat16)
+    quant = quantization_config(cfg, dtype if dtype != torch.float32 else torch.bfloat16, dtype if fsdp2 else torch.uint8)
     if quant is not None:
         kwargs["quantization_config"] = quant
     auto = AutoModelForCausalLM

@@ -21,6 +21,10 @@ def check_rules(cfg: RunConfig, check_files: bool = True, training: bool = True)
     if cfg.model.memory_budget_gib is not None and cfg.model.layer_plan != "auto":
         problems.append("model.memory_budget_gib: only used with model.layer_plan: auto (it is the budget auto chooses a "
                         "plan for); set model.layer_plan=auto, or remove memory_budget_gib")
+    if cfg.train.distributed == "fsdp2" and not method.multi_process:
+        problems.append(f"train.distributed: fsdp2 shards the model across processes, but method {name!r} trains in one "
+                        f"process only; use train.distributed: auto (one process ignores it) or a method that trains on "
+                        f"several GPUs")
     if cfg.train.eval_every and not cfg.data.eval:
         problems.append("train.eval_every: set, but data.eval is not; add an eval file or remove eval_every")
     if cfg.data.labels is not None and cfg.data.format != "classification":

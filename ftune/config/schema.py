@@ -34,6 +34,7 @@ class MethodSchema:
     config_cls: type[MethodConfig]
     quantized_base: bool  # may train on a 4-bit base
     requires_quantized: bool  # only on a 4-bit base
+    multi_process: bool = True  # may train on several processes (DDP, FSDP2)
 
 
 METHOD_SCHEMAS: dict[str, MethodSchema] = {}  # name -> schema, filled by ftune.methods.register
@@ -177,6 +178,10 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (takes precedence over warmup_ratio).")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warmup as a fraction of total steps.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null to disable.")
+    distributed: Literal["auto", "ddp", "fsdp2"] = Field(
+        "auto", description="How several processes (--gpus N) share the model: ddp = a whole copy on every GPU; fsdp2 = the "
+                            "base sharded across GPUs (per decoder layer), adapters replicated; auto = ddp when the memory "
+                            "estimate fits one GPU, else fsdp2. One process ignores it.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="Autocast precision; auto = bf16 on a capable GPU, no on CPU.")
     log_every: int = Field(10, ge=1, description="Log loss, lr and throughput every N steps.")
     eval_every: int | None = Field(None, ge=1, description="Evaluate on data.eval every N steps (and always at the end if data.eval is set).")

@@ -55,9 +55,11 @@ def collate_batch(rows: list[dict], pad_id: int, packing: bool) -> dict:
 
 
 def batch_tokens(batch: dict) -> int:
-    """Real (non-pad) input tokens of a micro-batch, padded or packed."""
+    """Real (non-pad) input tokens of a micro-batch, padded or packed; a zero-weight padding row (the training
+    loop's short last batch, train/batches.py) counts none."""
     mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+    n = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+    return n - batch.get("uncounted_tokens", 0)
 
 
 def count_targets(labels: torch.Tensor) -> int:

@@ -13,7 +13,8 @@ def register(method: Method) -> Method:
     if method.name in REGISTRY:
         raise ValueError(f"method {method.name!r} is already registered")
     REGISTRY[method.name] = method
-    METHOD_SCHEMAS[method.name] = MethodSchema(method.config_cls, method.quantized_base, method.requires_quantized)
+    METHOD_SCHEMAS[method.name] = MethodSchema(method.config_cls, method.quantized_base, method.requires_quantized,
+                                             method.multi_process)
     return method
 
 

@@ -8,7 +8,8 @@ import math
 import torch
 
 from ftune.config import RunConfig
-from ftune.data.collate import collate_batch, epoch_order
+from ftune.data.collate import collate, collate_batch, epoch_order
+from ftune.data.tokenize import IGNORE
 from ftune.hooks import TrainState
 
 
@@ -35,7 +36,18 @@ def micro_batches(state: TrainState, dataset, cfg: RunConfig, world: int, rank: 
         order = epoch_order(n, cfg.train.seed, state.epoch)
         while state.batch_in_epoch < per_epoch:
             start = state.batch_in_epoch * mbs * world
-            idx = order[start:start + mbs * world][rank::world] or order[:1]  # a short last batch still gives each rank a row
+            idx = order[start:start + mbs * world][rank::world]
             state.batch_in_epoch += 1
-            yield collate_batch([dataset[i] for i in idx], pad_id, packed)
+            yield collate_batch([dataset[i] for i in idx], pad_id, packed) if idx else zero_weight_batch(dataset[order[0]], pad_id)
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+
+def zero_weight_batch(row: dict, pad_id: int) -> dict:
+    """For a process left without an example by an epoch's short last micro-batch. Dropping its turn is not an
+    option: every process must run the same forwards and backwards (DDP and FSDP2 exchange gradients in them).
+    So it pads: it runs the epoch's first example with every label ignored and its tokens marked uncounted:
+    no loss, no gradient, no target or input token counted, so the step equals one process's on the real
+    examples (before, that example was trained on a second time)."""
+    batch = collate([{**row, "labels": [IGNORE] * len(row["input_ids"])}], pad_id)
+    batch["uncounted_tokens"] = len(row["input_ids"])
+    return batch

@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from ftune.errors import FtuneError
 from ftune.io import atomic_dir, remove_stale_temps, write_json_atomic, write_safetensors_atomic
 from ftune.hooks import hook_keys
+from ftune.train.distributed import copy_into, shard_optimizer_state
 from ftune.train.state_io import StateFormatError, flatten_state, unflatten_state
 
 STATE_FORMAT = "ftune-checkpoint-state/1"
@@ -68,20 +69,23 @@ def _scheduler_state(scheduler) -> dict:
     return sd
 
 
-def save_checkpoint(state, hooks: list, keep: int, names: set[str] | None = None) -> Path:
+def save_checkpoint(state, hooks: list, keep: int, names: set[str] | None = None, gathered: tuple | None = None) -> Path:
     """Write checkpoints/step-NNNNNN atomically, then prune to the newest `keep`. `names`: the weights to
     keep (Method.checkpoint_params, for methods whose trainable set changes during a run), default those
-    with requires_grad. Temp folders an earlier, killed process left in checkpoints/ are removed first."""
+    with requires_grad. `gathered`: (weights, optimizer state) already gathered whole from a sharded model
+    (train/distributed.py), written as they are. Temp folders an earlier, killed process left in
+    checkpoints/ are removed first."""
     root = state.run_dir / "checkpoints"
     for stale in remove_stale_temps(root):
         warnings.warn(f"removed stale temporary folder {stale} (left by an interrupted run)", stacklevel=2)
     target = root / f"step-{state.step:06d}"
     model = state.accelerator.unwrap_model(state.model)
-    tree = {"optimizer": state.optimizer.state_dict(), "scheduler": _scheduler_state(state.scheduler),
+    weights, optimizer_state = gathered if gathered is not None else (trainable_state(model, names), state.optimizer.state_dict())
+    tree = {"optimizer": optimizer_state, "scheduler": _scheduler_state(state.scheduler),
             "rng": _rng_state(), "hooks": {k: h.state_dict() for k, h in zip(hook_keys(hooks), hooks)}}
     skeleton, tensors = flatten_state(tree)
     with atomic_dir(target) as tmp:
-        write_safetensors_atomic(tmp / "trainable.safetensors", trainable_state(model, names))
+        write_safetensors_atomic(tmp / "trainable.safetensors", weights)
         write_safetensors_atomic(tmp / "state.safetensors", tensors, metadata={"format": "pt"})
         write_json_atomic(tmp / "state.json", {"format": STATE_FORMAT, "state": skeleton})
         meta = {k: getattr(state, k) for k in STATE_FIELDS} | {"elapsed_s": state.seconds(),
@@ -187,8 +191,8 @@ def load_checkpoint(state, hooks: list, directory: Path) -> None:
     try:
         with torch.no_grad():
             for k, v in weights.items():
-                params[k].copy_(v.to(params[k].device))
-        state.optimizer.load_state_dict(tree["optimizer"])
+                copy_into(params[k], v)  # a sharded parameter takes its slice of the whole tensor
+        state.optimizer.load_state_dict(shard_optimizer_state(state.optimizer, tree["optimizer"]))
         state.scheduler.load_state_dict(tree["scheduler"])
         for k, h in zip(keys, hooks):
             h.load_state_dict(tree["hooks"][k])

@@ -55,6 +55,19 @@ from ftune.train.checkpoint import (
     saved_processes,
 )
 from ftune.train.hooks import BudgetHook, QualityGateHook
+from ftune.train.distributed import (
+    choose_strategy,
+    gather_params,
+    gather_tree,
+    is_sharded,
+    nonfinite_trained,
+    nonzero_matrices_now,
+    shard_model,
+    trained_shapes,
+    whole_params,
+    whole_trained,
+)
+from ftune.train.save_check import check_artifact, check_weights
 from ftune.train.interrupt import StopRequest
 from ftune.train.optim import build_optimizer, build_scheduler, default_param_groups
 from ftune.train.preflight import (
@@ -78,11 +91,13 @@ from ftune.train.step import train_step
 from ftune.train.trackers import check_trackers, start_trackers, tracker_names
 
 
-def build_training(cfg: RunConfig, method: Method, accelerator, total_steps: int):
+def build_training(cfg: RunConfig, method: Method, accelerator, total_steps: int, strategy: str = "ddp"):
     """(model, optimizer, scheduler, hooks) as `ftune train` trains them: base model with its training
     kernels (`model._ftune_kernels` says which), the method's changes and hooks, the optimizer over the
-    method's parameter groups, wrapped by accelerate. The layer plan is checked before any weights load."""
+    method's parameter groups, wrapped by accelerate (`strategy` fsdp2: the model sharded by ftune first, see
+    train/distributed.py). The layer plan is checked before any weights load."""
     device = accelerator.device
+    fsdp2 = strategy == "fsdp2" and accelerator.num_processes > 1
     try:  # config.json when local or cached, for the plan's layer count (an unreadable one is load_model's to report)
         hf = read_model_config(cfg.model.path)
     except (ValueError, OSError):
@@ -91,25 +106,34 @@ def build_training(cfg: RunConfig, method: Method, accelerator, total_steps: int
     n_layers = n_layers if isinstance(n_layers, int) else None
     check_plan(cfg.model, n_layers, fast_path=resolve_kernels(cfg.model.kernels, device) != "none" and method.fast_path)
     check_method_paths(method, cfg, n_layers)
-    model = load_model(cfg.model, device, labels=cfg.data.labels if cfg.model.head == "classifier" else None)
+    model = load_model(cfg.model, device, labels=cfg.data.labels if cfg.model.head == "classifier" else None, fsdp2=fsdp2)
+    fast = resolve_kernels(cfg.model.kernels, device) != "none" and method.fast_path and not fsdp2
     # layer_plan: auto becomes a concrete plan here, for the GPU's memory now (a resume may choose another:
     # plans change memory and speed, not the gradients); ftune.yaml keeps `auto`
     if is_auto(cfg.model):
-        fast = (resolve_kernels(cfg.model.kernels, device) != "none" and method.fast_path
-                and unsupported_reason(model) is None)
-        model._ftune_plan_choice = resolve_layer_plan(cfg, method, model, device, fast)
-    # the training forward; eval and merge keep HF's
-    model._ftune_kernels = apply_kernels(model, cfg.model, device, method.fast_path, method.path_reason)
+        model._ftune_plan_choice = resolve_layer_plan(cfg, method, model, device, fast and unsupported_reason(model) is None)
+    # the training forward; eval and merge keep HF's. Under FSDP2 transformers' forward: the fused forward
+    # keeps references to some weights, which sharding replaces (not yet checked on sharded weights)
+    model._ftune_kernels = apply_kernels(model, cfg.model, device, method.fast_path and not fsdp2,
+                                         FSDP2_PATH_REASON if fsdp2 else method.path_reason)
     hooks = method.prepare(model, cfg.method, PrepareContext(run=cfg, total_steps=total_steps)) or []
     if cfg.model.head == "classifier":  # the head trains with any method; its loss replaces the LM's
         train_head(model)
         install_training_forward(model)
     hooks += [BudgetHook(cfg.train.budget.max_minutes, cfg.train.budget.max_tokens), QualityGateHook(cfg.train.quality_gates)]
+    if fsdp2:  # before the optimizer: sharding replaces the sharded parameters
+        shard_model(model, method.trains_base)
     groups = method.param_groups(model, cfg.method, cfg.train) if method.param_groups else default_param_groups(model, cfg.train)
     optimizer = build_optimizer(groups, cfg.train, accelerator.device)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp2:
+        optimizer = accelerator.prepare(optimizer)  # the model is already distributed; accelerate must not wrap it in DDP
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     return model, optimizer, scheduler, hooks
+
+
+FSDP2_PATH_REASON = "train.distributed is fsdp2 (sharded weights take transformers' forward)"
 
 
 @dataclass
@@ -130,6 +154,7 @@ class Run:
     trainable: int
     total: int
     flops: float | None
+    nonzero_at_start: set[str]  # trained matrices not all zero at the start (the save check, train/save_check.py)
     layer_plan_auto: dict | None = None  # what `layer_plan: auto` chose (ftune/autoplan.py), for run.json
 
 
@@ -190,7 +215,10 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
     changes = check_resume(final, config_text, data_sha, world, saved_processes(final)) if mode == "resume" else {}
     say_mode(console, mode, final, resume, changes)
 
-    model, optimizer, scheduler, hooks = build_training(cfg, method, accelerator, total_steps)
+    strategy = choose_strategy(cfg, method, world, accelerator.device)
+    if world > 1:
+        console.print(f"{world} processes: {strategy}" + (" (train.distributed: auto)" if cfg.train.distributed == "auto" else ""))
+    model, optimizer, scheduler, hooks = build_training(cfg, method, accelerator, total_steps, strategy)
     # The directory is made (and locked) only now: a model or method that fails to load leaves nothing behind.
     rundir = open_run_dir(final, mode, accelerator.is_main_process, data_sha)
     accelerator.wait_for_everyone()
@@ -221,8 +249,9 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
             write_text_atomic(rundir.path / "ftune.yaml", config_text)
     start_trackers(accelerator, trackers, rundir.path, cfg.name)
     flops = _flops_per_token(accelerator.unwrap_model(model), method, trainable, train_split)
+    nonzero = nonzero_matrices_now(accelerator.unwrap_model(model))
     return Run(cfg, accelerator, console, rundir, method, state, hooks, tokenizer, train_split, eval_split, labels,
-               trainable, total, flops, choice.record() if choice is not None else None)
+               trainable, total, flops, nonzero, choice.record() if choice is not None else None)
 
 
 def _steps(run: Run, log: RunLog, stop: StopRequest) -> None:
@@ -314,10 +343,14 @@ def _fail(run: Run, what: str) -> None:
 def _save(run: Run, pending: torch.Tensor) -> None:
     """A resumable checkpoint (main process); the first one also makes a staged run the run."""
     run.state.loss_sum = float(pending)  # the loss of steps since the last log line, so a resume logs the same
+    m, model = run.method, run.accelerator.unwrap_model(run.state.model)
+    names = m.checkpoint_params(model, run.cfg.method, run.state) if m.checkpoint_params else None
+    gathered = None
+    if is_sharded(model):  # every process gathers its shards (a collective); the first one writes them
+        trained = names or {n for n, p in model.named_parameters() if p.requires_grad}
+        gathered = (gather_params(model, trained), gather_tree(run.state.optimizer.state_dict()))
     if run.accelerator.is_main_process:
-        m, model = run.method, run.accelerator.unwrap_model(run.state.model)
-        names = m.checkpoint_params(model, run.cfg.method, run.state) if m.checkpoint_params else None
-        save_checkpoint(run.state, run.hooks, run.cfg.train.save_total_limit, names)
+        save_checkpoint(run.state, run.hooks, run.cfg.train.save_total_limit, names, gathered)
         run.state.run_dir = run.dir.promote()
     run.accelerator.wait_for_everyone()
 
@@ -330,20 +363,24 @@ def _finish(run: Run, log: RunLog) -> dict:
     for h in run.hooks:
         h.on_train_end(state)
     model = accelerator.unwrap_model(state.model)
-    bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    bad = nonfinite_trained(model)
     if bad:
         _fail(run, f"{len(bad)} trained weights hold NaN/inf values (e.g. {bad[0]})")
     summary = _summary(run)
+    whole = whole_trained(model, run.method.trains_base)  # FSDP2: gathered onto the first process (a collective)
+    failure = None
     if accelerator.is_main_process:
-        artifact = run.dir.path / run.method.artifact
-        with atomic_dir(artifact) as tmp:
-            for h in run.hooks:
-                h.on_save(state, tmp)
-            run.method.save(model, cfg.method, tmp)
-            if cfg.model.head == "classifier":
-                save_head(model, tmp)
-            run.tokenizer.save_pretrained(str(tmp))
-        state.run_dir = run.dir.promote()
+        try:
+            _write_artifact(run, model, whole)
+        except Exception as e:  # noqa: BLE001 — re-raised below, once every process knows
+            failure = e
+    if _any_process(accelerator, failure is not None):  # every process stops, not only the one that saved
+        if failure is None:
+            raise RunFailed("the first process could not save the artifact (its message says why)")
+        if isinstance(failure, RunFailed) and not run.dir.staged:
+            write_json_atomic(run.dir.path / "run.json", summary | {"status": "failed", "failure": str(failure)})
+        raise failure
+    if accelerator.is_main_process:
         write_json_atomic(state.run_dir / "run.json", summary | {"status": "evaluating" if run.eval_split else "done"})
         run.console.print(f"[green]saved[/] {state.run_dir / run.method.artifact}  ({state.step} steps, "
                           f"{state.tokens:,} tokens, {state.seconds():.0f}s)")
@@ -365,6 +402,31 @@ def _finish(run: Run, log: RunLog) -> dict:
     if accelerator.is_main_process:
         write_json_atomic(state.run_dir / "run.json", summary)
     return summary
+
+
+def _write_artifact(run: Run, model, whole: dict | None) -> None:
+    """The method's artifact, written once, checked (train/save_check.py) before it is renamed into place."""
+    state = run.state
+    weights = whole if whole is not None else {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    check_weights(weights, trained_shapes(model), run.nonzero_at_start)
+    artifact = run.dir.path / run.method.artifact
+    with atomic_dir(artifact) as tmp:
+        for h in run.hooks:
+            h.on_save(state, tmp)
+        with whole_params(model, whole or {}):  # a sharded base: the method saves the gathered weights
+            run.method.save(model, run.cfg.method, tmp)
+            if run.cfg.model.head == "classifier":
+                save_head(model, tmp)
+        run.tokenizer.save_pretrained(str(tmp))
+        check_artifact(tmp, any(bool(t.any()) for t in weights.values()))
+    state.run_dir = run.dir.promote()
+
+
+def _any_process(accelerator, flag: bool) -> bool:
+    """`flag` OR-ed over processes (a collective)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(_global_counts(accelerator, int(flag))[0])
 
 
 def _summary(run: Run) -> dict:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ftune.data.collate import batch_tokens
+from ftune.train.distributed import is_sharded, sync_replicated
 
 # What a micro-batch passes to the model; the packed-attention keys are transformers' FlashAttentionKwargs.
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",
@@ -63,9 +64,12 @@ def train_step(state, hooks: list, micro: list[dict], n_targets: int, n_tokens: 
                 loss = loss + sum(extra) / ga
             accelerator.backward(loss)
         loss_sum += out.loss.detach().float()
+    sharded = is_sharded(model)
+    if sharded:
+        sync_replicated(model)  # FSDP2 averaged the sharded gradients; the whole (adapter) ones are averaged here
     state.tokens += tokens
     state.target_tokens += targets
-    if state.cfg.train.nan_policy == "skip" and not _finite(loss_sum, optimizer):
+    if state.cfg.train.nan_policy == "skip" and not _finite(loss_sum, optimizer, sharded):
         return _skip(state, loss_sum, tokens, targets)
     for h in hooks:
         h.after_backward(state)
@@ -73,6 +77,8 @@ def train_step(state, hooks: list, micro: list[dict], n_targets: int, n_tokens: 
     if state.cfg.train.max_grad_norm is not None:
         grad_norm = accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                                 state.cfg.train.max_grad_norm)
+        if isinstance(grad_norm, _dtensor()):  # a sharded model's norm: the global one, the same on every process
+            grad_norm = grad_norm.full_tensor()
     optimizer.step()
     state.scheduler.step()
     state.step += 1
@@ -82,11 +88,25 @@ def train_step(state, hooks: list, micro: list[dict], n_targets: int, n_tokens: 
     return StepResult(loss_sum, tokens, targets, grad_norm)
 
 
-def _finite(loss: torch.Tensor, optimizer) -> bool:
-    """Loss and every gradient finite. One norm per gradient, then a GPU sync: only under nan_policy: skip."""
+def _finite(loss: torch.Tensor, optimizer, sharded: bool = False) -> bool:
+    """Loss and every gradient finite. One norm per gradient, then a GPU sync: only under nan_policy: skip.
+    `sharded`: each process sees its shards only, so the verdict is agreed by all (one all-reduce)."""
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    grads = [g.to_local() if isinstance(g, _dtensor()) else g for g in grads]
     norms = torch._foreach_norm(grads) if grads else []
-    return bool(torch.isfinite(torch.stack([loss.float(), *[n.float().to(loss.device) for n in norms]])).all())
+    ok = torch.isfinite(torch.stack([loss.float(), *[n.float().to(loss.device) for n in norms]])).all()
+    if sharded:
+        import torch.distributed as dist
+
+        ok = ok.to(torch.int32)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
+
+
+def _dtensor():
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
 
 
 def _skip(state, loss_sum: torch.Tensor, tokens: int, targets: int) -> StepResult:
