@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -89,8 +91,14 @@ def test_compare_reads_saved_reports(tmp_path):
     assert [(r["method"], r["f1"], r["trainable_params"]) for r in rows] == [("lora", 0.75, 1234), ("full", 0.5, 99999)]
 
 
-def test_compare_prints_one_row_per_run_in_the_console_and_as_markdown(tmp_path):
+def test_compare_prints_one_row_per_run_in_the_console_and_as_markdown(tmp_path_factory):
+    import tempfile
+
     from conftest import invoke
+
+    # a short path: the console table is as wide as the terminal (COLUMNS=200), and xdist's worker folders make
+    # tmp_path long enough to wrap the run's cell
+    tmp_path = Path(tempfile.mkdtemp(prefix="cmp", dir=tmp_path_factory.getbasetemp()))
 
     _report(tmp_path / "a" / "eval" / "test", "lora", 0.75, 1234, 30.0)
     _report(tmp_path / "b" / "eval" / "test", "full", 0.5, 99999, 300.0)

@@ -2,7 +2,9 @@
 of every weight, and a save that forgets to gather writes 40-byte adapters, empty or zero tensors, or one
 process's slice. Before an artifact is renamed into place, for every method and every launch:
 
-  1. the artifact holds at least one tensor, and none of its tensors has zero elements;
+  1. the artifact holds at least one tensor with elements (a single empty tensor is legitimate: AdaLoRA and
+     SoRA write a module whose rank was pruned to zero as 0-row matrices; a weight that lost its elements to
+     a missing gather is caught by rule 2, against the parameter's shape);
   2. every trained weight, as the save read it, has its parameter's full shape (not a shard's);
   3. "trained" weights: a weight is trained when it has requires_grad. A trained matrix (2-D or more) that
      was not all zero when training started (LoRA A, a base weight, prompt embeddings) must not be all zero
@@ -47,13 +49,10 @@ def check_artifact(directory: Path, any_trained_nonzero: bool) -> None:
     names: list[tuple[Path, str]] = []
     for f in files:
         with safe_open(str(f), framework="pt") as h:
-            for key in h.keys():
-                if 0 in h.get_slice(key).get_shape():
-                    raise RunFailed(f"save check: {f.name} holds an empty tensor ({key}): the weights were not "
-                                     f"gathered before saving; nothing was saved")
-                names.append((f, key))
+            names += [(f, key) for key in h.keys() if 0 not in h.get_slice(key).get_shape()]
     if not names:
-        raise RunFailed(f"save check: the artifact written to {directory} holds no tensor; nothing was saved")
+        raise RunFailed(f"save check: the artifact written to {directory} holds no tensor with any element: the "
+                         f"weights were not gathered before saving; nothing was saved")
     if not any_trained_nonzero:
         return
     for f, key in names:
