@@ -117,3 +117,15 @@ def test_a_100_step_sora_run_with_the_recipe_defaults_prunes_some_ranks_and_repo
     assert report["adapter_tensor_bytes"] == report["size_ratio"] * report["lora_bytes"]
     assert report["adapter_tensor_bytes"] < report["lora_bytes"]  # pruned ranks are not exported
     assert f"sora: {report['live_ranks']} of {report['total_ranks']} ranks live" in out
+
+
+def test_the_merged_model_carries_the_runs_calibration(calibrated_run, tmp_path):
+    """`ftune merge` copies calibration.json: eval of RUN/merged applies the run's threshold, not "none stored"."""
+    run = calibrated_run
+    merged = tmp_path / "merged"
+    ok("merge", run, "--out", merged)
+    stored = json.loads((run / C.CALIBRATION_FILE).read_text())
+    assert json.loads((merged / C.CALIBRATION_FILE).read_text()) == stored
+    ok("eval", merged, "--out", tmp_path / "rep")
+    body = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert body["calibration"]["applied_threshold"] == stored["threshold"]["value"]

@@ -85,6 +85,8 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | N
             raise FtuneError(f"{artifact}: adapter modules not found among the base weights: {sorted(missing)[:3]}; "
                              f"the adapter is from another model or run, train this run again")
         load_tokenizer(cfg.model).save_pretrained(str(tmp))
+        if (run_dir / "calibration.json").is_file():  # the run's chosen threshold/temperature: eval and predict of
+            shutil.copy2(run_dir / "calibration.json", tmp / "calibration.json")  # the merged model apply it too
         merged_cfg = cfg.model_copy(deep=True)
         write_text_atomic(tmp / "ftune.yaml", resolved_yaml(merged_cfg))
         base, revision = base_reference(cfg.model)  # the hub id, not this machine's cache path
