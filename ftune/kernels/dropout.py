@@ -30,8 +30,45 @@ dropout > 0 see different masks (each is reproducible under its own seed).
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 from torch import nn
+
+from ftune.errors import FtuneError
+
+KERNEL_ENV = "FTUNE_DROPOUT_KERNEL"  # auto (Triton on CUDA when it imports) | torch | triton
+
+
+@functools.cache
+def _triton_imports() -> bool:
+    try:
+        import triton  # noqa: F401
+    except (ImportError, RuntimeError):  # not installed, or no working backend here: the torch path
+        return False
+    return True
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels (dropout_triton.py) run for x: on CUDA when triton imports, unless
+    FTUNE_DROPOUT_KERNEL=torch (A/B benchmarks, debugging); =triton forces them (CPU: Triton's interpreter)."""
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice not in ("auto", "torch", "triton"):
+        raise FtuneError(f"{KERNEL_ENV}={choice!r}: expected auto, torch or triton (unset it for auto)")
+    if choice == "torch":
+        return False
+    if choice == "triton":
+        if not _triton_imports():
+            raise FtuneError(f"{KERNEL_ENV}=triton but triton does not import: pip install triton, or unset {KERNEL_ENV}")
+        return True
+    return x.is_cuda and _triton_imports()
+
+
+def triton_kernels():
+    from ftune.kernels import dropout_triton
+
+    return dropout_triton
 
 
 def drop_p(module: nn.Module) -> float:
