@@ -16,6 +16,14 @@ tensor. The mask, the dropped input and g·A exist only as temporaries, ROWS row
 small next to what the layers keep whatever the batch (on Qwen2.5-7B's down_proj at most 2 × 2048 ×
 18944 bf16 elements, 155 MB, against ~40 GB of kept activations at 8k tokens).
 
+On CUDA, when triton imports, the Triton kernels of dropout_triton.py replace the torch path below
+(FTUNE_DROPOUT_KERNEL=torch keeps it, for A/B runs): no mask tensor at all; module j's mask is drawn in
+registers from tl.rand4x's Philox on key seed + mask_index(key, j, n, 0) and counter (token, column // 4)
+(the element offset), so a group's dropped A projections are one pass over x in forward and one pass
+over x and dx in backward (dx and every dA_j together). Chunks (mlp.py) keep distinct masks through the
+key. The torch path stays for the CPU and as the reference; both draw the same distribution from
+different streams.
+
 Why not the alternatives: a 1-bit packed mask (b) still keeps tokens × in / 8 bytes per module and needs
 a pack/unpack kernel; one mask shared by the modules that read the same x (c) would change what is
 trained (PEFT drops independently per module). Regenerating costs one elementwise `bernoulli_` per
