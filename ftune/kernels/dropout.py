@@ -16,6 +16,14 @@ tensor. The mask, the dropped input and g·A exist only as temporaries, ROWS row
 small next to what the layers keep whatever the batch (on Qwen2.5-7B's down_proj at most 2 × 2048 ×
 18944 bf16 elements, 155 MB, against ~40 GB of kept activations at 8k tokens).
 
+On CUDA, when triton imports, the Triton kernels of dropout_triton.py replace the torch path below
+(FTUNE_DROPOUT_KERNEL=torch keeps it, for A/B runs): no mask tensor at all; module j's mask is drawn in
+registers from tl.rand4x's Philox on key seed + mask_index(key, j, n, 0) and counter (token, column // 4)
+(the element offset), so a group's dropped A projections are one pass over x in forward and one pass
+over x and dx in backward (dx and every dA_j together). Chunks (mlp.py) keep distinct masks through the
+key. The torch path stays for the CPU and as the reference; both draw the same distribution from
+different streams.
+
 Why not the alternatives: a 1-bit packed mask (b) still keeps tokens × in / 8 bytes per module and needs
 a pack/unpack kernel; one mask shared by the modules that read the same x (c) would change what is
 trained (PEFT drops independently per module). Regenerating costs one elementwise `bernoulli_` per
@@ -30,8 +38,45 @@ dropout > 0 see different masks (each is reproducible under its own seed).
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 from torch import nn
+
+from ftune.errors import FtuneError
+
+KERNEL_ENV = "FTUNE_DROPOUT_KERNEL"  # auto (Triton on CUDA when it imports) | torch | triton
+
+
+@functools.cache
+def _triton_imports() -> bool:
+    try:
+        import triton  # noqa: F401
+    except (ImportError, RuntimeError):  # not installed, or no working backend here: the torch path
+        return False
+    return True
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels (dropout_triton.py) run for x: on CUDA when triton imports, unless
+    FTUNE_DROPOUT_KERNEL=torch (A/B benchmarks, debugging); =triton forces them (CPU: Triton's interpreter)."""
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice not in ("auto", "torch", "triton"):
+        raise FtuneError(f"{KERNEL_ENV}={choice!r}: expected auto, torch or triton (unset it for auto)")
+    if choice == "torch":
+        return False
+    if choice == "triton":
+        if not _triton_imports():
+            raise FtuneError(f"{KERNEL_ENV}=triton but triton does not import: pip install triton, or unset {KERNEL_ENV}")
+        return True
+    return x.is_cuda and _triton_imports()
+
+
+def triton_kernels():
+    from ftune.kernels import dropout_triton
+
+    return dropout_triton
 
 
 def drop_p(module: nn.Module) -> float:

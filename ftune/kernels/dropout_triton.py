@@ -1,0 +1,249 @@
+"""Triton kernels for LoRA dropout on CUDA (dropout.py says why masks are redrawn; its torch path is the
+CPU path and the reference). Written here because no library fuses a dropout mask into a skinny matmul.
+
+For a group of up to MAX_G modules j that read the same x (tokens × in), with keep masks M_j:
+- `project`:  u_j = x ⊙ M_j A_jᵀ / (1 − p_j) for every j in one pass over x (fp32 accumulate);
+- `backward`: dx += Σ_j ((g_j A_j) ⊙ M_j) / (1 − p_j) and dA_j = g_jᵀ (x ⊙ M_j) / (1 − p_j), reading x
+  and dx once, redrawing the same M_j.
+M_j is never stored: element (t, c) is kept when the Philox-4x32-10 draw (tl.rand4x) of key seed_j and
+counter t · ⌈in/4⌉ + c // 4, output c % 4, is ≥ p_j. It depends on (seed_j, t, c) only, not on tile
+sizes, so forward and backward (different tilings) agree. One Philox call gives four elements' draws:
+the generator is the costly part of these kernels, four times cheaper than one tl.rand per element.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # the CPU tests run the kernels there
+MAX_G = 4  # modules per launch (q/k/v is 3); larger groups run in launches of MAX_G
+
+
+@triton.jit
+def _keep(seed, rows, k0, in4, p, BM: tl.constexpr, BK: tl.constexpr):
+    """Bool keep mask of the tile rows × [k0, k0 + BK) (k0 a multiple of 4)."""
+    c4 = k0 // 4 + tl.arange(0, BK // 4)
+    ctr = rows.to(tl.int64)[:, None] * in4 + c4[None, :]
+    r0, r1, r2, r3 = tl.rand4x(seed, ctr)
+    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BM, BK))  # column 4c + l ← r_l[c]
+    return r >= p
+
+
+@triton.jit
+def _mask_kernel(out_ptr, T, K, in4, seed, p, BM: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    k0 = tl.program_id(1) * BK
+    cols = k0 + tl.arange(0, BK)
+    keep = _keep(seed, rows, k0, in4, p, BM, BK)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.float32),
+             mask=(rows < T)[:, None] & (cols < K)[None, :])
+
+
+@triton.jit
+def _a_tile(a_ptr, sa, c, r, cols, cmask, R: tl.constexpr):
+    rr = tl.arange(0, R)
+    return tl.load(a_ptr + (c + rr)[:, None] * sa + cols[None, :], mask=(rr < r)[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if INTERPRET:  # Triton 3.6's interpreter multiplies bf16 operands wrongly: products in fp32 there (exact)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _fwd_one(acc, x, a_ptr, sa, c, r, seed, p, rows, k0, cols, cmask, in4,
+             R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    keep = _keep(seed, rows, k0, in4, p, BM, BK)
+    xm = tl.where(keep, x, tl.zeros_like(x))  # exact: the 1/(1 − p) scale is applied to the fp32 sum
+    return _dot(xm, tl.trans(_a_tile(a_ptr, sa, c, r, cols, cmask, R)), acc, IEEE)
+
+
+@triton.jit
+def _store_part(ptr, s_stride, row_stride, rows, rmask, c, r, acc, R: tl.constexpr):
+    rr = tl.arange(0, R)
+    tl.store(ptr + s_stride + rows[:, None] * row_stride + (c + rr)[None, :], acc, mask=rmask[:, None] & (rr < r)[None, :])
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, a_ptr, part_ptr, T, K, in4, sx, sa, NR, KS,
+                s0, s1, s2, s3, p0, p1, p2, p3, q0, q1, q2, q3, c0, c1, c2, c3, r0, r1, r2, r3,
+                G: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """part[split, t, c_j + i] = Σ over this split's columns of (x ⊙ M_j)[t] · A_j[i] / (1 − p_j)."""
+    split = tl.program_id(1)
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < T
+    acc0 = tl.zeros((BM, R), dtype=tl.float32)
+    acc1 = tl.zeros((BM, R), dtype=tl.float32)
+    acc2 = tl.zeros((BM, R), dtype=tl.float32)
+    acc3 = tl.zeros((BM, R), dtype=tl.float32)
+    for i in range(0, KS, BK):  # the last split's tail: masked
+        k0 = split * KS + i
+        cols = k0 + tl.arange(0, BK)
+        cmask = cols < K
+        x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        acc0 = _fwd_one(acc0, x, a_ptr, sa, c0, r0, s0, p0, rows, k0, cols, cmask, in4, R, BM, BK, IEEE)
+        if G > 1:
+            acc1 = _fwd_one(acc1, x, a_ptr, sa, c1, r1, s1, p1, rows, k0, cols, cmask, in4, R, BM, BK, IEEE)
+        if G > 2:
+            acc2 = _fwd_one(acc2, x, a_ptr, sa, c2, r2, s2, p2, rows, k0, cols, cmask, in4, R, BM, BK, IEEE)
+        if G > 3:
+            acc3 = _fwd_one(acc3, x, a_ptr, sa, c3, r3, s3, p3, rows, k0, cols, cmask, in4, R, BM, BK, IEEE)
+    base = split.to(tl.int64) * T * NR
+    _store_part(part_ptr, base, NR, rows, rmask, c0, r0, acc0 * q0, R)
+    if G > 1:
+        _store_part(part_ptr, base, NR, rows, rmask, c1, r1, acc1 * q1, R)
+    if G > 2:
+        _store_part(part_ptr, base, NR, rows, rmask, c2, r2, acc2 * q2, R)
+    if G > 3:
+        _store_part(part_ptr, base, NR, rows, rmask, c3, r3, acc3 * q3, R)
+
+
+@triton.jit
+def _bwd_one(dx, acc, x, a, g_ptr, sg, c, r, seed, p, q, rows, rmask, k0, in4,
+             R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    keep = _keep(seed, rows, k0, in4, p, BM, BK)
+    rr = tl.arange(0, R)
+    g = tl.load(g_ptr + rows[:, None] * sg + (c + rr)[None, :], mask=rmask[:, None] & (rr < r)[None, :], other=0.0)
+    ga = _dot(g, a, tl.zeros((BM, BK), dtype=tl.float32), IEEE)
+    dx += tl.where(keep, ga, 0.0) * q
+    acc = _dot(tl.trans(g), tl.where(keep, x, tl.zeros_like(x)), acc, IEEE)
+    return dx, acc
+
+
+@triton.jit
+def _bwd_kernel(x_ptr, g_ptr, a_ptr, dx_ptr, part_ptr, T, K, in4, sx, sg, sa, sdx, NR, TS,
+                s0, s1, s2, s3, p0, p1, p2, p3, q0, q1, q2, q3, c0, c1, c2, c3, r0, r1, r2, r3,
+                G: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """dx[rows, cols] += Σ_j ((g_j A_j) ⊙ M_j) / (1 − p_j) for this program's rows (its split) and columns;
+    part[split, c_j + i, cols] = Σ over the split's rows of g_j[:, i]ᵀ (x ⊙ M_j) / (1 − p_j)."""
+    split = tl.program_id(1)
+    k0 = tl.program_id(0) * BK
+    cols = k0 + tl.arange(0, BK)
+    cmask = cols < K
+    a0 = _a_tile(a_ptr, sa, c0, r0, cols, cmask, R)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    if G > 1:
+        a1 = _a_tile(a_ptr, sa, c1, r1, cols, cmask, R)
+    if G > 2:
+        a2 = _a_tile(a_ptr, sa, c2, r2, cols, cmask, R)
+    if G > 3:
+        a3 = _a_tile(a_ptr, sa, c3, r3, cols, cmask, R)
+    acc0 = tl.zeros((R, BK), dtype=tl.float32)
+    acc1 = tl.zeros((R, BK), dtype=tl.float32)
+    acc2 = tl.zeros((R, BK), dtype=tl.float32)
+    acc3 = tl.zeros((R, BK), dtype=tl.float32)
+    for i in range(0, TS, BM):  # the last split's tail: masked
+        rows = split * TS + i + tl.arange(0, BM)
+        rmask = rows < T
+        tile = rmask[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=tile, other=0.0)
+        dx_at = dx_ptr + rows[:, None] * sdx + cols[None, :]
+        dx = tl.load(dx_at, mask=tile, other=0.0).to(tl.float32)
+        dx, acc0 = _bwd_one(dx, acc0, x, a0, g_ptr, sg, c0, r0, s0, p0, q0, rows, rmask, k0, in4, R, BM, BK, IEEE)
+        if G > 1:
+            dx, acc1 = _bwd_one(dx, acc1, x, a1, g_ptr, sg, c1, r1, s1, p1, q1, rows, rmask, k0, in4, R, BM, BK, IEEE)
+        if G > 2:
+            dx, acc2 = _bwd_one(dx, acc2, x, a2, g_ptr, sg, c2, r2, s2, p2, q2, rows, rmask, k0, in4, R, BM, BK, IEEE)
+        if G > 3:
+            dx, acc3 = _bwd_one(dx, acc3, x, a3, g_ptr, sg, c3, r3, s3, p3, q3, rows, rmask, k0, in4, R, BM, BK, IEEE)
+        tl.store(dx_at, dx.to(dx_ptr.dtype.element_ty), mask=tile)
+    base = split.to(tl.int64) * NR * K
+    rr = tl.arange(0, R)
+    _store_da(part_ptr, base, K, c0, r0, rr, cols, cmask, acc0 * q0)
+    if G > 1:
+        _store_da(part_ptr, base, K, c1, r1, rr, cols, cmask, acc1 * q1)
+    if G > 2:
+        _store_da(part_ptr, base, K, c2, r2, rr, cols, cmask, acc2 * q2)
+    if G > 3:
+        _store_da(part_ptr, base, K, c3, r3, rr, cols, cmask, acc3 * q3)
+
+
+@triton.jit
+def _store_da(ptr, base, K, c, r, rr, cols, cmask, acc):
+    tl.store(ptr + base + (c + rr)[:, None] * K + cols[None, :], acc, mask=(rr < r)[:, None] & cmask[None, :])
+
+
+# ---------------------------------------------------------------- launchers
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _slots(seeds, ps, ranks, cols):
+    """Per-slot kernel arguments (seed, p, 1/(1 − p), first row of A_j, r_j), padded to MAX_G."""
+    pad = MAX_G - len(seeds)
+    s = [int(v) for v in seeds] + [0] * pad
+    p = [float(v) for v in ps] + [0.0] * pad
+    q = [1.0 / (1.0 - v) for v in ps] + [1.0] * pad
+    c = list(cols) + [0] * pad
+    r = list(ranks) + [0] * pad
+    return [*s, *p, *q, *c, *r]
+
+
+def _launches(ranks):
+    """(modules, first A row of each) per launch of at most MAX_G modules."""
+    starts = [sum(ranks[:j]) for j in range(len(ranks))]
+    return [(range(i, min(i + MAX_G, len(ranks))), starts[i:i + MAX_G]) for i in range(0, len(ranks), MAX_G)]
+
+
+def _rank_block(ranks) -> int:
+    return max(16, triton.next_power_of_2(max(ranks)))
+
+
+def project(x2: torch.Tensor, a: torch.Tensor, ranks, ps, seeds) -> torch.Tensor:
+    """u = [x ⊙ M_j A_jᵀ / (1 − p_j)]_j (tokens × Σr, x's dtype); a = the stacked A_j (Σr × in)."""
+    x2, a = x2.contiguous(), a.contiguous()
+    T, K = x2.shape
+    R = _rank_block(ranks)
+    BM, BK = (64, 64) if R <= 32 else (32, 64)
+    n_m, n_k = triton.cdiv(T, BM), triton.cdiv(K, BK)
+    splits = max(1, min(n_k, (2 * _sms(x2.device)) // n_m))  # split the columns when rows alone underfill
+    ks = triton.cdiv(n_k, splits) * BK
+    splits = triton.cdiv(K, ks)
+    part = torch.zeros(splits, T, a.shape[0], device=x2.device, dtype=torch.float32)
+    for mods, cols in _launches(ranks):
+        args = _slots([seeds[j] for j in mods], [ps[j] for j in mods], [ranks[j] for j in mods], cols)
+        _fwd_kernel[(n_m, splits)](x2, a, part, T, K, triton.cdiv(K, 4), x2.stride(0), a.stride(0), a.shape[0], ks,
+                                   *args, G=len(mods), R=R, BM=BM, BK=BK, IEEE=x2.dtype == torch.float32,
+                                   num_warps=4)
+    return (part[0] if splits == 1 else part.sum(0)).to(x2.dtype)
+
+
+def backward(x2: torch.Tensor, g: torch.Tensor, a: torch.Tensor, ranks, ps, seeds, dx: torch.Tensor):
+    """Adds Σ_j ((g_j A_j) ⊙ M_j) / (1 − p_j) into dx (in place) and returns [dA_j] (fp32, r_j × in); g =
+    [dL/du_j]_j (tokens × Σr), the masks those `project` drew with the same seeds."""
+    x2, g, a = x2.contiguous(), g.contiguous(), a.contiguous()
+    assert dx.stride(1) == 1 and dx.shape == x2.shape
+    T, K = x2.shape
+    R = _rank_block(ranks)
+    BM, BK = 64, 64
+    n_k, n_m = triton.cdiv(K, BK), triton.cdiv(T, BM)
+    splits = max(1, min(n_m, triton.cdiv(4 * _sms(x2.device), n_k)))  # split the rows when columns underfill
+    ts = triton.cdiv(n_m, splits) * BM
+    splits = triton.cdiv(T, ts)
+    part = torch.zeros(splits, a.shape[0], K, device=x2.device, dtype=torch.float32)
+    for mods, cols in _launches(ranks):
+        args = _slots([seeds[j] for j in mods], [ps[j] for j in mods], [ranks[j] for j in mods], cols)
+        _bwd_kernel[(n_k, splits)](x2, g, a, dx, part, T, K, triton.cdiv(K, 4), x2.stride(0), g.stride(0),
+                                   a.stride(0), dx.stride(0), a.shape[0], ts, *args, G=len(mods), R=R,
+                                   BM=BM, BK=BK, IEEE=x2.dtype == torch.float32, num_warps=8)
+    da = part[0] if splits == 1 else part.sum(0)
+    return list(da.split(list(ranks)))
+
+
+def keep_mask(seed: int, p: float, shape, device) -> torch.Tensor:
+    """The 0/1 mask (fp32, tokens × in) that `project`/`backward` apply for this seed and p: for tests."""
+    T, K = shape
+    out = torch.empty(T, K, device=device, dtype=torch.float32)
+    _mask_kernel[(triton.cdiv(T, 32), triton.cdiv(K, 32))](out, T, K, triton.cdiv(K, 4), int(seed), float(p), BM=32, BK=32)
+    return out
