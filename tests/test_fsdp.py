@@ -185,7 +185,9 @@ def test_validate_gpus_prints_memory_per_gpu_for_each_strategy(make_config, tmp_
     (7.6e9 x (2 + 2 + 4) bytes = 57 GiB before activations: does not fit with them); FSDP2 holds a quarter of
     it plus the gathered layers and root, so auto picks fsdp2. LoRA fits DDP, so auto keeps ddp."""
     model = _qwen7b_dir(tmp_path)
-    full = make_config({"model": {"path": str(model)}, "data": {"max_length": 2048}, "train": {"micro_batch_size": 4}},
+    # the tokenizer beside these shapes knows no label word: the head (no label text) keeps validate about memory
+    head = {"path": str(model), "head": "classifier"}
+    full = make_config({"model": head, "data": {"max_length": 2048, "packing": False}, "train": {"micro_batch_size": 4}},
                        name="full.yaml", replace={"method": {"name": "full"}})
     result = invoke("validate", full, "--gpus", "4", "--gpu", "h100")
     assert result.exit_code == 0, result.output
@@ -198,7 +200,7 @@ def test_validate_gpus_prints_memory_per_gpu_for_each_strategy(make_config, tmp_
     assert number(fsdp2, "activations") == number(ddp, "activations")
     w_ddp, w_fsdp = number(ddp, "weights"), number(fsdp2, "weights")
     assert w_ddp / 4 < w_fsdp < w_ddp / 2  # a quarter, plus two layers and the root gathered
-    lora = make_config({"model": {"path": str(model)}}, name="lora.yaml")
+    lora = make_config({"model": head, "data": {"packing": False}}, name="lora.yaml")
     result = invoke("validate", lora, "--gpus", "4", "--gpu", "h100")
     assert "train.distributed: ddp (auto)" in result.output, result.output
     fixed = invoke("validate", lora, "train.distributed=fsdp2", "--gpus", "2", "--gpu", "h100")
