@@ -82,7 +82,7 @@ def check_against_dense(device: str, dtype: torch.dtype, tokens: int = 150, widt
         err = float((got.double() - want).norm() / want.norm())
         assert err < tol, err
     rates = [float(m.mean()) for m in masks]
-    assert abs(rates[0] - 0.5) < 0.03 and abs(rates[1] - 0.75) < 0.03 and rates[2] == 1.0, rates
+    assert abs(rates[0] - 0.5) < 0.03 and abs(rates[1] - 0.75) < 0.03 and bool(masks[2].all()), rates  # mean() of ones in fp32 may round below 1
     assert not torch.equal(masks[0], masks[1])
 
 
