@@ -205,7 +205,7 @@ def validate(
     """Check a config (every problem at once); print a summary and a GPU memory estimate; no model is loaded.
     Missing data files are reported after the estimate (exit 2), which needs no data."""
     from ftune.config import load_config, resolved_yaml
-    from ftune.memory import memory_report
+    from ftune.estimate import memory_report
     from ftune.methods import get_method  # also registers the methods the config is checked against
     from ftune.summary import summary_lines
 

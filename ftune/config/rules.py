@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ftune.config.schema import METHOD_SCHEMAS, RunConfig
+from ftune.config.schema import METHOD_SCHEMAS, RunConfig, is_file_source
 
 
 def check_rules(cfg: RunConfig, check_files: bool = True, training: bool = True) -> list[str]:
@@ -49,8 +49,6 @@ def check_rules(cfg: RunConfig, check_files: bool = True, training: bool = True)
 
 def file_problems(cfg: RunConfig) -> list[str]:
     """Data files that are not there (paths relative to the current directory); other sources are checked when read."""
-    from ftune.data.sources import is_file_source
-
     problems = []
     for key in ("train", "eval", "test"):
         path = getattr(cfg.data, key)

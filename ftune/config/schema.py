@@ -8,6 +8,7 @@ METHOD_SCHEMAS: the config floor knows what each method accepts without importin
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Literal
 
@@ -93,6 +94,24 @@ DATA_SOURCE = ("a data file (.jsonl, .json, .csv, .tsv, .parquet), a `datasets.s
                "from the local cache, or a mapping {path, name, split, data_files} as `datasets.load_dataset` takes")
 
 
+
+# How a data source is spelled decides how it is read (ftune/data/sources.py): a file, or a dataset folder / hub id.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
+def is_file_source(spec) -> bool:
+    """A single data file (or what should be one): read by ftune.data.formats line by line."""
+    if isinstance(spec, DataSource):
+        return False
+    path = Path(spec)
+    return not path.is_dir() and (path.exists() or path.suffix in FILE_SUFFIXES or not looks_like_hub_id(str(spec)))
+
+
+def looks_like_hub_id(text: str) -> bool:
+    return bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
+
+
 class DataConfig(Section):
     train: str | DataSource = Field(description=f"Training data: {DATA_SOURCE}.")
     eval: str | DataSource | None = Field(None, description="Evaluation data used during training (eval_every) and by default in `ftune eval`; the same forms as data.train.")
@@ -163,6 +182,20 @@ class QualityGate(Section):
     max: float | None = Field(None, description="The run fails when the final value is above this.")
 
 
+# name in train.report_to -> (modules that provide it, pip package, ftune extra or None)
+TRACKERS = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard", "tensorboard"),
+    "wandb": (("wandb",), "wandb", "wandb"),
+    "mlflow": (("mlflow",), "mlflow", "mlflow"),
+    "comet_ml": (("comet_ml",), "comet_ml", None),
+    "aim": (("aim",), "'aim<4'", None),
+    "clearml": (("clearml",), "clearml", None),
+    "dvclive": (("dvclive",), "dvclive", None),
+    "swanlab": (("swanlab",), "swanlab", None),
+    "trackio": (("trackio",), "trackio", None),
+}
+
+
 class TrainConfig(Section):
     seed: int = Field(42, ge=0, lt=2**32, description="Seed for weights of new layers, data order and dropout.")
     micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass on each device.")
@@ -198,8 +231,6 @@ class TrainConfig(Section):
     @field_validator("report_to")
     @classmethod
     def _known_trackers(cls, v):
-        from ftune.train.trackers import TRACKERS
-
         unknown = [n for n in v if n not in TRACKERS]
         if unknown:
             raise ValueError(f"unknown tracker{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "

@@ -113,6 +113,8 @@ def _check_utf8(path: Path) -> None:
 def _read_table(path: Path) -> list[dict]:
     import datasets
 
+    from ftune.data.sources import root_cause
+
     kwargs = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its "Failed to read file" error line would repeat ours
@@ -123,15 +125,8 @@ def _read_table(path: Path) -> list[dict]:
     except Exception as e:  # pandas/arrow parse errors, wrapped by datasets
         if "corresponds to no data" in str(e):
             raise FtuneError(f"{path}: no rows") from None
-        raise FtuneError(f"{path}: cannot parse as {path.suffix[1:]}: {_root_cause(e)}") from None
+        raise FtuneError(f"{path}: cannot parse as {path.suffix[1:]}: {root_cause(e)}") from None
     return ds.to_list()
-
-
-def _root_cause(e: BaseException) -> str:
-    """The innermost error's first line: datasets wraps the parser's useful message in a generic one."""
-    while (e.__cause__ or e.__context__) is not None:
-        e = e.__cause__ or e.__context__
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__
 
 
 def _jsonl_lines(path: Path, n_rows: int) -> list[int] | None:

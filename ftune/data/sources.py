@@ -7,15 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 
-from ftune.config.schema import DataSource
+from ftune.config.schema import FILE_SUFFIXES, DataSource, is_file_source, looks_like_hub_id  # noqa: F401 (is_file_source: this module's API too)
 from ftune.errors import FtuneError
 
 PACKAGED = ("json", "csv", "parquet", "text", "arrow")  # datasets' builders for data_files
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 
 def source_label(spec) -> str:
@@ -34,18 +31,6 @@ def source_stem(spec) -> str:
     files = _files(spec.data_files)
     stem = Path(files[0]).stem.replace("*", "") if files else Path(spec.path).stem
     return stem + (f"-{spec.split}" if spec.split != "train" else "")
-
-
-def is_file_source(spec) -> bool:
-    """A single data file (or what should be one): read by ftune.data.formats line by line."""
-    if isinstance(spec, DataSource):
-        return False
-    path = Path(spec)
-    return not path.is_dir() and (path.exists() or path.suffix in FILE_SUFFIXES or not looks_like_hub_id(str(spec)))
-
-
-def looks_like_hub_id(text: str) -> bool:
-    return bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
 
 
 def _is_saved(directory: Path) -> bool:
@@ -138,9 +123,7 @@ def read_dataset_rows(spec) -> list[dict]:
     except FtuneError:
         raise
     except Exception as e:  # missing split or files, parse errors, wrapped by datasets
-        from ftune.data.formats import _root_cause
-
-        raise FtuneError(f"{label}: cannot load as a dataset: {_root_cause(e)}") from None
+        raise FtuneError(f"{label}: cannot load as a dataset: {root_cause(e)}") from None
     if len(ds) == 0:
         raise FtuneError(f"{label}: no rows")
     return ds.to_list()
@@ -181,3 +164,10 @@ def source_fingerprint(spec) -> str:
         for p in _matches(base, f):
             h.update(os.path.relpath(p, base).encode() + b"\0" + file_sha256(p).encode())
     return h.hexdigest()
+
+
+def root_cause(e: BaseException) -> str:
+    """The innermost error's first line: datasets wraps the parser's useful message in a generic one."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__

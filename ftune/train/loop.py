@@ -357,7 +357,7 @@ def _save(run: Run, pending: torch.Tensor) -> None:
 
 def _finish(run: Run, log: RunLog) -> dict:
     """The artifact first, then the final evaluation: an evaluation failure never costs the artifact."""
-    cfg, state, accelerator = run.cfg, run.state, run.accelerator
+    state, accelerator = run.state, run.accelerator
     if state.stop_reason:
         run.console.print(f"[yellow]stopping early:[/] {state.stop_reason}")
     for h in run.hooks:

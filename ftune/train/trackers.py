@@ -6,20 +6,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from ftune.config.schema import TRACKERS
 from ftune.errors import FtuneError
-
-# name in train.report_to -> (modules that provide it, pip package, ftune extra or None)
-TRACKERS = {
-    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard", "tensorboard"),
-    "wandb": (("wandb",), "wandb", "wandb"),
-    "mlflow": (("mlflow",), "mlflow", "mlflow"),
-    "comet_ml": (("comet_ml",), "comet_ml", None),
-    "aim": (("aim",), "'aim<4'", None),
-    "clearml": (("clearml",), "clearml", None),
-    "dvclive": (("dvclive",), "dvclive", None),
-    "swanlab": (("swanlab",), "swanlab", None),
-    "trackio": (("trackio",), "trackio", None),
-}
 
 
 def tracker_names(train_cfg) -> list[str]:
