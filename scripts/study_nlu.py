@@ -52,6 +52,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "prompt_tuning": ("prompt_tuning", ["train.lr=3e-2"]),
     "p_tuning": ("p_tuning", ["train.lr=1e-3"]),
     "prefix_tuning": ("prefix_tuning", ["train.lr=5e-3"]),
+    # the classification head (model.head: classifier): one forward per example at eval, whatever the label count
+    "lora-r16-head": ("lora", ["method.r=16", "method.lora_alpha=32", "train.lr=1e-3", "model.head=classifier"]),
+    "full-head": ("full", ["train.lr=5e-5", "model.head=classifier"]),
+    "sora-head": ("sora", ["method.r=16", "method.lora_alpha=32", "train.lr=1e-3", "model.head=classifier"]),
 }
 # dataset -> prompt and max_length (the demo's own config keeps its own).
 PROMPTS = {
