@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,15 +17,10 @@ from conftest import cpu_env, invoke, read_metrics
 from safetensors.torch import load_file
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(n: int, *args, cpu_ddp: bool = True) -> subprocess.CompletedProcess:
+    # --standalone: the launcher binds a free port itself (no port picked here and raced for by xdist workers)
     env = cpu_env(ACCELERATE_USE_CPU="1") if cpu_ddp else cpu_env()  # accelerate's switch for CPU processes (gloo)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--standalone",
            "-m", "ftune", "train", *map(str, args)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
 
@@ -148,7 +141,7 @@ def test_eval_under_a_launcher_writes_its_report_once(make_config, tmp_path):
     out = tmp_path / "run"
     assert invoke("train", make_config(out_dir=out)).exit_code == 0
     env = cpu_env(ACCELERATE_USE_CPU="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "ftune", "eval", str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -12,7 +12,6 @@ import pytest
 import torch
 from conftest import read_metrics
 from safetensors.torch import load_file
-from test_distributed import free_port
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
@@ -29,7 +28,7 @@ METHODS = {
 
 
 def _run(n: int, *args) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--standalone",
            "-m", "ftune", "train", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
 
