@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 import torch
 from conftest import cpu_env, invoke, read_metrics
 from safetensors.torch import load_file
@@ -168,3 +169,22 @@ def test_resume_on_another_number_of_processes_keeps_the_global_batch(tmp_path):
         check_resume(tmp_path, config(2, 1), "sha", world=1, saved_world=2)
     with pytest.raises(FtuneError, match=r"train.micro_batch_size: 2 → 4"):  # same processes: as before
         check_resume(tmp_path, config(4, 1), "sha", world=2, saved_world=2)
+
+
+def test_eval_during_training_is_sharded_across_processes_and_equals_one_process(make_config, tmp_path):
+    """The end-of-run eval under 2 processes: each scores its share (5 rows: 3 and 2, the short share padded),
+    the scores are gathered in order, and the metrics and the calibration chosen on them equal one process's."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    test_file = yaml.safe_load(make_config().read_text())["data"]["test"]
+    config = make_config({"train": {"max_steps": 2, "micro_batch_size": 2}, "data": {"eval": test_file},
+                          "eval": {"reject_label": "other", "threshold": "auto"}}, name="eval.yaml")
+    assert invoke("train", config, f"output_dir={one}", "train.micro_batch_size=4").exit_code == 0
+    done = torchrun(2, config, f"output_dir={two}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "eval: 5 examples scored across 2 processes" in done.stdout + done.stderr
+    a, b = (json.loads((d / "run.json").read_text()) for d in (one, two))
+    assert a["final_eval"].keys() == b["final_eval"].keys() and "eval_macro_f1" in a["final_eval"]
+    for key, value in a["final_eval"].items():
+        assert b["final_eval"][key] == pytest.approx(value, abs=1e-4), key
+    ca, cb = (json.loads((d / "calibration.json").read_text()) for d in (one, two))
+    assert cb["threshold"]["value"] == pytest.approx(ca["threshold"]["value"], abs=1e-4)

@@ -13,6 +13,8 @@ import contextlib
 import datetime as dt
 import json
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +42,7 @@ INVALID = "<invalid>"
 
 
 def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[str] | None, progress=None,
-                   calibration: dict | None = None, fit: bool | None = False) -> dict:
+                   calibration: dict | None = None, fit: bool | None = False, shard: Shard | None = None) -> dict:
     """Metrics of `model` on a loaded split. Returns summary (flat numbers, with eval's temperature and threshold
     applied), summary_raw (neither applied; only when one is), report and predictions.
 
@@ -55,7 +57,7 @@ def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[
         return {"summary": {"loss": result["loss"], "perplexity": result["perplexity"]}, "report": result, "predictions": []}
     gold = [e.label for e in examples]
     reject = cfg.eval.reject_label
-    got = classify(model, tokenizer, examples, cfg, labels, progress, calibration, fit, gold, split.path)
+    got = classify(model, tokenizer, examples, cfg, labels, progress, calibration, fit, gold, split.path, shard)
     pred, scored, conf, raw_conf = got["pred"], got["scored"], got["confidence"], got["raw_confidence"]
     calib, probs, outputs, shortened = got["calibration"], got["probs"], got["outputs"], got["shortened"]
     report = M.classification_report(gold, pred, labels, reject_label=reject, invalid_label=INVALID)
@@ -84,8 +86,36 @@ def evaluate_model(model, tokenizer, split: Split, cfg: RunConfig, labels: list[
     return result | {"predictions": predictions, "confidence": conf, "scored": scored, "shortened": sum(shortened)}
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of an evaluation under a launcher: example i is scored by process i % world, and
+    `gather` (an all-gather of Python objects, a collective) brings every process's scores back, so each one
+    holds all of them in order and computes the same metrics."""
+
+    rank: int
+    world: int
+    gather: Callable[[object], list]
+
+
+def _sharded_scores(score, prompts: list[str], shard: Shard | None):
+    """score(prompts) -> (log-probs [n, L], lengths [L]) over all prompts, each process scoring its share. Every
+    process runs the same number of prompts (the last share padded with prompt 0, dropped after), so models
+    whose forward is a collective (FSDP2) stay in step."""
+    if shard is None or shard.world <= 1 or not prompts:
+        return score(prompts)
+    mine = prompts[shard.rank::shard.world]
+    per = -(-len(prompts) // shard.world)
+    logprobs, lengths = score(mine + [prompts[0]] * (per - len(mine)))
+    parts = shard.gather(logprobs[: len(mine)].float().cpu().tolist())
+    full = torch.empty((len(prompts), logprobs.shape[1]), dtype=torch.float32)
+    for rank, part in enumerate(parts):
+        if part:
+            full[rank::shard.world] = torch.tensor(part, dtype=torch.float32)
+    return full, lengths
+
+
 def classify(model, tokenizer, examples, cfg: RunConfig, labels: list[str], progress=None, calibration: dict | None = None,
-             fit: bool | None = False, gold: list[str] | None = None, where=None) -> dict:
+             fit: bool | None = False, gold: list[str] | None = None, where=None, shard: Shard | None = None) -> dict:
     """Predicted labels of classification examples, as `ftune eval` and `ftune predict` both make them: prompts
     fitted as training fitted them, then label scores (eval.mode: score) with eval's temperature and threshold
     applied, or generated text mapped to a label (generate). `gold` is only read when `fit` chooses an `auto`
@@ -102,10 +132,14 @@ def classify(model, tokenizer, examples, cfg: RunConfig, labels: list[str], prog
         outputs, pred = generate_labels(model, tokenizer, prompts, labels, cfg, progress)
     else:
         if cfg.model.head == "classifier":  # one forward per example; log-probabilities over the label set
-            logprobs, lengths = head_logprobs(model, tokenizer, prompts, cfg.eval.batch_size, cfg.data.max_length, progress)
+            def score(ps):
+                return head_logprobs(model, tokenizer, ps, cfg.eval.batch_size, cfg.data.max_length, progress)
         else:
-            logprobs, lengths = label_logprobs(model, tokenizer, prompts, label_token_ids(tokenizer, labels, cfg.data),
-                                               cfg.eval.batch_size, cfg.data.max_length, progress)
+            label_ids = label_token_ids(tokenizer, labels, cfg.data)
+
+            def score(ps):
+                return label_logprobs(model, tokenizer, ps, label_ids, cfg.eval.batch_size, cfg.data.max_length, progress)
+        logprobs, lengths = _sharded_scores(score, prompts, shard)
         _require_finite(logprobs, "label scores")
         pred, raw_probs = predict_labels(logprobs, lengths, labels, cfg.eval.length_normalize)
         raw_conf = raw_probs.max(-1).values.tolist()

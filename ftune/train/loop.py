@@ -490,13 +490,23 @@ def _evaluate(run: Run, log: RunLog, final: bool = False) -> dict:
     """Eval on the eval split with the same code as `ftune eval`; logged with an eval_ prefix. The final one
     chooses eval's `auto` temperature/threshold there and stores them (calibration.json); before, none apply."""
     from ftune.eval.calibrate import CALIBRATION_FILE
-    from ftune.eval.run import evaluate_model, stored_calibration
+    from ftune.eval.run import Shard, evaluate_model, stored_calibration
 
     state = run.state
-    model = state.accelerator.unwrap_model(state.model)
+    accelerator = state.accelerator
+    model = accelerator.unwrap_model(state.model)
     model.eval()
-    with state.accelerator.autocast():
-        result = evaluate_model(model, run.tokenizer, run.eval_split, run.cfg, run.labels, fit=True if final else None)
+    shard = None
+    if accelerator.num_processes > 1:  # each process scores its share of the eval split; all gather every score
+        from accelerate.utils import gather_object
+
+        shard = Shard(accelerator.process_index, accelerator.num_processes, lambda obj: gather_object([obj]))
+        if final and accelerator.is_main_process:
+            run.console.print(f"eval: {len(run.eval_split.examples):,} examples scored across {shard.world} processes",
+                              highlight=False)
+    with accelerator.autocast():
+        result = evaluate_model(model, run.tokenizer, run.eval_split, run.cfg, run.labels, fit=True if final else None,
+                                shard=shard)
     model.train()
     metrics = {f"eval_{k}": v for k, v in result["summary"].items()}
     if final and result.get("calibration"):
