@@ -47,12 +47,12 @@ def build_bpe_tokenizer(split: str, add_bos: bool):
                                    additional_special_tokens=SPECIALS[3:], chat_template=CHAT_TEMPLATE)
 
 
-def build_model(path: Path, arch: str, tied: bool = False, seed: int = 0) -> Path:
-    """A 2-layer model (hidden 32, 4 query / 2 kv heads) of `arch` with random weights and a BPE tokenizer;
-    vocab_size is 8 more than the tokenizer's, as real models pad it."""
+def build_model(path: Path, arch: str, tied: bool = False, seed: int = 0, tokenizer=None) -> Path:
+    """A 2-layer model (hidden 32, 4 query / 2 kv heads) of `arch` with random weights and a tokenizer (by default
+    a byte-level BPE); vocab_size is 8 more than the tokenizer's, as real models pad it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    tokenizer = build_bpe_tokenizer(_QWEN2_SPLIT if arch == "qwen2" else _LLAMA3_SPLIT, add_bos=arch != "qwen2")
+    tokenizer = tokenizer or build_bpe_tokenizer(_QWEN2_SPLIT if arch == "qwen2" else _LLAMA3_SPLIT, add_bos=arch != "qwen2")
     config = AutoConfig.for_model(arch, vocab_size=len(tokenizer) + 8, hidden_size=32, intermediate_size=64,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                   max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
