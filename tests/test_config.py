@@ -255,3 +255,14 @@ def test_load_resolved_of_a_directory_that_is_not_a_run(tmp_path):
 
     with pytest.raises(FtuneError, match=r"not a run directory \(no ftune.yaml\)"):
         load_resolved(tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+def test_every_shipped_config_validates_as_shipped(name, tmp_path):
+    """configs/*.yaml as users run them, only the data paths pointed at a file: valid, and their recipe's method."""
+    root = Path(__file__).resolve().parents[1]
+    example = root / "examples" / "alpaca.jsonl"
+    shipped = (root / "configs" / name).read_text()
+    overrides = [] if name == "demo.yaml" else [f"data.{k}={example}" for k in ("train", "eval", "test") if f"  {k}:" in shipped]
+    cfg = load_config(root / "configs" / name, overrides, check_files=name != "demo.yaml")
+    assert cfg.method.name and cfg.model.path
