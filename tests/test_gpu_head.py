@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from conftest import invoke
-from test_methods_matrix import CASES
+from test_methods_matrix import CASES, case_parts
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -17,9 +17,7 @@ if not torch.cuda.is_available():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_head_trains_evaluates_and_merges_on_gpu(name, make_config, tmp_path):
-    overrides = CASES[name]
-    replace = {k: overrides[k] for k in ("method", "recipe") if k in overrides}
-    extra = {k: v for k, v in overrides.items() if k not in replace}
+    replace, extra = case_parts(name)
     run = tmp_path / f"gpu-head-{name}"
     extra = {**extra, "model": {**extra.get("model", {}), "head": "classifier"},
              "train": {**extra.get("train", {}), "max_steps": 8, "log_every": 1}}

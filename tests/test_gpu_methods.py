@@ -11,7 +11,7 @@ import torch
 
 from conftest import invoke, read_metrics
 from ftune.methods import get_method
-from test_methods_matrix import CASES
+from test_methods_matrix import CASES, case_parts
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -20,9 +20,7 @@ if not torch.cuda.is_available():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_method_trains_merges_and_evaluates_on_gpu(name, make_config, tmp_path):
-    overrides = CASES[name]
-    replace = {k: overrides[k] for k in ("method", "recipe") if k in overrides}
-    extra = {k: v for k, v in overrides.items() if k not in replace}
+    replace, extra = case_parts(name)
     run = tmp_path / f"gpu-{name}"
     extra = {**extra, "train": {**extra.get("train", {}), "max_steps": 8, "log_every": 1,
                                 "lr": 2e-3 if name in ("full", "lisa") else 2e-2}}
@@ -95,15 +93,15 @@ def test_qalora_against_qlora_on_a_7b_architecture(tmp_path, data_dir, make_conf
     build_tokenizer().save_pretrained(str(model_dir))
     results = {}
     for name in ("qalora", "qlora"):
-        overrides = CASES[name]
-        method = {**overrides["method"], "group_size": 128} if name == "qalora" else overrides["method"]
-        extra = {k: v for k, v in overrides.items() if k not in ("method", "recipe")}
+        replace, extra = case_parts(name)
+        if name == "qalora":
+            replace = {**replace, "method": {**replace["method"], "group_size": 128}}
         extra = {**extra, "model": {**extra.get("model", {}), "path": str(model_dir)},
                  "data": {"max_length": 256, "packing": False},
                  "train": {**extra.get("train", {}), "max_steps": 12, "log_every": 1, "lr": 1e-3, "micro_batch_size": 8}}
         run = tmp_path / f"bench-{name}"
         result = invoke("train", make_config(extra, name=f"{name}.yaml", out_dir=run,
-                                             replace={"recipe": overrides["recipe"], "method": method}))
+                                             replace=replace))
         assert result.exit_code == 0, result.output
         lines = [m for m in read_metrics(run) if "loss" in m]
         results[name] = {"tokens_per_s": sum(m["tokens_per_s"] for m in lines[4:]) / len(lines[4:]),

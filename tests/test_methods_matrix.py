@@ -48,10 +48,15 @@ def test_every_registered_method_is_in_the_matrix():
     assert set(AT_INIT) == set(CASES), "say for each method whether its output at init equals the base's"
 
 
-def config_for(name, make_config, tmp_path, steps=2, lr=None):
+def case_parts(name: str) -> tuple[dict, dict]:
+    """A method's row as make_config takes it: (sections swapped in whole: method, recipe; the rest, deep-merged)."""
     overrides = CASES[name]
     replace = {k: overrides[k] for k in ("method", "recipe") if k in overrides}
-    extra = {k: v for k, v in overrides.items() if k not in replace}
+    return replace, {k: v for k, v in overrides.items() if k not in replace}
+
+
+def config_for(name, make_config, tmp_path, steps=2, lr=None):
+    replace, extra = case_parts(name)
     extra = {**extra, "train": {**extra.get("train", {}), "max_steps": steps, **({"lr": lr} if lr else {})}}
     path = make_config(extra, name=f"{name}.yaml", out_dir=tmp_path / f"run-{name}", replace=replace)
     return load_config(path)
