@@ -225,7 +225,9 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str
     if int4 is not None:
         if quant is not None:
             raise FtuneError(f"model.quantization: {directory} is already INT4 (a merged QA-LoRA model); set quantization: none")
-        return _finish(load_int4_model(directory, int4, dtype, resolve_attention(cfg.attn_implementation, device), device),
+        heads = {k: v for k, v in kwargs.items() if k in ("num_labels", "id2label", "label2id")}
+        return _finish(load_int4_model(directory, int4, dtype, resolve_attention(cfg.attn_implementation, device), device,
+                                       auto, **heads),
                        cfg, source, quant)
     try:
         model = auto.from_pretrained(
@@ -269,24 +271,29 @@ def _int4_config(directory: Path) -> dict | None:
     return qc if isinstance(qc, dict) and qc.get("quant_method") == int4.QUANT_METHOD else None
 
 
-def load_int4_model(directory: str | Path, qc: dict, dtype: torch.dtype, attn: str, device: torch.device | str):
+def load_int4_model(directory: str | Path, qc: dict, dtype: torch.dtype, attn: str, device: torch.device | str,
+                    auto=None, **config_kwargs):
     """A merged INT4 checkpoint: the architecture from config.json with its listed linears as `Int4Linear`,
     every tensor loaded from the safetensors files (transformers does not know ftune's format). Parameters
-    are built without memory (accelerate's init_empty_weights) and replaced by the file's tensors."""
+    are built without memory (accelerate's init_empty_weights) and replaced by the file's tensors. `auto`:
+    the transformers Auto class to build (AutoModelForCausalLM by default; AutoModelForSequenceClassification,
+    with num_labels/id2label/label2id in `config_kwargs`, for a merged run with the classification head)."""
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    auto = auto or AutoModelForCausalLM
 
     directory = Path(directory)
     fix = f"{directory} is a cut or edited INT4 checkpoint; merge the run again"
     modules, group_size = qc.get("modules"), qc.get("group_size")
     if not isinstance(modules, list) or group_size not in (32, 64, 128):
         raise FtuneError(f"{directory / 'config.json'}: quantization_config lacks its modules or group_size; {fix}")
-    config = AutoConfig.from_pretrained(str(directory))
+    config = AutoConfig.from_pretrained(str(directory), **config_kwargs)
     config.quantization_config = None
     del config.quantization_config
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+        model = auto.from_config(config, dtype=dtype, attn_implementation=attn)
     try:
         int4.swap_linears(model, modules, lambda name, m: int4.Int4Linear(
             m.in_features, m.out_features, group_size, m.bias is not None, "cpu", dtype))

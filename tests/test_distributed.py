@@ -46,7 +46,7 @@ def test_two_processes_log_the_global_loss_train_like_one_and_resume_in_one(make
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], abs=1e-5)
     ref, ddp = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (one, two))
     for k in ref:
-        torch.testing.assert_close(ddp[k], ref[k], rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(ddp[k], ref[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
     assert json.loads((two / "run.json").read_text())["steps"] == 3
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # written once, nothing left over
 
@@ -102,7 +102,7 @@ def test_every_method_trains_under_ddp_like_one_process(make_config, tmp_path, m
                 for d in (one, two))
     assert ref.keys() == ddp.keys() and ref
     for k in ref:
-        torch.testing.assert_close(ddp[k], ref[k], rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(ddp[k], ref[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
     for name in ("adalora_ranks.json", "sora_ranks.jsonl"):
         if (one / name).exists():
             assert (two / name).read_text() == (one / name).read_text()

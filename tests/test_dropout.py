@@ -267,7 +267,7 @@ def test_dropout_costs_no_peak_memory_on_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_liger_and_torch_paths_draw_the_same_masks_on_gpu(masks):
+def test_liger_and_torch_paths_draw_the_same_masks_on_gpu(masks, monkeypatch):
     """The liger/Triton MLP path and the PyTorch one under the same seed: identical masks (CUDA's
     generator redraws them exactly) and gradients within bf16 noise; the group against explicit masks."""
     from ftune.kernels.ops import LIGER, liger_available
@@ -291,6 +291,7 @@ def test_liger_and_torch_paths_draw_the_same_masks_on_gpu(masks):
     for a, b in zip(g_l, g_t):
         assert float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)) < 2e-2
     masks.clear()
+    monkeypatch.setenv(drop.KERNEL_ENV, "torch")  # the group's Triton kernels draw in-kernel: tests/test_dropout_triton.py
     group = [with_dropout(lora(nn.Linear(64, 64)), 0.5).cuda() for _ in range(3)]
     x = torch.randn(256, 64, device="cuda", requires_grad=True)
     fused = project_group(x, group)

@@ -175,6 +175,15 @@ def test_lora_group_on_the_triton_path_on_gpu(monkeypatch):
     check_group_path("cuda", monkeypatch)
 
 
+def noise_weighted_grads(x, modules, outs):
+    """Gradients of Σ w ⊙ out with w fixed Gaussian noise. Not test_kernels.grads' ramp: a ramp over rows weights
+    every output column alike, so dB collapses to r numbers and its norm swings 30-50% between two draws of the
+    same path (measured on CPU, torch path, seeds 10 and 11); with noise weights two draws differ by ≤ 1.3%."""
+    g = torch.Generator().manual_seed(0)
+    loss = sum((o * torch.randn(o.shape, generator=g).to(o.device, o.dtype)).sum() for o in outs)
+    return torch.autograd.grad(loss, [x, *(p for m in modules for p in m.parameters() if p.requires_grad)])
+
+
 @pytest.mark.gpu
 @needs_gpu
 def test_triton_and_torch_paths_agree_statistically_on_gpu(monkeypatch):
@@ -189,7 +198,7 @@ def test_triton_and_torch_paths_agree_statistically_on_gpu(monkeypatch):
         monkeypatch.setenv(drop.KERNEL_ENV, kind)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             outs = project_group(x, modules)
-        got = grads(x, modules, outs)
+        got = noise_weighted_grads(x, modules, outs)
         stats[kind] = torch.tensor([float(o.float().abs().mean()) for o in outs] + [float(t.float().norm()) for t in got])
     rel = (stats["triton"] - stats["torch"]).abs() / stats["torch"]
     assert float(rel.max()) < 0.03, (stats, rel)

@@ -31,7 +31,7 @@ def test_method_trains_merges_and_evaluates_on_gpu(name, make_config, tmp_path):
     if method.fast_path:
         assert "kernels: ftune fast path" in result.output, result.output  # a 4-bit base too (kernels/fast.py)
     else:  # the method keeps the loop on transformers' forward and unpacked batches, and says why
-        assert f"fast path off: {method.path_reason}" in result.output, result.output
+        assert f"fast path off: {method.path_reason}" in " ".join(result.output.split()), result.output  # rich wraps
         assert f"packing off for {name}" in result.output, result.output
     lines = [m for m in read_metrics(run) if "loss" in m]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in lines)
@@ -90,13 +90,15 @@ def test_qalora_against_qlora_on_a_7b_architecture(tmp_path, data_dir, make_conf
                          eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     torch.manual_seed(0)
     Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(str(model_dir))
-    build_tokenizer().save_pretrained(str(model_dir))
+    # The tokenizer in its own folder: from a folder whose config.json says qwen2, transformers loads tokenizer.json
+    # as its Qwen2 tokenizer class (another pre-tokenizer), which maps every word of the tiny vocabulary to one id.
+    build_tokenizer().save_pretrained(str(tmp_path / "tokenizer"))
     results = {}
     for name in ("qalora", "qlora"):
         replace, extra = case_parts(name)
         if name == "qalora":
             replace = {**replace, "method": {**replace["method"], "group_size": 128}}
-        extra = {**extra, "model": {**extra.get("model", {}), "path": str(model_dir)},
+        extra = {**extra, "model": {**extra.get("model", {}), "path": str(model_dir), "tokenizer": str(tmp_path / "tokenizer")},
                  "data": {"max_length": 256, "packing": False},
                  "train": {**extra.get("train", {}), "max_steps": 12, "log_every": 1, "lr": 1e-3, "micro_batch_size": 8}}
         run = tmp_path / f"bench-{name}"

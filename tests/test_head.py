@@ -160,3 +160,39 @@ def test_every_method_trains_the_head_and_saves_it(name, make_config, tiny_model
         theirs = hf_logits(AutoModelForSequenceClassification.from_pretrained(str(run / "model")), tok)
     assert torch.allclose(theirs, ours, atol=1e-5)
     assert invoke("eval", run, "--out", tmp_path / "report").exit_code == 0
+
+
+def head_round_trip(name: str, make_config, tmp_path, merge_tolerance: float) -> None:
+    """A method-matrix row with the head through the CLI: train, eval, then `ftune merge --verify` (merge refused,
+    exit 2, for a method that cannot merge). Shared with tests/test_gpu_head.py, which runs every row on CUDA."""
+    from test_methods_matrix import case_parts
+
+    replace, extra = case_parts(name)
+    run = tmp_path / f"head-{name}"
+    extra = {**extra, "model": {**extra.get("model", {}), "head": "classifier"},
+             "train": {**extra.get("train", {}), "max_steps": 8, "log_every": 1}}
+    result = invoke("train", make_config(extra, out_dir=run, replace=replace))
+    assert result.exit_code == 0, result.output
+    out = invoke("eval", run, "--out", tmp_path / "report")
+    assert out.exit_code == 0, out.output
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert 0.0 <= report["summary"]["accuracy"] <= 1.0
+    method = get_method(replace["method"]["name"])
+    if (run / "adapter" / "adapter_config.json").is_file():
+        config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+        assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+    if method.unmergeable_reason:
+        refused = invoke("merge", run)
+        assert refused.exit_code == 2 and "not mergeable" in refused.output, refused.output
+    elif (run / "adapter").is_dir():
+        merged = invoke("merge", run, "--verify")
+        assert merged.exit_code == 0, merged.output
+        diff = float(merged.output.split("max |logit diff| merged vs adapter:")[1].split()[0])
+        assert diff < merge_tolerance, merged.output
+
+
+@pytest.mark.parametrize("name", ["bottleneck", "prompt_tuning", "p_tuning", "prefix_tuning", "qalora"])
+def test_the_newer_methods_train_evaluate_and_merge_with_the_head(name, make_config, tmp_path):
+    """The head over the methods of issue #13 (bottleneck's own format keeps the head as PEFT does; a merged QA-LoRA
+    run is an INT4 *ForSequenceClassification checkpoint). QA-LoRA's merge folds into INT4 zero points: fp32 error."""
+    head_round_trip(name, make_config, tmp_path, merge_tolerance=1e-3)

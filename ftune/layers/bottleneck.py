@@ -119,7 +119,11 @@ def read_bottleneck(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not isinstance(modules, list) or not modules or not all(isinstance(m, str) for m in modules):
         raise FtuneError(f"{where}: 'modules' must be a non-empty list of module names; {FIX}")
     check_safetensors(adapter_dir / WEIGHTS_NAME, FIX)
-    return config, load_file(str(adapter_dir / WEIGHTS_NAME))
+    tensors = load_file(str(adapter_dir / WEIGHTS_NAME))
+    # A run with the classification head also keeps `score` whole, under PEFT's key and modules_to_save
+    # (ftune.layers.peft_format.save_head, read back by read_head): not an adapter's tensor.
+    saved = tuple(f"base_model.model.{m}." for m in config.get("modules_to_save") or [])
+    return config, {k: v for k, v in tensors.items() if not k.startswith(saved)}
 
 
 def _check_fit(model: nn.Module, config: dict, tensors: dict, adapter_dir: Path) -> None:
