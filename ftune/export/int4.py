@@ -1,4 +1,4 @@
-"""`ftune export-int4`: a merged INT4 checkpoint (QA-LoRA, `ftune.int4`'s format) as compressed-tensors W4A16
+"""`ftune export --format compressed-tensors`: a merged INT4 checkpoint (QA-LoRA, `ftune.int4`'s format) as compressed-tensors W4A16
 (format pack_quantized, asymmetric, group strategy): the layout vLLM and transformers' compressed-tensors
 integration load.
 

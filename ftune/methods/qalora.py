@@ -13,7 +13,7 @@ Hooks: none — the adapter is trained by the plain loop. Artifact: RUN_DIR/adap
 names plus its QALoRA fields (`use_qalora`, `qalora_group_size`); lora_A is stored in PEFT's convention
 (PEFT multiplies the mean by in/group_size, so A is saved × group_size/in; untested with PEFT, whose
 QALoRA runs only on GPTQ layers). Mergeable: `ftune merge` writes an INT4 checkpoint (ftune.int4's
-format: packed q, fp16 scales, fp32 zeros); `ftune export-int4` writes compressed-tensors W4A16.
+format: packed q, fp16 scales, fp32 zeros); `ftune export --format compressed-tensors` writes W4A16.
 """
 
 from __future__ import annotations
