@@ -49,6 +49,7 @@ CASES: dict[str, tuple[str, str, dict]] = {
     "ftune-qlora-nodrop": ("ftune", "configs/qwen7b_qlora.yaml", {"overrides": ["method.lora_dropout=0"]}),
     "ftune-qlora-28C": ("ftune", "configs/qwen7b_qlora.yaml", {"overrides": ["model.layer_plan=28C", "model.memory_budget_gib=null"]}),
     "ftune-qlora-14a8c6K": ("ftune", "configs/qwen7b_qlora.yaml", {"overrides": ["model.layer_plan=14a8c6K", "model.memory_budget_gib=null"]}),
+    "ftune-qalora": ("ftune", "configs/qwen7b_qalora.yaml", {}),  # INT4 base quantized by ftune; vs NF4 QLoRA
     "trainer-lora": ("trainer", "configs/qwen7b_lora.yaml", {"liger": False, "gc": True}),
     "trainer-lora-liger": ("trainer", "configs/qwen7b_lora.yaml", {"liger": True, "gc": True}),
     "trainer-lora-liger-nogc": ("trainer", "configs/qwen7b_lora.yaml", {"liger": True, "gc": False}),
@@ -58,6 +59,7 @@ CASES: dict[str, tuple[str, str, dict]] = {
 RATIOS = [("ftune-lora", "trainer-lora", "≥ 2.2× at ≤ 48 GiB"), ("ftune-lora", "trainer-lora-liger", "≥ 1.8×"),
           ("ftune-lora", "trainer-lora-liger-nogc", "—"), ("ftune-lora-16gib", "trainer-lora", "≥ 1.3× at ≤ 16 GiB"),
           ("ftune-qlora", "trainer-qlora", "≥ 2.2× at ≤ 0.5× memory"),
+          ("ftune-qalora", "ftune-qlora", "QA-LoRA (INT4, group 128) vs QLoRA (NF4): —"),
           ("ftune-lora", "ftune-lora-nodrop", "dropout 0.05 vs 0: ≥ 0.95×, ≤ 1.05× memory"),
           ("ftune-qlora", "ftune-qlora-nodrop", "dropout 0.05 vs 0: ≥ 0.95×, ≤ 1.05× memory")]
 WORDS = 32000
