@@ -25,6 +25,7 @@ METRICS = {
     "trainable_params": ("trainable params", "int"),
     "train_seconds": ("train time", "time"),
     "peak_mem_gib": ("peak GPU mem", "gib"),
+    "eval_examples_per_s": ("eval ex/s", "rate"),
 }
 
 
@@ -42,7 +43,8 @@ def record_from_reports(run_dir: Path, report_json: Path) -> dict:
            "reject_f1": calibrated.get("reject_f1"), "reject_f1_raw": raw.get("reject_f1"),
            "false_accept_rate": calibrated.get("false_accept_rate"), "false_accept_rate_raw": raw.get("false_accept_rate"),
            "ece": calibrated.get("ece"), "threshold": applied, "trainable_params": run["trainable_params"],
-           "train_seconds": run["train_seconds"], "peak_mem_gib": run.get("peak_mem_gib"), "status": run.get("status", "done")}
+           "train_seconds": run["train_seconds"], "peak_mem_gib": run.get("peak_mem_gib"), "status": run.get("status", "done"),
+           "eval_examples_per_s": report.get("meta", {}).get("examples_per_s"), "labels": report.get("meta", {}).get("labels")}
     ranks = Path(run_dir) / "adapter" / "sora_ranks.json"
     if ranks.is_file():
         rec["sora"] = read_json(ranks)
@@ -108,6 +110,8 @@ def fmt(stat: dict | None, kind: str = "num") -> str:
         return f"{mean:.0f}s" + (f" ± {std:.0f}" if std is not None else "")
     if kind == "gib":
         return f"{mean:.2f} GiB"
+    if kind == "rate":
+        return f"{mean:,.0f}"
     return f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else "")
 
 

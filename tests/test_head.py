@@ -92,6 +92,8 @@ def test_head_trains_and_reports_like_label_scoring(make_config, tmp_path):
     assert out.exit_code == 0, out.output
     report = json.loads((report_dir / "report.json").read_text())
     assert set(report["metrics"]["per_class"]) == set(LABELS) and report["meta"]["examples"] == len(CLS_TRAIN)
+    meta = report["meta"]  # the scoring speed the study compares (head vs label scoring)
+    assert meta["labels"] == len(LABELS) and meta["examples_per_s"] == pytest.approx(meta["examples"] / meta["seconds"], rel=0.01)
     preds = [json.loads(x) for x in (report_dir / "predictions.jsonl").read_text().splitlines()]
     assert set(preds[0]["scores"]) == set(LABELS)
     assert sum(preds[0]["scores"].values()) == pytest.approx(1.0, abs=1e-4)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -356,12 +357,16 @@ def run_eval(target: str, data: str | None = None, config: str | None = None, ou
         if cfg.data.format == "classification" else load_split(data, cfg.data, tokenizer, labels)
     model = load_target_model(cfg, kind, run_dir)
     n = min(len(split.examples), cfg.eval.max_examples or len(split.examples))
+    start = time.perf_counter()
     with inference(model, console, f"eval {Path(source_label(data)).name}", n) as advance:
         result = evaluate_model(model, tokenizer, split, cfg, labels, advance,
                                 calibration=C.read_calibration(calibration_dir(kind, run_dir, root)))
+    seconds = time.perf_counter() - start  # scoring only: model load and report writing excluded
     meta = {"target": str(Path(target).resolve()), "kind": kind, "model": cfg.model.path, "method": cfg.method.name if kind in ("run", "merged") else "base",
             "dataset": str(Path(data).resolve()) if isinstance(data, str) and Path(data).exists() else source_label(data),
             "dataset_sha256": source_fingerprint(data), "examples": n, "mode": cfg.eval.mode,
+            "labels": len(labels) if labels else None,
+            "seconds": round(seconds, 3), "examples_per_s": round(n / seconds, 2) if seconds > 0 else None,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     if cfg.data.format == "classification":
         mapped = mapped_labels(split.examples[:n])
