@@ -46,16 +46,20 @@ def test_two_sharded_processes_train_like_one(make_config, tmp_path, method):
     assert "2 processes: fsdp2" in done.stderr
     expected, got = read_metrics(one), read_metrics(two)
     assert [m["step"] for m in got] == [1, 2, 3, 4]
+    # QLoRA computes in bf16 (its compute dtype on a CPU too): micro-batches of 2 and of 4 rows take different GEMM
+    # blockings on an AVX-512 CPU, and a bf16 output that differs in the last accumulated bit rounds one ulp apart
+    # (step-1 loss 4.11801 vs 4.119996 on the H200 host, 2026-12-02; equal to 1e-5 on AVX2). fp32 methods: 1e-5.
+    tol = 5e-3 if method == "qlora" else 1e-5
     for a, b in zip(expected, got):
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["tokens"] == a["tokens"], (a, b)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], abs=1e-5)
+        assert b["loss"] == pytest.approx(a["loss"], abs=tol) and b["tokens"] == a["tokens"], (a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], abs=tol, rel=tol)
         assert {k: v for k, v in b.items() if k.startswith(method)} == pytest.approx(
-            {k: v for k, v in a.items() if k.startswith(method)}, abs=1e-5), (a, b)
+            {k: v for k, v in a.items() if k.startswith(method)}, abs=tol), (a, b)
     ref, sharded = _artifact(one, method), _artifact(two, method)
     assert ref.keys() == sharded.keys() and ref
     for k in ref:
         assert sharded[k].shape == ref[k].shape, k  # gathered, not one process's shard
-        torch.testing.assert_close(sharded[k], ref[k], rtol=0, atol=1e-5, msg=k)
+        torch.testing.assert_close(sharded[k], ref[k], rtol=0, atol=tol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_a_sharded_checkpoint_resumes_in_one_process(make_config, tmp_path):

@@ -88,9 +88,11 @@ def read_back(path: Path) -> tuple[dict, dict]:
     return fields, tensors
 
 
-def _loader_honours_add_bos() -> bool:
-    """Whether this transformers' GGUF tokenizer loader reads tokenizer.ggml.add_bos_token (5.24 does; 5.17, the GPU
-    image's, has no such mapping and never adds BOS to a GGUF tokenizer, whatever the file says)."""
+def modern_gguf_loader() -> bool:
+    """Whether this transformers' GGUF tokenizer loader is the one in transformers.integrations.gguf (5.24 here),
+    which reads tokenizer.ggml.add_bos_token and splits text around special tokens as the source tokenizer does.
+    5.17 (the GPU image's) never adds BOS to a GGUF tokenizer whatever the file says, and after a special token
+    such as <|user|> cuts "▁hello" as "▁", "hello": both measured on the H200 image, 2026-12-02."""
     import inspect
 
     try:
@@ -105,7 +107,7 @@ def gguf_ids(gguf_tok, text: str, path: Path) -> list[int]:
     reads that flag, and a transformers that ignores it (see above) would otherwise blame the file for the loader."""
     ids = gguf_tok(text)["input_ids"]
     adds_bos = bool(read_back(path)[0].get("tokenizer.ggml.add_bos_token"))
-    if adds_bos and not _loader_honours_add_bos() and ids[:1] != [gguf_tok.bos_token_id]:
+    if adds_bos and not modern_gguf_loader() and ids[:1] != [gguf_tok.bos_token_id]:
         ids = [gguf_tok.bos_token_id, *ids]
     return ids
 
