@@ -57,6 +57,12 @@ class QALoraConfig(lora.LoraConfig):
 
 
 def _layer(linear, cfg: QALoraConfig, name: str) -> QALoraLinear:
+    if isinstance(linear, Int4Linear):  # an INT4 base (GPTQ, or a merged QA-LoRA model): its groups are fixed
+        if linear.group_size != cfg.group_size:
+            raise ConfigError([f"method.group_size: {cfg.group_size}, but the base's {name} is INT4 with group_size "
+                               f"{linear.group_size} (its quantization_config.group_size), which A must pool over for "
+                               f"the merge to stay exact; set method.group_size: {linear.group_size}"])
+        return QALoraLinear(linear, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora)
     if linear.in_features % cfg.group_size:
         raise ConfigError([(f"method.group_size: {name} has {linear.in_features} input features, not a multiple of "
                             f"{cfg.group_size}; choose a group_size that divides it, or leave {name} out of target_modules")])
@@ -131,7 +137,8 @@ def load(model, cfg: QALoraConfig, artifact_dir: Path):
 
 def merge_fn(adapter_dir: Path) -> AdapterMerge:
     """Quantize each adapted 16-bit weight as training did and shift its zero points by the adapter: the
-    merged tensors are INT4 (`<module>.qweight`, `.scales`, `.zeros`), replacing `<module>.weight`."""
+    merged tensors are INT4 (`<module>.qweight`, `.scales`, `.zeros`), replacing `<module>.weight`. On an INT4
+    base (GPTQ, or a merged QA-LoRA model) only the zero points shift (`shift_zeros`)."""
     config, tensors, group_size = _read(adapter_dir)
     modules = frozenset(k.removesuffix(".lora_A.weight") for k in tensors if k.endswith(".lora_A.weight"))
     scaling = _scaling(config)
@@ -147,7 +154,16 @@ def merge_fn(adapter_dir: Path) -> AdapterMerge:
         layer.zeros.copy_(merge_zeros(layer.zeros, layer.scales, delta))
         return int4_state(layer, module)
 
-    return AdapterMerge(modules, fold, quantization=quantization_config(group_size, sorted(modules)))
+    def shift_zeros(module: str, scales: torch.Tensor, zeros: torch.Tensor, in_f: int) -> torch.Tensor:
+        a, b = tensors[f"{module}.lora_A.weight"], tensors.get(f"{module}.lora_B.weight")
+        out_f, groups = zeros.shape
+        if b is None or groups * group_size != in_f or a.shape[-1] != groups or b.shape[0] != out_f:
+            raise FtuneError(f"{Path(adapter_dir) / WEIGHTS_NAME}: {module}: the adapter (group_size {group_size}) does "
+                             f"not fit the base's INT4 {module} ({out_f}×{in_f} in {groups} groups); the adapter is from "
+                             f"another model or run; {FIX}")
+        return merge_zeros(zeros, scales, group_delta(a.float() / _peft_a_factor(in_f, group_size), b, scaling, group_size))
+
+    return AdapterMerge(modules, fold, quantization=quantization_config(group_size, sorted(modules)), shift_zeros=shift_zeros)
 
 
 class _AsLinear:
@@ -191,4 +207,5 @@ METHOD = register(Method(
     trainable_params=trainable_params,
     weight_bytes=weight_bytes,
     param_groups=param_groups,
+    int4_base=True,
 ))
