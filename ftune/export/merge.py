@@ -2,7 +2,9 @@
 
 Works shard by shard on the base's safetensors files: one shard is in memory at a time, so a 7B model
 never has to fit twice. The base is always read from its 16-bit source, so a QLoRA run merges into
-full-precision weights instead of a quantized model. GGUF bases have no shards: they are loaded whole.
+full-precision weights instead of a quantized model; a QA-LoRA run on a base that is INT4 already (GPTQ, or a
+merged QA-LoRA checkpoint) merges into that base's INT4 tensors (export/merge_int4.py). GGUF bases have no
+shards: they are loaded whole.
 `verify` then compares the merged model's logits with base + adapter's (one model in memory at a time).
 """
 

@@ -5,15 +5,22 @@
     y = W x + s_lora · B A pool(x),  A ∈ R^{r × in/group_size}: pool = the mean over each group, as in the
         authors' code (average pooling; their merge divides B·A by group_size)
     merge: z_g' = z_g − (s_lora · B A)_g / group_size / s_g   — the merged model is still INT4, exactly
-The base is quantized by ftune when the run starts (`ftune.int4`, pure PyTorch; load the base with
-`model.quantization: none`); the targeted linears become INT4, the embedding and head stay 16-bit (as in
-GPTQ checkpoints). `method.group_size` (32, 64 or 128) is the quantization group and the pooling window.
+Two roads to the INT4 base. (1) A 16-bit `model.path`: ftune quantizes it when the run starts (`ftune.int4`,
+round to nearest, pure PyTorch; `model.quantization: none`); the targeted linears become INT4, the embedding and
+head stay 16-bit (as in GPTQ checkpoints). (2) `model.path` a GPTQ checkpoint (config.json's quantization_config
+`quant_method: gptq`, or AutoGPTQ's quantize_config.json): `ftune.gptq` reads its qweight/qzeros/scales/g_idx into
+the same INT4 layers, exactly — 4 bits, group_size 32/64/128, "gptq" (AutoGPTQ, zero − 1 stored) and "gptq_v2"
+(GPTQModel, zero stored) zero conventions, sym or not, desc_act only where g_idx keeps groups in order (act-order
+is refused: see ftune/gptq.py); every GPTQ linear is INT4, targeted or not. A merged QA-LoRA checkpoint is such a
+base too (a second run on top). `method.group_size` (32, 64 or 128) is the quantization group and the pooling
+window; on an INT4 base it must equal the checkpoint's. Only this method trains on an INT4 base (`int4_base`).
 
 Hooks: none — the adapter is trained by the plain loop. Artifact: RUN_DIR/adapter/ with PEFT's LoRA field
 names plus its QALoRA fields (`use_qalora`, `qalora_group_size`); lora_A is stored in PEFT's convention
 (PEFT multiplies the mean by in/group_size, so A is saved × group_size/in; untested with PEFT, whose
 QALoRA runs only on GPTQ layers). Mergeable: `ftune merge` writes an INT4 checkpoint (ftune.int4's
-format: packed q, fp16 scales, fp32 zeros); `ftune export --format compressed-tensors` writes W4A16.
+format: packed q, fp16 scales, fp32 zeros; on an INT4 base its weights and scales as read, only the zero points
+shifted, ftune/export/merge_int4.py); `ftune export --format compressed-tensors` writes W4A16.
 """
 
 from __future__ import annotations
@@ -51,7 +58,8 @@ from ftune.quant import is_4bit
 class QALoraConfig(lora.LoraConfig):
     name: str = Field("qalora", description="Method name.")
     group_size: Literal[32, 64, 128] = Field(
-        128, description="INT4 quantization group (input columns per scale and zero point), also A's pooling window.")
+        128, description="INT4 quantization group (input columns per scale and zero point), also A's pooling window; "
+                         "on a GPTQ base, its checkpoint's group_size.")
     use_dora: Literal[False] = Field(False, description="Not available with QA-LoRA (the update must stay constant per group).")
     loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: B's learning rate is lr × this ratio.")
 
@@ -109,7 +117,8 @@ def _scaling(config: dict) -> float:
 
 
 def load(model, cfg: QALoraConfig, artifact_dir: Path):
-    """Quantize the adapted linears of a fresh 16-bit base (as training did: the same INT4 weights) and load A, B."""
+    """Quantize the adapted linears of a fresh 16-bit base (as training did: the same INT4 weights), or wrap
+    those of an INT4 base as loaded, and load A, B."""
     _, tensors, group_size = _read(artifact_dir)
     names = sorted(k.removesuffix(".lora_A.weight") for k in tensors if k.endswith(".lora_A.weight"))
     try:
