@@ -13,6 +13,7 @@ import torch
 
 from ftune import gptq, int4
 from ftune.errors import FtuneError
+from ftune.head import HEAD
 from ftune.io import check_safetensors
 
 REFETCH = "copy or download the model again, or point model.path to a good copy"
@@ -72,14 +73,17 @@ def load_int4_model(directory: str | Path, qc: dict, dtype: torch.dtype, attn: s
 def load_gptq_model(directory: str | Path, qc: dict, dtype: torch.dtype, attn: str, device: torch.device | str,
                     auto=None, **config_kwargs):
     """A GPTQ checkpoint (`qc`: `gptq.read_config`'s settings): built as `load_int4_model` builds a merged one,
-    its quantized linears (those with qweight/qzeros tensors) as `Int4Linear` holding what `ftune.gptq` read."""
+    its quantized linears (those with qweight/qzeros tensors) as `Int4Linear` holding what `ftune.gptq` read.
+    As *ForSequenceClassification (`num_labels` in `config_kwargs`) the causal LM's lm_head is left out and
+    `score` starts as transformers starts it, normal(0, initializer_range)."""
     directory = Path(directory)
+    classifier = "num_labels" in config_kwargs
     fix = f"{directory} is a cut or edited GPTQ checkpoint; {REFETCH}"
     files = sorted(directory.glob("*.safetensors"))
     for f in files:
         check_safetensors(f, fix)
     with gptq.open_tensors(files) as (where, _):
-        modules = gptq.module_names(where)
+        modules = [m for m in gptq.module_names(where) if not (classifier and m == "lm_head")]
     if not modules:
         raise FtuneError(f"{qc['file']}: quant_method is gptq, but no .safetensors file in {directory} holds a qweight "
                          f"tensor; {fix}")
@@ -89,7 +93,13 @@ def load_gptq_model(directory: str | Path, qc: dict, dtype: torch.dtype, attn: s
         raise FtuneError(f"{directory}: lm_head is GPTQ-quantized but config.json ties it to the embedding "
                          f"(tie_word_embeddings); ftune cannot read that pair exactly; {gptq.REDO}")
     shapes = {name: (m.out_features, m.in_features) for name, m in model.named_modules() if name in set(modules)}
-    return _fill_int4(model, config, gptq.read_state(directory, qc, shapes), directory, fix, device, dtype)
+    state = gptq.read_state(directory, qc, shapes)
+    if classifier:
+        state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
+        std = getattr(config, "initializer_range", 0.02)
+        state |= {f"{HEAD}.{k}": torch.zeros(v.shape) if k == "bias" else torch.empty(v.shape).normal_(0, std)
+                  for k, v in getattr(model, HEAD).state_dict().items()}
+    return _fill_int4(model, config, state, directory, fix, device, dtype)
 
 
 def _int4_skeleton(directory: Path, modules: list[str], group_size: int, dtype, attn: str, auto, config_kwargs: dict,

@@ -93,6 +93,7 @@ def write_gptq(path: Path, fmt: str = "gptq", sym: bool = False, bias: bool = Fa
     path.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(str(path))
     config = json.loads((path / "config.json").read_text())
+    config["architectures"] = ["LlamaForCausalLM"]
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": GS, "desc_act": False, "sym": sym,
                                      "checkpoint_format": fmt, **(qc or {})}
     (path / "config.json").write_text(json.dumps(config))
@@ -198,6 +199,22 @@ def test_a_second_qalora_run_on_the_merged_int4_model(make_config, tmp_path, tok
     assert float(result.output.split("max |logit diff| merged vs adapter:")[1].split()[0]) < 1e-4, result.output
     qc = json.loads((tmp_path / "second" / "merged" / "config.json").read_text())["quantization_config"]
     assert len(qc["modules"]) == 14
+
+
+def test_the_classification_head_on_a_gptq_base(make_config, tmp_path):
+    """model.head: classifier builds *ForSequenceClassification from the GPTQ causal LM: lm_head left out, a new
+    `score` trained with the adapter; the merge is an INT4 classifier checkpoint equal to base + adapter + head."""
+    write_gptq(tmp_path / "gptq")
+    config = make_config({"model": {"path": str(tmp_path / "gptq"), "head": "classifier"}, "train": {"max_steps": 4}},
+                         out_dir=tmp_path / "run", replace=QALORA)
+    result = invoke("train", config)
+    assert result.exit_code == 0, result.output
+    assert invoke("eval", tmp_path / "run", "--out", tmp_path / "ev").exit_code == 0
+    result = invoke("merge", tmp_path / "run", "--verify")
+    assert result.exit_code == 0, result.output
+    assert float(result.output.split("max |logit diff| merged vs adapter:")[1].split()[0]) < 1e-4, result.output
+    merged = json.loads((tmp_path / "run" / "merged" / "config.json").read_text())
+    assert merged["architectures"] == ["LlamaForSequenceClassification"] and len(merged["quantization_config"]["modules"]) == 14
 
 
 # ---------------------------------------------------------------- (3) refusals: one message, exit code 2

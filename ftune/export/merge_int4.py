@@ -23,7 +23,7 @@ class Int4Base:
     """The INT4 linears of a base checkpoint, read module by module from any of its shards (`get`)."""
 
     def __init__(self, kind: str, settings: dict, source: Path, get, keys):
-        self.kind, self.settings, self.source, self.get = kind, settings, source, get
+        self.kind, self.settings, self.source, self.get, self.keys = kind, settings, source, get, keys
         if kind == gptq.QUANT_METHOD:
             self.modules = set(gptq.module_names(keys))
             self.suffixes = gptq.TENSORS
@@ -39,7 +39,7 @@ class Int4Base:
         if module not in self.modules or suffix not in self.suffixes:
             return None
         if suffix != "qweight":
-            if self.get(f"{module}.qweight") is None:  # a module with no qweight: say what is missing
+            if f"{module}.qweight" not in self.keys:  # a module with no qweight: say what is missing
                 self._read(module)
             return {}
         part = self._read(module)
