@@ -217,6 +217,37 @@ def test_the_classification_head_on_a_gptq_base(make_config, tmp_path):
     assert merged["architectures"] == ["LlamaForSequenceClassification"] and len(merged["quantization_config"]["modules"]) == 14
 
 
+def shard(path: Path) -> None:
+    """Split model.safetensors into two shards with an index, every other tensor in each: a linear's qweight and
+    its qzeros/scales/g_idx land in different files."""
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        state = {k: f.get_tensor(k) for k in sorted(f.keys())}
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    weight_map = {k: names[i % 2] for i, k in enumerate(state)}
+    for name in names:
+        save_file({k: v for k, v in state.items() if weight_map[k] == name}, str(path / name), metadata={"format": "pt"})
+    (path / "model.safetensors").unlink()
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_a_sharded_gptq_base_loads_and_merges(make_config, tmp_path, tokenizer):
+    reference = write_gptq(tmp_path / "gptq", "gptq_v2")
+    shard(tmp_path / "gptq")
+    torch.testing.assert_close(logits(load_model(ModelConfig(path=str(tmp_path / "gptq"))), tokenizer),
+                               logits(reference, tokenizer), rtol=0, atol=1e-5)
+    assert invoke("train", gptq_config(make_config, tmp_path, tmp_path / "gptq", steps=2)).exit_code == 0
+    result = invoke("merge", tmp_path / "qalora", "--verify")
+    assert result.exit_code == 0, result.output
+    assert float(result.output.split("max |logit diff| merged vs adapter:")[1].split()[0]) < 1e-4, result.output
+    merged = tmp_path / "qalora" / "merged"
+    index = json.loads((merged / "model.safetensors.index.json").read_text())["weight_map"]
+    assert {"model.layers.1.mlp.up_proj.qweight", "model.layers.1.mlp.up_proj.zeros"} <= set(index)
+    assert not any(k.endswith((".qzeros", ".g_idx")) for k in index)
+    for name, file in index.items():
+        with safe_open(str(merged / file), "pt") as f:
+            assert name in f.keys()  # noqa: SIM118 (safe_open has no __contains__)
+
+
 # ---------------------------------------------------------------- (3) refusals: one message, exit code 2
 
 def edit_config(path: Path, **qc):
