@@ -42,8 +42,8 @@ def check_int4_base(kind: str, directory: str | Path, method) -> None:
     """Only a method whose layers take INT4 linears (`Method.int4_base`: qalora) trains on or loads an adapter
     onto an INT4 base; the others would find no linear to adapt, or a weight they cannot change."""
     if method is not None and not method.int4_base:
-        raise FtuneError(f"model.path: {directory} is {INT4_KINDS[kind]}; method {method.name} needs a 16-bit base "
-                         f"(or model.quantization: nf4 on one). Use method qalora (recipe: qalora), which trains on "
+        raise FtuneError(f"model.path: {directory} is {INT4_KINDS[kind]}; method {method.name} trains on a 16-bit base "
+                         f"(QLoRA: one ftune loads in 4-bit itself). Use method qalora (recipe: qalora), which trains on "
                          f"INT4 bases, or point model.path to the 16-bit model")
 
 
