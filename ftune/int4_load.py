@@ -85,7 +85,7 @@ def load_gptq_model(directory: str | Path, qc: dict, dtype: torch.dtype, attn: s
     with gptq.open_tensors(files) as (where, _):
         modules = [m for m in gptq.module_names(where) if not (classifier and m == "lm_head")]
     if not modules:
-        raise FtuneError(f"{qc['file']}: quant_method is gptq, but no .safetensors file in {directory} holds a qweight "
+        raise FtuneError(f"{qc['file']} describes a GPTQ checkpoint, but no .safetensors file in {directory} holds a qweight "
                          f"tensor; {fix}")
     model, config = _int4_skeleton(directory, modules, qc["group_size"], dtype, attn, auto, config_kwargs,
                                    f"{directory}: the GPTQ modules", fix)
