@@ -113,12 +113,12 @@ def _int4_skeleton(directory: Path, modules: list[str], group_size: int, dtype, 
         model = (auto or AutoModelForCausalLM).from_config(config, dtype=dtype, attn_implementation=attn)
     def make(name: str, m):
         if not isinstance(m, torch.nn.Linear):
-            raise ValueError(f"{name} is a {type(m).__name__}, not a linear layer")
+            raise TypeError(f"{name} is a {type(m).__name__}, not a linear layer")
         return int4.Int4Linear(m.in_features, m.out_features, group_size, m.bias is not None, "cpu", dtype)
 
     try:
         int4.swap_linears(model, modules, make)
-    except (AttributeError, ValueError) as e:
+    except (AttributeError, TypeError, ValueError) as e:
         raise FtuneError(f"{what} do not fit the model config.json describes ({e}); {fix}") from None
     return model, config
 

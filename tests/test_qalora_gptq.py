@@ -18,12 +18,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import build_tokenizer, invoke, read_metrics
+from ftune.config import load_resolved
+from ftune.config.schema import ModelConfig
 from ftune.int4 import Int4Linear
 from ftune.layers.qalora import QALoraLinear
 from ftune.methods import get_method
 from ftune.models import load_model
-from ftune.config import load_resolved
-from ftune.config.schema import ModelConfig
 
 GS = 32
 QALORA = {"recipe": "qalora", "method": {"name": "qalora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "group_size": GS}}
