@@ -111,6 +111,7 @@ def _int4_skeleton(directory: Path, modules: list[str], group_size: int, dtype, 
     config = _plain_config(directory, **config_kwargs)
     with init_empty_weights(include_buffers=False):
         model = (auto or AutoModelForCausalLM).from_config(config, dtype=dtype, attn_implementation=attn)
+
     def make(name: str, m):
         if not isinstance(m, torch.nn.Linear):
             raise TypeError(f"{name} is a {type(m).__name__}, not a linear layer")
