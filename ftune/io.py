@@ -7,10 +7,10 @@ import json
 import os
 import re
 import shutil
-import warnings
 import tempfile
-from contextlib import contextmanager
+import warnings
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,17 @@ def read_json_file(path: str | Path, fix: str, what: str = "JSON file"):
         raise FtuneError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); {fix}") from None
     except FtuneError as e:
         raise FtuneError(f"{e}; {fix}") from None
+
+
+def check_safetensors(path: Path, fix: str) -> None:
+    """A .safetensors file whose header is complete and covers the whole file (cut or foreign files fail here)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise FtuneError(f"{path}: not a readable safetensors file, truncated or corrupt ({e}); {fix}") from None
 
 
 def not_utf8(path: str | Path, line: int, byte: int) -> FtuneError:

@@ -11,6 +11,14 @@ import torch
 from ftune import int4
 from ftune.config.schema import ModelConfig
 from ftune.errors import FtuneError
+from ftune.int4_load import (
+    INT4_KINDS,
+    check_int4_base,
+    int4_base,
+    load_gptq_model,
+    load_int4_model,
+)
+from ftune.io import check_safetensors
 from ftune.quant import is_4bit
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -125,17 +133,6 @@ def check_model_files(directory: str | Path, gguf: str | None = None, weights: b
         check_safetensors(f, REFETCH)
 
 
-def check_safetensors(path: Path, fix: str) -> None:
-    """A .safetensors file whose header is complete and covers the whole file (cut or foreign files fail here)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt"):
-            pass
-    except (SafetensorError, OSError) as e:
-        raise FtuneError(f"{path}: not a readable safetensors file, truncated or corrupt ({e}); {fix}") from None
-
-
 def _check_model_config(path: Path, data) -> None:
     if not isinstance(data, dict) or "model_type" not in data:
         raise FtuneError(f"{path}: no model_type key, so the architecture is unknown; {REFETCH}")
@@ -194,14 +191,16 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, storage: t
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str | None = None,
-               labels: list[str] | None = None, fsdp2: bool = False):
+               labels: list[str] | None = None, fsdp2: bool = False, method=None):
     """The base model on `device`, in the configured dtype / 4-bit, with the chosen attention backend and
     transformers' own forward. Training installs its kernels on top (`ftune.kernels.apply_kernels`, called
     by `ftune.train.loop.build_training`); eval and merge keep this forward.
     model.head: classifier loads transformers' *ForSequenceClassification over `labels` (the label set, in
     order): the decoder as the causal LM has it, and `score`, a new Linear(hidden, len(labels)) kept in fp32
     (ftune.head) in place of lm_head. `fsdp2`: to be sharded by FSDP2 (4-bit weights stored in the model's
-    float dtype, so that they shard)."""
+    float dtype, so that they shard). `method`: the method that will train on it or load its artifact onto it,
+    if any; a base that is INT4 already (a GPTQ or merged QA-LoRA checkpoint) is refused to a method that cannot
+    take INT4 linears, before any weight loads."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -221,14 +220,16 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str
                    "label2id": {lab: i for i, lab in enumerate(labels)}}
     hf_logging.set_verbosity_error()  # the per-tensor GGUF/load progress bars drown ftune's own output
     hf_logging.disable_progress_bar()
-    int4 = None if gguf else _int4_config(Path(directory))
-    if int4 is not None:
+    base = None if gguf else int4_base(directory)
+    if base is not None:
+        kind, qc = base
         if quant is not None:
-            raise FtuneError(f"model.quantization: {directory} is already INT4 (a merged QA-LoRA model); set quantization: none")
+            raise FtuneError(f"model.quantization: {directory} is already {INT4_KINDS[kind]}; set quantization: none")
+        check_int4_base(kind, directory, method)
         heads = {k: v for k, v in kwargs.items() if k in ("num_labels", "id2label", "label2id")}
-        return _finish(load_int4_model(directory, int4, dtype, resolve_attention(cfg.attn_implementation, device), device,
-                                       auto, **heads),
-                       cfg, source, quant)
+        loader = load_int4_model if kind == int4.QUANT_METHOD else load_gptq_model
+        return _finish(loader(directory, qc, dtype, resolve_attention(cfg.attn_implementation, device), device,
+                              auto, **heads), cfg, source, quant)
     try:
         model = auto.from_pretrained(
             directory, dtype=dtype, attn_implementation=resolve_attention(cfg.attn_implementation, device),
@@ -258,62 +259,6 @@ def _finish(model, cfg: ModelConfig, source: str | None, quant):
     if cfg.head == "classifier":
         model.score.float()  # the head trains and scores in fp32 whatever the base's dtype (ftune.head casts its input)
     return model
-
-
-def _int4_config(directory: Path) -> dict | None:
-    """The quantization_config of a merged INT4 checkpoint (`ftune.int4`'s format), else None."""
-    import json
-
-    try:
-        qc = json.loads((directory / "config.json").read_text()).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return qc if isinstance(qc, dict) and qc.get("quant_method") == int4.QUANT_METHOD else None
-
-
-def load_int4_model(directory: str | Path, qc: dict, dtype: torch.dtype, attn: str, device: torch.device | str,
-                    auto=None, **config_kwargs):
-    """A merged INT4 checkpoint: the architecture from config.json with its listed linears as `Int4Linear`,
-    every tensor loaded from the safetensors files (transformers does not know ftune's format). Parameters
-    are built without memory (accelerate's init_empty_weights) and replaced by the file's tensors. `auto`:
-    the transformers Auto class to build (AutoModelForCausalLM by default; AutoModelForSequenceClassification,
-    with num_labels/id2label/label2id in `config_kwargs`, for a merged run with the classification head)."""
-    from accelerate import init_empty_weights
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    auto = auto or AutoModelForCausalLM
-
-    directory = Path(directory)
-    fix = f"{directory} is a cut or edited INT4 checkpoint; merge the run again"
-    modules, group_size = qc.get("modules"), qc.get("group_size")
-    if not isinstance(modules, list) or group_size not in (32, 64, 128):
-        raise FtuneError(f"{directory / 'config.json'}: quantization_config lacks its modules or group_size; {fix}")
-    config = AutoConfig.from_pretrained(str(directory), **config_kwargs)
-    config.quantization_config = None
-    del config.quantization_config
-    with init_empty_weights(include_buffers=False):
-        model = auto.from_config(config, dtype=dtype, attn_implementation=attn)
-    try:
-        int4.swap_linears(model, modules, lambda name, m: int4.Int4Linear(
-            m.in_features, m.out_features, group_size, m.bias is not None, "cpu", dtype))
-    except (AttributeError, ValueError) as e:
-        raise FtuneError(f"{directory / 'config.json'}: quantization_config.modules do not fit the model ({e}); {fix}") from None
-    state = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        check_safetensors(f, fix)
-        state |= load_file(str(f))
-    expected = model.state_dict()
-    wrong = [k for k, v in state.items() if k not in expected or tuple(v.shape) != tuple(expected[k].shape)]
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = sorted(set(expected) - set(state) - tied)
-    if wrong or missing:
-        raise FtuneError(f"{directory}: tensors do not fit its config (unexpected or misshapen {wrong[:3]}, missing "
-                         f"{missing[:3]}); {fix}")
-    model.load_state_dict(state, strict=False, assign=True)
-    if tied:
-        model.tie_weights()
-    return model.to(device=device, dtype=dtype).eval()
 
 
 def keep_4bit_layout(model) -> None:

@@ -312,9 +312,9 @@ def load_target_model(cfg: RunConfig, kind: str, run_dir: Path | None):
     """The model a resolved target names, in eval mode on the GPU when there is one: the base with the run's
     artifact loaded for a run, else the model (a merged checkpoint, a model directory, a config's base) as it is."""
     head = cfg.model.head == "classifier"  # a sequence-classification model over the run's label set
-    model = load_model(cfg.model, default_device(), labels=resolve_labels(cfg.data) if head else None)
-    if kind == "run":
-        method = get_method(cfg.method.name)
+    method = get_method(cfg.method.name) if kind == "run" else None
+    model = load_model(cfg.model, default_device(), labels=resolve_labels(cfg.data) if head else None, method=method)
+    if method is not None:
         model = method.load(model, cfg.method, run_dir / method.artifact)
         if head:
             model = load_head_from(model, run_dir / method.artifact)

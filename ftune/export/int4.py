@@ -5,7 +5,9 @@ integration load.
 What it costs, honestly: compressed-tensors (like GPTQ) stores zero points as packed INT4 integers, while a
 QA-LoRA merge makes them fractional (z' = z − ΔW/s). The export rounds them to the nearest integer, which
 moves every weight of a group by at most half a quantization step (|z' − round(z')| · s); the command
-prints that largest shift, in steps, and the exact merged model stays in RUN_DIR/merged. The INT4 weights
+prints that largest shift, in steps, and the exact merged model stays in RUN_DIR/merged. (A base read from a
+GPTQ checkpoint in AutoGPTQ's v1 layout can hold a zero point of 16, outside the format's 0..15: it is clamped,
+a shift of one step, printed the same way.) The INT4 weights
 and fp16 scales themselves are copied unchanged. Packing follows the format (8 values per int32, element i
 at bits 4i, stored as q − 8 + 8 = q); tests/test_qalora.py reads the files back with the compressed-tensors
 library itself where it is installed.

@@ -2,7 +2,9 @@
 
 Works shard by shard on the base's safetensors files: one shard is in memory at a time, so a 7B model
 never has to fit twice. The base is always read from its 16-bit source, so a QLoRA run merges into
-full-precision weights instead of a quantized model. GGUF bases have no shards: they are loaded whole.
+full-precision weights instead of a quantized model; a QA-LoRA run on a base that is INT4 already (GPTQ, or a
+merged QA-LoRA checkpoint) merges into that base's INT4 tensors (export/merge_int4.py). GGUF bases have no
+shards: they are loaded whole.
 `verify` then compares the merged model's logits with base + adapter's (one model in memory at a time).
 """
 
@@ -21,6 +23,7 @@ from safetensors.torch import save_file
 from ftune.config import load_resolved, resolved_yaml
 from ftune.device import default_device
 from ftune.errors import FtuneError
+from ftune.export.merge_int4 import Int4Base, open_int4_base
 from ftune.head import last_token_logits
 from ftune.io import atomic_dir, remove_stale_temps, write_error, write_json_atomic, write_text_atomic
 from ftune.layers.peft_format import AdapterMerge, load_head_from, read_head
@@ -65,15 +68,17 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | N
     if head == {}:
         raise FtuneError(f"{artifact}: model.head: classifier, but the adapter holds no classification head (score); "
                          f"train the run again")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp, open_int4_base(Path(source), shards, merge, method, run_dir) as int4:
         if shards:
-            touched, nbytes, renamed = _merge_shards(shards, merge, target_dtype, tmp, console, drop=LM_HEAD if head else ())
+            touched, nbytes, renamed = _merge_shards(shards, merge, target_dtype, tmp, console, drop=LM_HEAD if head else (),
+                                                     int4=int4)
             for name in COPY:
                 if (Path(source) / name).is_file():
                     shutil.copy2(Path(source) / name, tmp / name)
             _write_index(Path(source) / INDEX, tmp / INDEX, nbytes, renamed)
             if merge.quantization is not None:
-                _set_config_key(tmp / "config.json", "quantization_config", merge.quantization)
+                quantization = int4.quantization(merge) if int4 is not None else merge.quantization
+                _set_config_key(tmp / "config.json", "quantization_config", quantization)
             if head is not None:
                 _add_head(tmp, head, cfg.data.labels, load_tokenizer(cfg.model).pad_token_id)
             if target_dtype is not None:
@@ -151,7 +156,7 @@ def verify_merge(cfg, method, artifact: Path, merged: Path) -> float:
                              (cfg.model.model_copy(update={"path": str(merged), "gguf_file": None, "tokenizer": None,
                                                            "quantization": "none", "gradient_checkpointing": False}), False)):
         head = cfg.model.head == "classifier"
-        model = load_model(model_cfg, device, labels=cfg.data.labels if head else None)
+        model = load_model(model_cfg, device, labels=cfg.data.labels if head else None, method=method if apply else None)
         if apply:
             model = load_head_from(method.load(model, cfg.method, artifact), artifact) if head else \
                 method.load(model, cfg.method, artifact)
@@ -191,9 +196,10 @@ def _add_head(out: Path, head: dict, labels: list[str], pad_token_id: int | None
 
 
 def _merge_shards(shards: list[Path], merge: AdapterMerge, dtype, out: Path, console: Console,
-                  drop: tuple[str, ...] = ()) -> tuple[set[str], int, dict[str, list[str]]]:
+                  drop: tuple[str, ...] = (), int4: Int4Base | None = None) -> tuple[set[str], int, dict[str, list[str]]]:
     """(weights the adapter changed, bytes of every tensor written: the index's total_size, weight name ->
-    the names that replace it, for a merge into quantized tensors). `drop`: weights left out."""
+    the names that replace it, for a merge into quantized tensors). `drop`: weights left out. `int4`: the
+    base's INT4 linears (a GPTQ or merged QA-LoRA base), written as ftune's INT4 tensors."""
     from rich.progress import track
 
     touched, nbytes, renamed = set(), 0, {}
@@ -203,6 +209,13 @@ def _merge_shards(shards: list[Path], merge: AdapterMerge, dtype, out: Path, con
             meta = f.metadata()
             for name in f.keys():
                 if name in drop:
+                    continue
+                part = int4.take(name, merge) if int4 is not None else None
+                if part is not None:  # an INT4 linear's tensor: its module's INT4 tensors come with its qweight
+                    tensors |= {k: _finite(v, name) for k, v in part.items()}
+                    nbytes += sum(v.numel() * v.element_size() for v in part.values())
+                    renamed[name] = list(part)
+                    touched |= {k.removesuffix(".zeros") for k in part if k.endswith(".zeros")} & merge.modules
                     continue
                 t = f.get_tensor(name)
                 merged = merge(name, t)

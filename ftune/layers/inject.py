@@ -14,19 +14,22 @@ import torch
 from torch import nn
 
 from ftune.errors import ConfigError
+from ftune.int4 import Int4Linear
 from ftune.layers.lora import AdapterLayer, is_linear
 
 Layer = TypeVar("Layer", bound=AdapterLayer)
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Qualified names of the linear layers an adapter can target; the output head (lm_head, or the classifier
-    head `score`, which trains whole) is left out."""
+    """Qualified names of the linear layers an adapter can target (INT4 ones of a GPTQ or merged QA-LoRA base
+    included: only qalora is let train on such a base); the output head (lm_head, or the classifier head
+    `score`, which trains whole) is left out."""
     from ftune.head import HEAD, has_head
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     classifier = getattr(model, HEAD) if has_head(model) else None
-    return [name for name, m in model.named_modules() if is_linear(m) and m is not head and m is not classifier
+    return [name for name, m in model.named_modules() if (is_linear(m) or isinstance(m, Int4Linear))
+            and m is not head and m is not classifier
             and not isinstance(m, AdapterLayer)
             and not any(part.startswith("lora_") for part in name.split("."))]
 

@@ -57,11 +57,14 @@ class AdapterMerge:
 
     A merge into a quantized model (QA-LoRA) has `quantization`, the quantization_config the merged
     config.json records, and its `fold` returns the tensors that replace the weight, by full name
-    (`<module>.qweight`, …), written as they are (no dtype cast)."""
+    (`<module>.qweight`, …), written as they are (no dtype cast). On a base whose linears are INT4 already (a
+    GPTQ or merged QA-LoRA checkpoint) there is no 16-bit weight to fold: `shift_zeros(module, scales, zeros,
+    in_features)` returns the module's merged zero points instead (None: the kind cannot merge into such a base)."""
 
     modules: frozenset[str]
     fold: Callable[[str, torch.Tensor], torch.Tensor | dict[str, torch.Tensor]]
     quantization: dict | None = None
+    shift_zeros: Callable[[str, torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
 
     def __call__(self, weight_name: str, weight: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor] | None:
         module = weight_name.removesuffix(".weight")

@@ -45,6 +45,9 @@ class Method:
     unmergeable_reason: str = ""
     quantized_base: bool = False  # may train on a 4-bit base
     requires_quantized: bool = False  # only makes sense on a 4-bit base (qlora)
+    # Trains on a base whose linears are INT4 already (a GPTQ checkpoint, a merged QA-LoRA one): its layers wrap
+    # `ftune.int4.Int4Linear` (qalora). Other methods are refused such a base when it loads (models.check_int4_base).
+    int4_base: bool = False
     # Optimizer parameter groups; default: trainable params, no weight decay on biases/norms (see train.optim).
     param_groups: Callable[[Any, MethodConfig, Any], list[dict]] | None = None
     # Names of the weights a resumable checkpoint keeps, given (model, cfg, TrainState); default: those with

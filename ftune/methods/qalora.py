@@ -5,15 +5,22 @@
     y = W x + s_lora · B A pool(x),  A ∈ R^{r × in/group_size}: pool = the mean over each group, as in the
         authors' code (average pooling; their merge divides B·A by group_size)
     merge: z_g' = z_g − (s_lora · B A)_g / group_size / s_g   — the merged model is still INT4, exactly
-The base is quantized by ftune when the run starts (`ftune.int4`, pure PyTorch; load the base with
-`model.quantization: none`); the targeted linears become INT4, the embedding and head stay 16-bit (as in
-GPTQ checkpoints). `method.group_size` (32, 64 or 128) is the quantization group and the pooling window.
+Two roads to the INT4 base. (1) A 16-bit `model.path`: ftune quantizes it when the run starts (`ftune.int4`,
+round to nearest, pure PyTorch; `model.quantization: none`); the targeted linears become INT4, the embedding and
+head stay 16-bit (as in GPTQ checkpoints). (2) `model.path` a GPTQ checkpoint (config.json's quantization_config
+`quant_method: gptq`, or AutoGPTQ's quantize_config.json): `ftune.gptq` reads its qweight/qzeros/scales/g_idx into
+the same INT4 layers, exactly — 4 bits, group_size 32/64/128, "gptq" (AutoGPTQ, zero − 1 stored) and "gptq_v2"
+(GPTQModel, zero stored) zero conventions, sym or not, desc_act only where g_idx keeps groups in order (act-order
+is refused: see ftune/gptq.py); every GPTQ linear is INT4, targeted or not. A merged QA-LoRA checkpoint is such a
+base too (a second run on top). `method.group_size` (32, 64 or 128) is the quantization group and the pooling
+window; on an INT4 base it must equal the checkpoint's. Only this method trains on an INT4 base (`int4_base`).
 
 Hooks: none — the adapter is trained by the plain loop. Artifact: RUN_DIR/adapter/ with PEFT's LoRA field
 names plus its QALoRA fields (`use_qalora`, `qalora_group_size`); lora_A is stored in PEFT's convention
 (PEFT multiplies the mean by in/group_size, so A is saved × group_size/in; untested with PEFT, whose
 QALoRA runs only on GPTQ layers). Mergeable: `ftune merge` writes an INT4 checkpoint (ftune.int4's
-format: packed q, fp16 scales, fp32 zeros); `ftune export --format compressed-tensors` writes W4A16.
+format: packed q, fp16 scales, fp32 zeros; on an INT4 base its weights and scales as read, only the zero points
+shifted, ftune/export/merge_int4.py); `ftune export --format compressed-tensors` writes W4A16.
 """
 
 from __future__ import annotations
@@ -51,12 +58,19 @@ from ftune.quant import is_4bit
 class QALoraConfig(lora.LoraConfig):
     name: str = Field("qalora", description="Method name.")
     group_size: Literal[32, 64, 128] = Field(
-        128, description="INT4 quantization group (input columns per scale and zero point), also A's pooling window.")
+        128, description="INT4 quantization group (input columns per scale and zero point), also A's pooling window; "
+                         "on a GPTQ base, its checkpoint's group_size.")
     use_dora: Literal[False] = Field(False, description="Not available with QA-LoRA (the update must stay constant per group).")
     loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: B's learning rate is lr × this ratio.")
 
 
 def _layer(linear, cfg: QALoraConfig, name: str) -> QALoraLinear:
+    if isinstance(linear, Int4Linear):  # an INT4 base (GPTQ, or a merged QA-LoRA model): its groups are fixed
+        if linear.group_size != cfg.group_size:
+            raise ConfigError([f"method.group_size: {cfg.group_size}, but the base's {name} is INT4 with group_size "
+                               f"{linear.group_size} (its quantization_config.group_size), which A must pool over for "
+                               f"the merge to stay exact; set method.group_size: {linear.group_size}"])
+        return QALoraLinear(linear, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora)
     if linear.in_features % cfg.group_size:
         raise ConfigError([(f"method.group_size: {name} has {linear.in_features} input features, not a multiple of "
                             f"{cfg.group_size}; choose a group_size that divides it, or leave {name} out of target_modules")])
@@ -103,7 +117,8 @@ def _scaling(config: dict) -> float:
 
 
 def load(model, cfg: QALoraConfig, artifact_dir: Path):
-    """Quantize the adapted linears of a fresh 16-bit base (as training did: the same INT4 weights) and load A, B."""
+    """Quantize the adapted linears of a fresh 16-bit base (as training did: the same INT4 weights), or wrap
+    those of an INT4 base as loaded, and load A, B."""
     _, tensors, group_size = _read(artifact_dir)
     names = sorted(k.removesuffix(".lora_A.weight") for k in tensors if k.endswith(".lora_A.weight"))
     try:
@@ -131,7 +146,8 @@ def load(model, cfg: QALoraConfig, artifact_dir: Path):
 
 def merge_fn(adapter_dir: Path) -> AdapterMerge:
     """Quantize each adapted 16-bit weight as training did and shift its zero points by the adapter: the
-    merged tensors are INT4 (`<module>.qweight`, `.scales`, `.zeros`), replacing `<module>.weight`."""
+    merged tensors are INT4 (`<module>.qweight`, `.scales`, `.zeros`), replacing `<module>.weight`. On an INT4
+    base (GPTQ, or a merged QA-LoRA model) only the zero points shift (`shift_zeros`)."""
     config, tensors, group_size = _read(adapter_dir)
     modules = frozenset(k.removesuffix(".lora_A.weight") for k in tensors if k.endswith(".lora_A.weight"))
     scaling = _scaling(config)
@@ -147,7 +163,16 @@ def merge_fn(adapter_dir: Path) -> AdapterMerge:
         layer.zeros.copy_(merge_zeros(layer.zeros, layer.scales, delta))
         return int4_state(layer, module)
 
-    return AdapterMerge(modules, fold, quantization=quantization_config(group_size, sorted(modules)))
+    def shift_zeros(module: str, scales: torch.Tensor, zeros: torch.Tensor, in_f: int) -> torch.Tensor:
+        a, b = tensors[f"{module}.lora_A.weight"], tensors.get(f"{module}.lora_B.weight")
+        out_f, groups = zeros.shape
+        if b is None or groups * group_size != in_f or a.shape[-1] != groups or b.shape[0] != out_f:
+            raise FtuneError(f"{Path(adapter_dir) / WEIGHTS_NAME}: {module}: the adapter (group_size {group_size}) does "
+                             f"not fit the base's INT4 {module} ({out_f}×{in_f} in {groups} groups); the adapter is from "
+                             f"another model or run; {FIX}")
+        return merge_zeros(zeros, scales, group_delta(a.float() / _peft_a_factor(in_f, group_size), b, scaling, group_size))
+
+    return AdapterMerge(modules, fold, quantization=quantization_config(group_size, sorted(modules)), shift_zeros=shift_zeros)
 
 
 class _AsLinear:
@@ -191,4 +216,5 @@ METHOD = register(Method(
     trainable_params=trainable_params,
     weight_bytes=weight_bytes,
     param_groups=param_groups,
+    int4_base=True,
 ))

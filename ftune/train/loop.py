@@ -106,7 +106,8 @@ def build_training(cfg: RunConfig, method: Method, accelerator, total_steps: int
     n_layers = n_layers if isinstance(n_layers, int) else None
     check_plan(cfg.model, n_layers, fast_path=resolve_kernels(cfg.model.kernels, device) != "none" and method.fast_path)
     check_method_paths(method, cfg, n_layers)
-    model = load_model(cfg.model, device, labels=cfg.data.labels if cfg.model.head == "classifier" else None, fsdp2=fsdp2)
+    model = load_model(cfg.model, device, labels=cfg.data.labels if cfg.model.head == "classifier" else None, fsdp2=fsdp2,
+                       method=method)
     fast = resolve_kernels(cfg.model.kernels, device) != "none" and method.fast_path and not fsdp2
     # layer_plan: auto becomes a concrete plan here, for the GPU's memory now (a resume may choose another:
     # plans change memory and speed, not the gradients); ftune.yaml keeps `auto`
