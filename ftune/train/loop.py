@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from ftune.autoplan import resolve_layer_plan
 from ftune.config import RunConfig, resolved_yaml
@@ -69,7 +70,7 @@ from ftune.train.distributed import (
 )
 from ftune.train.save_check import check_artifact, check_weights
 from ftune.train.interrupt import StopRequest
-from ftune.train.optim import build_optimizer, build_scheduler, default_param_groups
+from ftune.train.optim import build_optimizer, build_scheduler, default_param_groups, low_precision_warning
 from ftune.train.preflight import (
     check_label_collisions,
     check_launch,
@@ -228,6 +229,10 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
             console.print(f"removed stale temporary folder {stale} (left by an interrupted ftune)")
     trainable, total = count_parameters(model)
     console.print(f"[bold]{cfg.method.name}[/]: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    if method.trains_base:
+        low = low_precision_warning(model, cfg.method.name, cfg.train.lr)
+        if low:
+            console.print(f"[yellow]warning:[/] {escape(low)}", highlight=False, soft_wrap=True)
     choice = getattr(accelerator.unwrap_model(model), "_ftune_plan_choice", None)
     if choice is not None:
         console.print(choice.line(), highlight=False)

@@ -36,3 +36,41 @@ def build_optimizer(groups: list[dict], train_cfg, device: torch.device):
 def build_scheduler(optimizer, train_cfg, total_steps: int):
     warm = warmup_steps(train_cfg, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warm, train_cfg.lr_scheduler))
+
+
+SIGNIFICANT_BITS = {torch.bfloat16: 8, torch.float16: 11}
+
+
+def rounded_away_share(model, lr: float, per_tensor: int = 4096) -> tuple[torch.dtype, float] | None:
+    """(dtype, share) for trained weight matrices stored in bf16/fp16: the share of their elements that a step of
+    size `lr` leaves unchanged, because it is under half their spacing in that dtype. AdamW's early steps are about
+    lr in size whatever the gradient, so this is the share an update rounds away. Sampled: up to `per_tensor`
+    elements of each trained matrix (seeded). None when no trained matrix is 16-bit."""
+    low = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2 and p.dtype in SIGNIFICANT_BITS]
+    if not low or lr <= 0:
+        return None
+    gen, kept, seen = torch.Generator().manual_seed(0), 0, 0
+    with torch.no_grad():
+        for p in low:
+            flat = (p.to_local() if hasattr(p, "to_local") else p).reshape(-1)  # an FSDP2 shard: its local part
+            if flat.numel() > per_tensor:
+                flat = flat[torch.randint(flat.numel(), (per_tensor,), generator=gen).to(flat.device)]
+            kept += int(((flat.float() - lr).to(p.dtype) == flat).sum())
+            seen += flat.numel()
+    return (low[0].dtype, kept / seen) if seen else None
+
+
+def low_precision_warning(model, method_name: str, lr: float) -> str | None:
+    """A warning when most trained 16-bit weights cannot move by a step of train.lr (full fine-tuning, LISA with
+    model.dtype bf16): training then changes mostly the smallest weights. Measured in the GPU NLU study
+    (docs/STUDY_NLU.md): full fine-tuning of bf16 weights at lr 5e-5 reached macro-F1 0.26 where LoRA reached 0.88."""
+    found = rounded_away_share(model, lr)
+    if found is None or found[1] < 0.5:
+        return None
+    dtype, share = found
+    name = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")
+    return (f"{method_name}: a step of train.lr {lr:g} leaves {share:.0%} of the trained {name} weights unchanged "
+            f"({name} keeps {SIGNIFICANT_BITS[dtype]} significant bits, so a step under half a weight's spacing rounds "
+            f"away, and AdamW's steps are about lr in size): the run will train little. Set model.dtype=fp32 (fp32 "
+            f"weights, gradients and AdamW state, about 16 bytes per trained parameter; matmuls stay bf16 under "
+            f"train.mixed_precision), or raise train.lr")
