@@ -30,10 +30,15 @@ class MemoryEstimate:
     optimizer: float  # GiB
     activations: float  # GiB at micro_batch_size × max_length tokens
     tokens: int
+    load_peak: float = 0.0  # GiB while the model loads, when that is above training's (see estimate_memory)
 
     @property
     def total(self) -> float:
         return self.weights + self.trainable + self.optimizer + self.activations
+
+    @property
+    def peak(self) -> float:
+        return max(self.total, self.load_peak)
 
 
 def _weight_bytes(arch: Arch, quantization: str, double_quant: bool, dtype_bytes: int) -> float:
@@ -122,7 +127,11 @@ def estimate_memory(run, method, arch: Arch, on_cuda: bool = True) -> MemoryEsti
     """`method`: the run's registered Method (what trains, how many parameters)."""
     b = byte_model(run, method, arch, on_cuda)
     activations = b.activations(layer_codes(run.model, arch.layers, on_cuda))
-    return MemoryEstimate(b.weights / GIB, b.trainable / GIB, b.optimizer / GIB, activations / GIB, b.tokens)
+    # A method that quantizes the base itself (QA-LoRA from a 16-bit base) loads it whole in 16 bits first:
+    # measured 15.0 GiB for Qwen2.5-7B against 9.6 GiB of training (docs/BENCHMARKS.md, run c).
+    dtype_bytes = 4 if run.model.dtype == "fp32" or (run.model.dtype == "auto" and not on_cuda) else 2
+    load = arch.params * dtype_bytes / GIB if method.weight_bytes is not None else 0.0
+    return MemoryEstimate(b.weights / GIB, b.trainable / GIB, b.optimizer / GIB, activations / GIB, b.tokens, load)
 
 
 def per_gpu(run, method, arch: Arch, n: int, on_cuda: bool = True) -> dict[str, MemoryEstimate]:
@@ -169,8 +178,11 @@ def describe(est: MemoryEstimate, gpu: tuple | None) -> str:
     line = (f"memory estimate: weights {est.weights:.1f} GiB + trainable/grads {est.trainable:.1f} + optimizer "
             f"{est.optimizer:.1f} + activations {est.activations:.1f} ({est.tokens:,} tokens per micro-batch) "
             f"= {est.total:.1f} GiB")
+    if est.load_peak > est.total:
+        line += (f"; loading peaks higher, at {est.load_peak:.1f} GiB (a 16-bit base is loaded whole before ftune "
+                 f"quantizes it; a GPTQ base loads as INT4)")
     if gpu is None:
         return line + " (no GPU detected; name one with --gpu)"
     name, mem, _ = gpu
-    verdict = "fits" if est.total <= mem * 0.95 else "does NOT fit"
+    verdict = "fits" if est.peak <= mem * 0.95 else "does NOT fit"
     return f"{line}; {name} has {mem:.0f} GiB: {verdict}"
