@@ -71,6 +71,6 @@ def low_precision_warning(model, method_name: str, lr: float) -> str | None:
     name = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")
     return (f"{method_name}: a step of train.lr {lr:g} leaves {share:.0%} of the trained {name} weights unchanged "
             f"({name} keeps {SIGNIFICANT_BITS[dtype]} significant bits, so a step under half a weight's spacing rounds "
-            f"away, and AdamW's steps are about lr in size): the run will train little. Set model.dtype=fp32 (fp32 "
-            f"weights, gradients and AdamW state, about 16 bytes per trained parameter; matmuls stay bf16 under "
-            f"train.mixed_precision), or raise train.lr")
+            f"away, and AdamW's steps are about lr in size): the run will train little. Set model.dtype=fp32 (4 bytes "
+            f"per weight, trained or not, and fp32 gradients and AdamW state: about 16 bytes per trained parameter; "
+            f"matmuls stay bf16 under train.mixed_precision), or raise train.lr")
