@@ -220,21 +220,6 @@ def test_packed_prefix_tuning_with_recompute_trains_evaluates_and_loads_in_peft(
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
-def test_transformers_forward_keeps_packing_off_and_refuses_recompute(make_config, tmp_path):
-    """model.kernels: auto on the CPU is transformers' own forward: the prefix rides in its KV cache there, so
-    packing stays off (said) and a recomputing plan is refused before the model loads, naming the way out."""
-    replace = {"recipe": "prefix_tuning", "method": {"name": "prefix_tuning", "num_virtual_tokens": 4}}
-    config = make_config({"data": {"packing": True}}, out_dir=tmp_path / "run", replace=replace)
-    result = invoke("train", config, "model.gradient_checkpointing=true")
-    assert result.exit_code == 2, result.output
-    out = " ".join(result.output.split())
-    assert "recomputes layers in backward only on ftune's fast path" in out and "model.kernels: auto on cpu" in out
-    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
-    result = invoke("train", config)
-    assert result.exit_code == 0, result.output
-    assert "packing off for prefix_tuning on transformers' own forward" in " ".join(result.output.split())
-
-
 # ---------------------------------------------------------------- CUDA, bf16: varlen flash attention
 
 def _gpu_case(arch: str):

@@ -16,6 +16,9 @@ the GPU computes, so a plan (`model.layer_plan`, read by kernels/plan.py) mixes 
 Modules the fused Functions cannot take (DoRA, AdaLoRA/SoRA layers, trainable base weights as in full
 fine-tuning) are called as they are, with the same norm/RoPE/SwiGLU/attention kernels. LoRA dropout is
 fused (masks redrawn in backward from a seed: kernels/dropout.py).
+Prefix tuning's key/value prefix reaches each layer as an argument of its call (a `Prefix` under the keyword
+layers/prompt.PREFIX_KWARG, computed once per forward), never as a KV cache: the attention block attends over
+[prefix; keys] (kernels/attention.py), and a recomputed block recomputes with the same prefix.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ model.layer_plan), and the gradients equal those of the KV-cache path below.
 Everywhere else (eval, generation, and training on transformers' own forward: kernels none, e.g. auto on a
 CPU; a model the fast path does not take; FSDP2) the prefix rides in the KV cache (ftune/layers/prompt.py),
 so eval's shared-prompt cache carries it, as PEFT's does. On that training forward micro-batches are padded
-(said in the log) and a recomputing plan is refused before the model loads: transformers' checkpointed
-layers drop the cache.
+(said in the log) and a recomputing plan is refused at set-up: transformers' checkpointed layers drop the
+cache.
 Hooks: none. Works on a 4-bit base.
 Artifact: RUN_DIR/adapter/ in PEFT's PREFIX_TUNING format (`prompt_embeddings`, n × 2·layers·kv_dim, the
 MLP folded: saved with prefix_projection false, so PEFT loads it as plain prefixes); not mergeable.
