@@ -1,7 +1,7 @@
 """Prefix tuning on ftune's fast layer (issue #13): the layer attends over [prefix; keys] itself. Against
-transformers' KV-cache path (what PEFT runs): the same loss and prefix gradients, padded (tiny Llama and Qwen2,
-both with grouped-query attention, Qwen2 with q/k/v biases); packed rows equal the same examples padded, per
-example; recomputing layers changes no gradient; and through the CLI, a packed, checkpointed run trains,
+transformers' KV-cache path (what PEFT runs): the same loss and prefix gradients, padded (tiny Llama, Qwen2 and
+Mistral, all with grouped-query attention, Qwen2 with q/k/v biases, Mistral with a sliding window); packed rows
+equal the same examples padded, per example; recomputing layers changes no gradient; and through the CLI, a packed, checkpointed run trains,
 evaluates and saves an adapter PEFT reads. The GPU test runs the packed rows through varlen flash attention."""
 
 from __future__ import annotations
@@ -25,13 +25,17 @@ LENGTHS = [7, 12, 4]  # different lengths: the padded batch has padding, the pac
 
 
 def tiny(arch: str, attn: str = "sdpa", seed: int = 0):
-    """2 layers, 4 query heads over 2 key/value heads; Qwen2 has biases on q/k/v."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """2 layers, 4 query heads over 2 key/value heads; Qwen2 has biases on q/k/v; Mistral a sliding window of 4
+    positions (shorter than the prefix and an example together, so the window cuts into both)."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
-    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    config_cls, model_cls, extra = {"llama": (LlamaConfig, LlamaForCausalLM, {}),
+                                    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+                                    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 4})}[arch]
     torch.manual_seed(seed)
     config = config_cls(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, max_position_embeddings=128, attn_implementation=attn)
+                        num_key_value_heads=2, max_position_embeddings=128, attn_implementation=attn, **extra)
     return model_cls(config)
 
 
@@ -89,7 +93,8 @@ def assert_same(got, want, atol: float = 1e-5, grad_atol: float = 1e-6, what: st
     assert diff <= grad_atol + 1e-4 * scale, f"{what}: max |grad diff| {diff:.3g} (largest gradient {scale:.3g})"
 
 
-CASES = [("llama", "sdpa", False), ("llama", "eager", False), ("llama", "sdpa", True), ("qwen2", "sdpa", False)]
+CASES = [("llama", "sdpa", False), ("llama", "eager", False), ("llama", "sdpa", True), ("qwen2", "sdpa", False),
+         ("mistral", "sdpa", False)]
 
 
 @pytest.mark.parametrize(("arch", "attn", "projection"), CASES, ids=["-".join(map(str, c)) for c in CASES])
@@ -107,7 +112,7 @@ def test_fast_layer_equals_the_kv_cache_path_on_padded_batches(arch, attn, proje
     assert abs(float(without) - float(want[0])) > 1e-3
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_packed_rows_equal_the_same_examples_padded(arch):
     """Per example (the others' labels ignored): the loss and the prefix gradients of a packed row equal the
     padded batch's. An example that saw another's tokens, or missed the prefix, would differ."""

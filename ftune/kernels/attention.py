@@ -19,7 +19,8 @@ causal range of its own example:
     varlen_attn hands is_causal / window (-1, 0) to aten._flash_attention_forward, and torch/nn/attention/bias.py
     notes that flash's causal means lower-right — why SDPA, whose is_causal is upper-left, sends only square
     causal attention to flash.)
-  packed rows elsewhere: the padded rule with the block-diagonal mask of the examples (from cu_seq_lens).
+  packed rows elsewhere (no varlen; a sliding window): the padded rule with the block-diagonal mask of the
+    examples (from cu_seq_lens). A sliding window (Mistral, Qwen2's sliding layers) counts the prefix positions too.
 """
 
 from __future__ import annotations
@@ -90,19 +91,28 @@ def core_attention(attn, q, k, v, attention_mask, kwargs: dict, prefix=None) -> 
     return out.reshape(b, s, -1)
 
 
-def prefix_mask(n: int, s: int, padding: torch.Tensor | None, cu: torch.Tensor | None, device) -> torch.Tensor:
+def prefix_mask(n: int, s: int, padding: torch.Tensor | None, cu: torch.Tensor | None, device,
+                window: int | None = None) -> torch.Tensor:
     """(B or 1, 1, S, n+S) boolean, True where a query looks: all n prefix columns, then its own causal range
-    (within its example when `cu`, cu_seq_lens of a packed row, is given; not at padding columns)."""
+    (within its example when `cu`, cu_seq_lens of a packed row, is given; not at padding columns). With a
+    sliding `window` (Mistral, Qwen2's sliding layers) a query at position p sees positions > p − window only,
+    prefix positions 0..n-1 included, as transformers' sliding mask over the cache does."""
     t = torch.arange(s, device=device)
-    seen = t[None, :] <= t[:, None]
+    pos, same = t, torch.ones(s, s, dtype=torch.bool, device=device)
     if cu is not None:
         cu = cu.to(device).long()
         example = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=device), cu[1:] - cu[:-1], output_size=s)
-        seen = seen & (example[None, :] == example[:, None])
+        pos, same = t - cu[example], example[None, :] == example[:, None]
+    q = pos[:, None] + n  # the real tokens' positions start at n
+    seen = same & (pos[None, :] + n <= q)
+    front = torch.ones(s, n, dtype=torch.bool, device=device)
+    if window is not None:
+        seen = seen & (pos[None, :] + n > q - window)
+        front = torch.arange(n, device=device)[None, :] > q - window
     seen = seen.unsqueeze(0)
     if padding is not None:
         seen = seen & padding.to(device=device, dtype=torch.bool)[:, None, :]
-    return torch.cat([seen.new_ones(seen.shape[0], s, n), seen], -1).unsqueeze(1)
+    return torch.cat([front.expand(seen.shape[0], -1, -1), seen], -1).unsqueeze(1)
 
 
 def prefix_attention(attn, q, k, v, prefix: Prefix, kwargs: dict) -> torch.Tensor:
@@ -110,7 +120,8 @@ def prefix_attention(attn, q, k, v, prefix: Prefix, kwargs: dict) -> torch.Tenso
     pk, pv = (t.to(k.dtype) for t in prefix.layer(attn.layer_idx))  # (H_kv, n, D)
     n, (b, _, s, _) = prefix.n, q.shape
     cu = kwargs.get("cu_seq_lens_q") if b == 1 else None
-    if cu is not None and varlen_available(q.device):
+    window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))  # Qwen2's per layer
+    if cu is not None and window is None and varlen_available(q.device):
         if "varlen" not in prefix.memo:
             new_cu, index, _, _ = prefixed_layout(cu, n, s)
             prefix.memo["varlen"] = (new_cu.to(cu.dtype), index)
@@ -120,15 +131,16 @@ def prefix_attention(attn, q, k, v, prefix: Prefix, kwargs: dict) -> torch.Tenso
         max_q = int(kwargs["max_length_q"])
         return packed_attention(q1, k1, v1, cu, max_q, attn.scaling, cu_k, max_q + n).reshape(1, s, -1)
     eager = attn.config._attn_implementation == "eager"
-    if ("mask", eager) not in prefix.memo:
-        mask = prefix_mask(n, s, prefix.padding, cu, q.device)
+    key = ("mask", eager, window)
+    if key not in prefix.memo:
+        mask = prefix_mask(n, s, prefix.padding, cu, q.device, window)
         if eager:  # eager adds its mask to the scores
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, torch.finfo(q.dtype).min)
-        prefix.memo["mask", eager] = mask
+        prefix.memo[key] = mask
     k, v = (torch.cat([p.unsqueeze(0).expand(b, -1, -1, -1), t], 2) for p, t in ((pk, k), (pv, v)))
     if eager:
         fn = _hf_attention(attn)
     else:  # SDPA also stands in for flash_attention_2, whose own function takes no mask of this shape
         from transformers.integrations.sdpa_attention import sdpa_attention_forward as fn
-    out, _ = fn(attn, q, k, v, prefix.memo["mask", eager], dropout=0.0, scaling=attn.scaling)
+    out, _ = fn(attn, q, k, v, prefix.memo[key], dropout=0.0, scaling=attn.scaling)
     return out.reshape(b, s, -1)
