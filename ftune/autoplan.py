@@ -224,7 +224,7 @@ def resolve_layer_plan(cfg, method, model, device, fast: bool) -> PlanChoice | N
         spec = gpu_spec()
         tflops = spec[2] / 2 if spec is not None and spec[2] else NOMINAL_TFLOPS
     choice = choose_plan(b, arch, cfg.data.max_length, not method.trains_base, budget,
-                         link or DEFAULT_LINK_GBS, offload, method.layer_recompute, tflops,
+                         link or DEFAULT_LINK_GBS, offload, method.recomputes(fast), tflops,
                          "measured" if link else "assumed")
     m.layer_plan = choice.plan
     return choice
@@ -244,7 +244,7 @@ def validate_choice(run, method, arch: Arch, gpu: tuple | None, named: bool):
     budget = m.memory_budget_gib if m.memory_budget_gib is not None else gpu[1] * BUDGET_MARGIN if gpu else None
     tflops = gpu[2] / 2 if gpu and gpu[2] else NOMINAL_TFLOPS
     choice = choose_plan(b, arch, run.data.max_length, not method.trains_base, budget, DEFAULT_LINK_GBS,
-                         on_cuda and fast, method.layer_recompute, tflops)
+                         on_cuda and fast, method.recomputes(fast), tflops)
     chosen = run.model_copy(deep=True)
     chosen.model.layer_plan = choice.plan
     if gpu is None:

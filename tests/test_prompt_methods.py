@@ -153,13 +153,17 @@ def test_prompt_tuning_trains_packed_and_evaluates(make_config, tmp_path):
     assert report["meta"]["method"] == "prompt_tuning"
 
 
-def test_prefix_tuning_keeps_packing_off_and_merge_refuses(make_config, tmp_path):
+def test_prefix_tuning_on_transformers_forward_pads_and_merge_refuses(make_config, tmp_path):
+    """model.kernels: auto on the CPU is transformers' own forward, where the prefix rides in the KV cache: packed
+    rows are turned off (said, with the way to the fast path), the run trains and evaluates, merge refuses."""
     run = tmp_path / "run"
     config = make_config({"data": {"packing": True}, "train": {"max_steps": 4, "lr": 5e-2}}, out_dir=run,
                          replace={"recipe": "prefix_tuning", "method": {"name": "prefix_tuning", "num_virtual_tokens": 4}})
     result = invoke("train", config)
     assert result.exit_code == 0, result.output
-    assert "packing off for prefix_tuning" in result.output, result.output
+    out = " ".join(result.output.split())  # rich wraps
+    assert "kernels: transformers' own forward; 0 layers checkpointed" in out, out
+    assert "packing off for prefix_tuning on transformers' own forward" in out and "model.kernels: torch" in out, out
     merged = invoke("merge", run)
     assert merged.exit_code == 2, merged.output
     assert "'prefix_tuning' is not mergeable" in merged.output and "Traceback" not in merged.output
@@ -167,14 +171,20 @@ def test_prefix_tuning_keeps_packing_off_and_merge_refuses(make_config, tmp_path
     assert invoke("eval", run).exit_code == 0
 
 
-@pytest.mark.parametrize("setting", ["model.gradient_checkpointing=true", "model.layer_plan=1C1K"])
-def test_prefix_tuning_refuses_layer_recompute(setting, make_config, tmp_path):
-    config = make_config(out_dir=tmp_path / "run",
-                         replace={"recipe": "prefix_tuning", "method": {"name": "prefix_tuning", "num_virtual_tokens": 4}})
-    result = invoke("train", config, setting)
+@pytest.mark.parametrize(("setting", "plan"), [("model.gradient_checkpointing=true", "2C"), ("model.layer_plan=1C1K", "1C1K")])
+def test_prefix_tuning_recomputes_layers_only_on_the_fast_path(setting, plan, make_config, tmp_path):
+    """On transformers' own forward (kernels: none) a recomputing plan is refused before anything is written (its
+    checkpointed layers would drop the cache that holds the prefix); on ftune's fast layer it trains."""
+    replace = {"recipe": "prefix_tuning", "method": {"name": "prefix_tuning", "num_virtual_tokens": 4}}
+    config = make_config(out_dir=tmp_path / "run", replace=replace)
+    result = invoke("train", config, setting, "model.kernels=none")
     assert result.exit_code == 2, result.output
-    assert "cannot recompute layers in backward" in result.output and "Traceback" not in result.output
-    assert not (tmp_path / "run").exists()
+    out = " ".join(result.output.split())
+    assert "recomputes layers in backward only on ftune's fast path" in out and "(model.kernels: none on cpu)" in out, out
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+    result = invoke("train", config, setting, "model.kernels=torch", "train.max_steps=1")
+    assert result.exit_code == 0, result.output
+    assert f"kernels: ftune fast path (torch); layer plan {plan} " in result.output, result.output
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -49,6 +49,13 @@ def resolve_kernels(name: str, device: torch.device | str) -> str:
     return name
 
 
+def fast_path_on(model) -> bool:
+    """Whether `apply_kernels` installed ftune's fast training forward on `model` (not wrapped by accelerate)."""
+    from ftune.layers.prompt import FAST_FORWARD
+
+    return bool(getattr(model, FAST_FORWARD, False))
+
+
 def _decoder_layers(model):
     return getattr(getattr(model, "model", None), "layers", None)
 

@@ -16,6 +16,9 @@ the GPU computes, so a plan (`model.layer_plan`, read by kernels/plan.py) mixes 
 Modules the fused Functions cannot take (DoRA, AdaLoRA/SoRA layers, trainable base weights as in full
 fine-tuning) are called as they are, with the same norm/RoPE/SwiGLU/attention kernels. LoRA dropout is
 fused (masks redrawn in backward from a seed: kernels/dropout.py).
+Prefix tuning's key/value prefix reaches each layer as an argument of its call (a `Prefix` under the keyword
+layers/prompt.PREFIX_KWARG, computed once per forward), never as a KV cache: the attention block attends over
+[prefix; keys] (kernels/attention.py), and a recomputed block recomputes with the same prefix.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from ftune.kernels.loss import lm_loss
 from ftune.kernels.mlp import fused_mlp, mlp_fusable
 from ftune.kernels.ops import Ops
 from ftune.kernels.plan import LayerPlan
+from ftune.layers.prompt import FAST_FORWARD, PREFIX_KWARG
 
 SUPPORTED = {"llama", "qwen2", "mistral"}
 
@@ -82,7 +86,7 @@ def _eps(norm) -> float:
     return getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
 
 
-def _attention_block(layer, plan: Plan, position_embeddings, attention_mask, kwargs, h):
+def _attention_block(layer, plan: Plan, position_embeddings, attention_mask, kwargs, prefix, h):
     attn = layer.self_attn
     n = plan.ops.rms_norm(h, layer.input_layernorm.weight, _eps(layer.input_layernorm))
     q, k, v = project(n, (attn.q_proj, attn.k_proj, attn.v_proj))
@@ -90,7 +94,7 @@ def _attention_block(layer, plan: Plan, position_embeddings, attention_mask, kwa
     q, k, v = (t.view(b, s, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
     cos, sin = position_embeddings
     q, k = plan.ops.rope(q, k, cos.to(q.dtype), sin.to(q.dtype))
-    (out,) = project(core_attention(attn, q, k, v, attention_mask, kwargs), (attn.o_proj,))
+    (out,) = project(core_attention(attn, q, k, v, attention_mask, kwargs, prefix), (attn.o_proj,))
     return out
 
 
@@ -110,14 +114,24 @@ def _has_cache(kwargs: dict) -> bool:
     return any(kwargs.get(k) is not None for k in CACHE_KEYS)
 
 
+def _transformers_forward(forward, kwargs: dict, *args, **named):
+    """Transformers' own forward, which knows nothing of a prefix: one that arrives here would be dropped
+    silently, so it is an error (layers/prompt.py sends it only to training forwards taken here)."""
+    if kwargs.get(PREFIX_KWARG) is not None:
+        raise RuntimeError("a prefix reached transformers' forward (not training, or a cache given): ftune's "
+                           "prompt wrapper and fast forward disagree on the path")
+    return forward(*args, **named, **kwargs)
+
+
 def layer_forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
     if not (self.training and torch.is_grad_enabled()) or _has_cache(kwargs):
-        return self._ftune_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                   position_embeddings=position_embeddings, **kwargs)
+        return _transformers_forward(self._ftune_forward, kwargs, hidden_states, attention_mask=attention_mask,
+                                     position_ids=position_ids, position_embeddings=position_embeddings)
     for k in CACHE_KEYS + ("use_cache",):
         kwargs.pop(k, None)  # training: no cache (None) and nothing for attention to read from them
+    prefix = kwargs.pop(PREFIX_KWARG, None)  # prefix tuning: this layer's keys/values attended over in front
     plan, lp = self._ftune_plan, self._ftune_layer
-    block = lambda h: _attention_block(self, plan, position_embeddings, attention_mask, kwargs, h)  # noqa: E731
+    block = lambda h: _attention_block(self, plan, position_embeddings, attention_mask, kwargs, prefix, h)  # noqa: E731
     with plan.offload_context() if lp.offload else nullcontext():
         a = checkpoint(block, hidden_states, use_reentrant=False) if lp.recompute_attn else block(hidden_states)
         h = hidden_states + a
@@ -133,8 +147,8 @@ def layer_forward(self, hidden_states, attention_mask=None, position_ids=None, p
 def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
                       num_items_in_batch=None, **kwargs):
     if labels is None or not (self.training and torch.is_grad_enabled()) or _has_cache(kwargs):
-        return self._ftune_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
+        return _transformers_forward(self._ftune_forward, kwargs, input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=position_ids, labels=labels, num_items_in_batch=num_items_in_batch)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     plan = self._ftune_plan
@@ -157,4 +171,5 @@ def install(model, ops: Ops, layers: list[LayerPlan]) -> Plan:
     final.forward = lambda x, w=final.weight, eps=_eps(final): ops.rms_norm(x, w, eps)
     model._ftune_forward, model._ftune_plan = model.forward, plan
     model.forward = types.MethodType(causal_lm_forward, model)
+    setattr(model, FAST_FORWARD, True)  # its training forward takes a prefix (layers/prompt.py)
     return plan

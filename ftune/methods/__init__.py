@@ -4,7 +4,7 @@ imported; they are all imported here, so adding a method adds one file and touch
 from __future__ import annotations
 
 from ftune.config.schema import METHOD_SCHEMAS, MethodSchema
-from ftune.methods.base import Method, PrepareContext
+from ftune.methods.base import FAST_PATH, Method, PrepareContext
 
 REGISTRY: dict[str, Method] = {}
 
@@ -35,4 +35,4 @@ def _import_all() -> None:
 
 _import_all()
 
-__all__ = ["REGISTRY", "Method", "PrepareContext", "register", "get_method"]
+__all__ = ["FAST_PATH", "REGISTRY", "Method", "PrepareContext", "register", "get_method"]

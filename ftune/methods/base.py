@@ -15,6 +15,8 @@ from typing import Any
 from ftune.config.schema import MethodConfig, RunConfig
 from ftune.layers.peft_format import AdapterMerge
 
+FAST_PATH = "fast_path"  # a Method's packing / layer_recompute: on ftune's fused layer forward only
+
 
 @dataclass
 class PrepareContext:
@@ -66,13 +68,26 @@ class Method:
     # Training paths the method's forward can take. False keeps the loop off that path (the run's log says so,
     # with `path_reason`): ftune's fused layer forward (kernels/fast.py), padding-free packed micro-batches,
     # recomputing layers in backward (model.gradient_checkpointing, recompute letters of model.layer_plan:
-    # refused at set-up, before the model loads, since turning it off would change the memory the user planned).
+    # refused at set-up, since turning it off would change the memory the user planned). FAST_PATH: on ftune's
+    # fused layer only; a run on transformers' own forward (kernels none, a model the fast path does not take,
+    # FSDP2) keeps off it (prefix tuning: transformers' forward carries the prefix in a KV cache).
     fast_path: bool = True
-    packing: bool = True
-    layer_recompute: bool = True
+    packing: bool | str = True
+    layer_recompute: bool | str = True
     path_reason: str = ""
 
+    def packs(self, fast: bool) -> bool:
+        """Whether the method takes packed micro-batches on this forward (`fast`: ftune's fused layer)."""
+        return self.packing is True or (self.packing == FAST_PATH and fast)
+
+    def recomputes(self, fast: bool) -> bool:
+        """Whether the method lets layers recompute in backward on this forward (`fast`: ftune's fused layer)."""
+        return self.layer_recompute is True or (self.layer_recompute == FAST_PATH and fast)
+
     def __post_init__(self):
+        for name in ("packing", "layer_recompute"):
+            if getattr(self, name) not in (True, False, FAST_PATH):
+                raise ValueError(f"method {self.name!r}: {name} is True, False or {FAST_PATH!r}")
         if self.merge_fn is None and not self.trains_base and not self.unmergeable_reason:
             raise ValueError(f"method {self.name!r}: an adapter method without merge_fn needs an unmergeable_reason")
 

@@ -4,13 +4,19 @@
     optional reparameterisation (prefix_projection): [K; V] = MLP(P), P ∈ R^{n×kv_dim}, MLP: kv_dim → h → 2·layers·kv_dim
     (tanh), used while training and folded away when saved; the base frozen
 With grouped-query attention the prefix has the key/value heads' width (kv_heads · head_dim), as in PEFT.
-The prefix rides in the KV cache (ftune/layers/prompt.py), so eval's shared-prompt cache carries it
-and every query position sees it. The output changes at init.
+The virtual tokens take positions 0..n-1 and the real tokens n, n+1, …; the prefix keys are never rotated.
+The output changes at init.
 
-Training paths: transformers' own forward, padded micro-batches, no layer recompute. ftune's fast layer
-and packed rows would need the prefix inside their attention call; transformers' checkpointed layers drop
-the cache they are given. The loop therefore keeps the fast path and packing off (said in the log), and
-model.gradient_checkpointing / a recomputing model.layer_plan is refused before the model loads.
+Training on ftune's fast layer (model.kernels: torch or liger, or auto on a CUDA GPU; Llama, Qwen2, Mistral):
+the prefix is computed once per forward and every layer attends over [prefix; keys] itself
+(ftune/kernels/attention.py), so packed rows work (each example sees the prefix and its own causal range;
+varlen flash attention on CUDA), layers may recompute in backward (model.gradient_checkpointing,
+model.layer_plan), and the gradients equal those of the KV-cache path below.
+Everywhere else (eval, generation, and training on transformers' own forward: kernels none, e.g. auto on a
+CPU; a model the fast path does not take; FSDP2) the prefix rides in the KV cache (ftune/layers/prompt.py),
+so eval's shared-prompt cache carries it, as PEFT's does. On that training forward micro-batches are padded
+(said in the log) and a recomputing plan is refused at set-up: transformers' checkpointed layers drop the
+cache.
 Hooks: none. Works on a 4-bit base.
 Artifact: RUN_DIR/adapter/ in PEFT's PREFIX_TUNING format (`prompt_embeddings`, n × 2·layers·kv_dim, the
 MLP folded: saved with prefix_projection false, so PEFT loads it as plain prefixes); not mergeable.
@@ -32,10 +38,11 @@ from ftune.layers.prompt import (
     prefix_encoder,
     virtual_tokens,
 )
-from ftune.methods import Method, prompt_tuning, register
+from ftune.methods import FAST_PATH, Method, prompt_tuning, register
 
-WHY = ("the key/value prefix rides in the KV cache, which ftune's fused layer, packed rows and transformers' "
-       "checkpointed layers do not carry")
+WHY = ("transformers' own forward carries the key/value prefix as a KV cache, which its checkpointed layers drop "
+       "and packed rows cannot share; ftune's fast path (model.kernels: torch or liger, or auto on a CUDA GPU) "
+       "attends over the prefix in every layer itself and takes both")
 
 
 class PrefixTuningConfig(MethodConfig):
@@ -106,9 +113,8 @@ METHOD = register(Method(
     load=load,
     trainable_params=trainable_params,
     quantized_base=True,
-    fast_path=False,
-    packing=False,
-    layer_recompute=False,
+    packing=FAST_PATH,
+    layer_recompute=FAST_PATH,
     path_reason=WHY,
     unmergeable_reason=prompt_tuning.NOT_MERGEABLE,
 ))

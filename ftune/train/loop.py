@@ -36,11 +36,11 @@ from ftune.io import (
     write_json_atomic,
     write_text_atomic,
 )
-from ftune.kernels import apply_kernels, resolve_kernels
+from ftune.kernels import apply_kernels, fast_path_on, resolve_kernels
 from ftune.kernels.fast import unsupported_reason
 from ftune.kernels.plan import check_plan, is_auto
 from ftune.layers.peft_format import save_head
-from ftune.methods import Method, PrepareContext, get_method
+from ftune.methods import FAST_PATH, Method, PrepareContext, get_method
 from ftune.models import bf16_preferred, count_parameters, load_model, load_tokenizer
 from ftune.perf import read_model_config
 from ftune.train.batches import (
@@ -105,11 +105,13 @@ def build_training(cfg: RunConfig, method: Method, accelerator, total_steps: int
         hf = None
     n_layers = hf.get("num_hidden_layers") if isinstance(hf, dict) else None
     n_layers = n_layers if isinstance(n_layers, int) else None
-    check_plan(cfg.model, n_layers, fast_path=resolve_kernels(cfg.model.kernels, device) != "none" and method.fast_path)
-    check_method_paths(method, cfg, n_layers)
+    kernels_on = resolve_kernels(cfg.model.kernels, device) != "none"
+    check_plan(cfg.model, n_layers, fast_path=kernels_on and method.fast_path)
+    fast = kernels_on and method.fast_path and not fsdp2
+    check_method_paths(method, cfg, n_layers, fast, FSDP2_PATH_REASON if fsdp2 else
+                       f"model.kernels: {cfg.model.kernels} on {device.type}" if method.fast_path else method.path_reason)
     model = load_model(cfg.model, device, labels=cfg.data.labels if cfg.model.head == "classifier" else None, fsdp2=fsdp2,
                        method=method)
-    fast = resolve_kernels(cfg.model.kernels, device) != "none" and method.fast_path and not fsdp2
     # layer_plan: auto becomes a concrete plan here, for the GPU's memory now (a resume may choose another:
     # plans change memory and speed, not the gradients); ftune.yaml keeps `auto`
     if is_auto(cfg.model):
@@ -118,6 +120,8 @@ def build_training(cfg: RunConfig, method: Method, accelerator, total_steps: int
     # keeps references to some weights, which sharding replaces (not yet checked on sharded weights)
     model._ftune_kernels = apply_kernels(model, cfg.model, device, method.fast_path and not fsdp2,
                                          FSDP2_PATH_REASON if fsdp2 else method.path_reason)
+    if fast and not fast_path_on(model):  # a model the fast path does not take: what needs it is refused now
+        check_method_paths(method, cfg, n_layers, False, f"fast path off: {unsupported_reason(model)}")
     hooks = method.prepare(model, cfg.method, PrepareContext(run=cfg, total_steps=total_steps)) or []
     if cfg.model.head == "classifier":  # the head trains with any method; its loss replaces the LM's
         train_head(model)
@@ -239,8 +243,9 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
         if choice.warning:
             console.print(f"[yellow]warning:[/] {choice.warning}", highlight=False)
     console.print(getattr(accelerator.unwrap_model(model), "_ftune_kernels", ""), highlight=False)
-    if packing_on(cfg, accelerator.device) and not method.packing:
-        console.print(f"packing off for {method.name}: {method.path_reason}; micro-batches are padded", highlight=False)
+    if packing_on(cfg, accelerator.device) and not method.packs(fast_path_on(accelerator.unwrap_model(model))):
+        on = " on transformers' own forward" if method.packing == FAST_PATH else ""
+        console.print(f"packing off for {method.name}{on}: {method.path_reason}; micro-batches are padded", highlight=False)
     state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, cfg=cfg,
                        run_dir=rundir.path, total_steps=total_steps)
     if mode == "resume":
@@ -265,7 +270,7 @@ def _steps(run: Run, log: RunLog, stop: StopRequest) -> None:
     cfg, state, hooks, accelerator = run.cfg, run.state, run.hooks, run.accelerator
     world, rank = accelerator.num_processes, accelerator.process_index
     batches_per_epoch = micro_batches_per_epoch(len(run.train_split.dataset), cfg, world)
-    packed = packing_on(cfg, accelerator.device) and run.method.packing
+    packed = packing_on(cfg, accelerator.device) and run.method.packs(fast_path_on(accelerator.unwrap_model(state.model)))
     batches = micro_batches(state, run.train_split.dataset, cfg, world, rank, run.tokenizer.pad_token_id, packed)
     ga, skipped_in_row = cfg.train.gradient_accumulation_steps, 0
     # Read (a GPU sync) only at log and save steps: the loss since the last log line, and the first step

@@ -44,15 +44,21 @@ def check_method_launch(method, processes: int) -> None:
                          f"({others})")
 
 
-def check_method_paths(method, cfg: RunConfig, n_layers: int | None) -> None:
-    """A method that cannot recompute layers in backward is refused a plan that does, before the model loads."""
+def check_method_paths(method, cfg: RunConfig, n_layers: int | None, fast: bool, why: str = "") -> None:
+    """A method that cannot recompute layers in backward on this run's forward (`fast`: ftune's fused layer; `why`:
+    why it is transformers' own) is refused a plan that does, before the model loads."""
     from ftune.kernels.plan import recomputes
+    from ftune.methods import FAST_PATH
 
-    if not method.layer_recompute and recomputes(cfg.model, n_layers):
-        key = "model.layer_plan" if cfg.model.layer_plan is not None else "model.gradient_checkpointing"
-        raise FtuneError(f"{key}: method {method.name} cannot recompute layers in backward ({method.path_reason}); "
-                         f"set model.gradient_checkpointing=false and leave model.layer_plan unset (or all K), "
-                         f"and lower train.micro_batch_size or data.max_length if memory is short")
+    if method.recomputes(fast) or not recomputes(cfg.model, n_layers):
+        return
+    key = "model.layer_plan" if cfg.model.layer_plan is not None else "model.gradient_checkpointing"
+    instead = ("set model.gradient_checkpointing=false and leave model.layer_plan unset (or all K), and lower "
+               "train.micro_batch_size or data.max_length if memory is short")
+    if method.layer_recompute == FAST_PATH:
+        raise FtuneError(f"{key}: method {method.name} recomputes layers in backward only on ftune's fast path, and this "
+                         f"run trains on transformers' own forward ({why}): {method.path_reason}; or {instead}")
+    raise FtuneError(f"{key}: method {method.name} cannot recompute layers in backward ({method.path_reason}); {instead}")
 
 
 def say_mode(console: Console, mode: str, final: Path, resume: bool, changes: dict) -> None:
