@@ -125,16 +125,18 @@ def test_packed_rows_equal_the_same_examples_padded(arch):
     assert_same(loss_and_grads(model, collate_packed(data)), loss_and_grads(model, collate(data, 0)), what="batch")
 
 
-def flash_varlen_on_cpu(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, 0), enable_gqa=True, **_):
+def flash_varlen_on_cpu(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, 0), enable_gqa=True,
+                        bottom_right=True, **_):
     """The rule of torch's varlen flash attention, on the CPU: example e's query i sees its own keys j with
-    j ≤ i + (keys_e − queries_e) (causal aligned bottom-right); key heads shared by groups of query heads."""
+    j ≤ i + (keys_e − queries_e) (causal aligned bottom-right); key heads shared by groups of query heads.
+    bottom_right=False: aligned top-left (j ≤ i), the kernel the runtime check must catch."""
     assert tuple(window_size) == (-1, 0) and enable_gqa
     out = []
     for e in range(cu_q.numel() - 1):
         qe, ke, ve = q[cu_q[e]:cu_q[e + 1]], k[cu_k[e]:cu_k[e + 1]], v[cu_k[e]:cu_k[e + 1]]
         lq, lk = qe.shape[0], ke.shape[0]
         assert lq <= max_q and lk <= max_k
-        seen = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+        seen = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + ((lk - lq) if bottom_right else 0)
         groups = q.shape[1] // k.shape[1]
         ke, ve = (t.transpose(0, 1).repeat_interleave(groups, 0) for t in (ke, ve))
         out.append(nn.functional.scaled_dot_product_attention(qe.transpose(0, 1), ke, ve, attn_mask=seen, scale=scale)
@@ -158,9 +160,39 @@ def test_packed_keys_for_varlen_put_the_prefix_in_front_of_each_example(monkeypa
     want = loss_and_grads(model, collate(data, 0))
     monkeypatch.setattr(attention, "varlen_available", lambda device: True)
     monkeypatch.setattr(attention, "_varlen", lambda: (stand_in, {"window_size": (-1, 0), "enable_gqa": True}))
+    attention.varlen_aligns_bottom_right.cache_clear()
+    assert attention.varlen_aligns_bottom_right(torch.device("cpu"))  # the runtime check passes the right rule
+    calls.clear()
     assert_same(loss_and_grads(model, collate_packed(data)), want, what="varlen layout")
+    attention.varlen_aligns_bottom_right.cache_clear()
     starts = [0, *torch.tensor(LENGTHS).cumsum(0).tolist()]
     assert calls and calls[0] == [s + N * i for i, s in enumerate(starts)]
+
+
+def test_a_varlen_kernel_aligned_top_left_is_caught_and_the_mask_path_used(monkeypatch):
+    """Should a torch build's varlen kernel align its causal mask top-left, prefix rows would lose the prefix for
+    their first queries: the runtime check refuses it and packed prefix rows take the mask path, still exact."""
+    import ftune.kernels.attention as attention
+
+    calls = []
+
+    def top_left(*args, **kwargs):
+        calls.append(1)
+        return flash_varlen_on_cpu(*args, bottom_right=False, **kwargs)
+
+    model = with_prefix(tiny("qwen2"), "torch")
+    data = rows()
+    want = loss_and_grads(model, collate(data, 0))
+    monkeypatch.setattr(attention, "varlen_available", lambda device: True)
+    monkeypatch.setattr(attention, "_varlen", lambda: (top_left, {"window_size": (-1, 0), "enable_gqa": True}))
+    attention.varlen_aligns_bottom_right.cache_clear()
+    try:
+        assert not attention.varlen_aligns_bottom_right(torch.device("cpu"))
+        calls.clear()
+        assert_same(loss_and_grads(model, collate_packed(data)), want, what="mask path after the check")
+        assert not calls  # no prefix row went to the misaligned kernel
+    finally:
+        attention.varlen_aligns_bottom_right.cache_clear()
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -244,6 +276,7 @@ def test_prefix_on_gpu_fast_and_packed_match_the_padded_cache_path(arch, monkeyp
     per example. Failure messages give the largest difference."""
     import ftune.kernels.attention as attention
 
+    assert attention.varlen_aligns_bottom_right(torch.device("cuda")), "varlen flash attention is not aligned bottom-right"
     cache_path, fast = _gpu_case(arch)
     varlen_calls = []
     real = attention.packed_attention

@@ -82,6 +82,10 @@ def _check_head(cfg: RunConfig) -> list[str]:
                         "feeds the head: examples are padded, never packed); use data.packing: auto or false")
     if cfg.model.gguf_file or cfg.model.path.endswith(".gguf"):
         problems.append("model.head: classifier needs a safetensors base, not a GGUF file")
+    schema = METHOD_SCHEMAS.get(cfg.method.name)
+    if schema is not None and schema.head_reason:
+        problems.append(f"model.head: classifier cannot train with method {cfg.method.name}: {schema.head_reason}; use "
+                        f"model.head: lm (label scoring) with {cfg.method.name}, or the head with another method (lora, …)")
     return problems
 
 

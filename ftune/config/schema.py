@@ -36,6 +36,7 @@ class MethodSchema:
     quantized_base: bool  # may train on a 4-bit base
     requires_quantized: bool  # only on a 4-bit base
     multi_process: bool = True  # may train on several processes (DDP, FSDP2)
+    head_reason: str = ""  # why model.head: classifier cannot train with it ("": it can)
 
 
 METHOD_SCHEMAS: dict[str, MethodSchema] = {}  # name -> schema, filled by ftune.methods.register

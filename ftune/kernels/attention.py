@@ -18,7 +18,9 @@ causal range of its own example:
     outnumber its queries: query i sees keys ≤ i + n, i.e. the prefix and its own causal range. (torch's
     varlen_attn hands is_causal / window (-1, 0) to aten._flash_attention_forward, and torch/nn/attention/bias.py
     notes that flash's causal means lower-right — why SDPA, whose is_causal is upper-left, sends only square
-    causal attention to flash.)
+    causal attention to flash.) That alignment is read from torch's sources, so it is also checked once per
+    process on the GPU at hand (`varlen_aligns_bottom_right`, one 3-key call against the rule written out);
+    where it does not hold, packed prefix rows take the mask path below, which is correct on any device.
   packed rows elsewhere (no varlen; a sliding window): the padded rule with the block-diagonal mask of the
     examples (from cu_seq_lens). A sliding window (Mistral, Qwen2's sliding layers) counts the prefix positions too.
 """
@@ -60,6 +62,23 @@ def packed_attention(q, k, v, cu_seqlens: torch.Tensor, max_len: int, scale: flo
     fn, kwargs = _varlen()
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     return fn(q, k, v, cu_seqlens, cu_k, max_len, max_len if max_len_k is None else max_len_k, scale=scale, **kwargs)
+
+
+@lru_cache(maxsize=None)
+def varlen_aligns_bottom_right(device: torch.device) -> bool:
+    """Whether varlen flash attention, given more keys than queries in an example, lets query i see keys ≤ i +
+    (keys − queries): one example of 2 queries and 3 keys on `device`, against that rule written out."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(t, 1, 8, generator=gen).to(device, torch.bfloat16) for t in (2, 3, 3))
+    cu_q, cu_k = (torch.tensor(c, dtype=torch.int32, device=device) for c in ([0, 2], [0, 3]))
+    try:
+        got = packed_attention(q, k, v, cu_q, 2, 8 ** -0.5, cu_k, 3).float()
+    except RuntimeError:
+        return False
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * 8 ** -0.5
+    sees = torch.tensor([[True, True, False], [True, True, True]], device=device)
+    want = torch.einsum("hqk,khd->qhd", scores.masked_fill(~sees, float("-inf")).softmax(-1), v.float())
+    return bool((got - want).abs().max() < 2e-2)
 
 
 def _hf_attention(attn):
@@ -121,7 +140,7 @@ def prefix_attention(attn, q, k, v, prefix: Prefix, kwargs: dict) -> torch.Tenso
     n, (b, _, s, _) = prefix.n, q.shape
     cu = kwargs.get("cu_seq_lens_q") if b == 1 else None
     window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))  # Qwen2's per layer
-    if cu is not None and window is None and varlen_available(q.device):
+    if cu is not None and window is None and varlen_available(q.device) and varlen_aligns_bottom_right(q.device):
         if "varlen" not in prefix.memo:
             new_cu, index, _, _ = prefixed_layout(cu, n, s)
             prefix.memo["varlen"] = (new_cu.to(cu.dtype), index)

@@ -14,7 +14,7 @@ def register(method: Method) -> Method:
         raise ValueError(f"method {method.name!r} is already registered")
     REGISTRY[method.name] = method
     METHOD_SCHEMAS[method.name] = MethodSchema(method.config_cls, method.quantized_base, method.requires_quantized,
-                                             method.multi_process)
+                                             method.multi_process, method.head_reason)
     return method
 
 

@@ -65,6 +65,7 @@ class Method:
     weight_bytes: Callable[[Any, MethodConfig, int], float] | None = None
     multi_process: bool = True  # may train under DDP (torchrun, accelerate launch, --gpus N); False: refused at set-up
     single_process_reason: str = ""  # why not (multi_process False), said in the refusal
+    head_reason: str = ""  # why model.head: classifier cannot train with this method ("": it can); refused at validation
     # Training paths the method's forward can take. False keeps the loop off that path (the run's log says so,
     # with `path_reason`): ftune's fused layer forward (kernels/fast.py), padding-free packed micro-batches,
     # recomputing layers in backward (model.gradient_checkpointing, recompute letters of model.layer_plan:

@@ -98,4 +98,5 @@ METHOD = register(Method(
     trainable_params=trainable_params,
     quantized_base=True,
     unmergeable_reason=prompt_tuning.NOT_MERGEABLE,
+    head_reason=prompt_tuning.NO_HEAD,
 ))

@@ -117,4 +117,5 @@ METHOD = register(Method(
     layer_recompute=FAST_PATH,
     path_reason=WHY,
     unmergeable_reason=prompt_tuning.NOT_MERGEABLE,
+    head_reason=prompt_tuning.NO_HEAD,
 ))

@@ -29,6 +29,9 @@ from ftune.methods import Method, register
 
 NOT_MERGEABLE = ("its virtual tokens are extra inputs in front of every sequence, not a change to the base's weights, "
                  "so there is nothing to fold into them")
+# The head pools the decoder's hidden state itself (ftune/head.py), past the causal LM's forward that carries the
+# virtual tokens: it would see the base alone and train only itself.
+NO_HEAD = "the head reads the decoder directly, without the virtual tokens this method puts in front of every input"
 
 
 class PromptTuningConfig(MethodConfig):
@@ -118,4 +121,5 @@ METHOD = register(Method(
     trainable_params=lambda arch, cfg: cfg.num_virtual_tokens * arch.hidden,
     quantized_base=True,
     unmergeable_reason=NOT_MERGEABLE,
+    head_reason=NO_HEAD,
 ))
