@@ -4,7 +4,6 @@ shard index tells the truth (total_size after a dtype cast, every weight in a sh
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
