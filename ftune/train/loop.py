@@ -1,4 +1,5 @@
-"""The one training loop. Reads top to bottom: set up, then steps, then the artifact.
+"""The one training loop. Reads top to bottom: set up, then steps, then the end (train/finish.py: the
+artifact, the final evaluation and run.json; checkpoints and evaluation, which the steps call too).
 
 Loss normalisation: every micro-batch's summed token loss is divided by the number of target tokens in
 the whole accumulated batch (all micro-batches, all processes), so gradient accumulation gives the same
@@ -7,9 +8,7 @@ gradient as one big batch, however the tokens fall across micro-batches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from rich.console import Console
@@ -27,19 +26,16 @@ from ftune.data import (
 )
 from ftune.data.collate import batch_tokens, count_targets
 from ftune.device import cuda_usable
-from ftune.errors import FtuneError, Interrupted, RunFailed
+from ftune.errors import FtuneError, Interrupted
 from ftune.head import install_training_forward, train_head
 from ftune.hooks import TrainState
 from ftune.io import (
-    atomic_dir,
     remove_stale_temps,
-    write_json_atomic,
     write_text_atomic,
 )
 from ftune.kernels import apply_kernels, fast_path_on, resolve_kernels
 from ftune.kernels.fast import unsupported_reason
 from ftune.kernels.plan import check_plan, is_auto
-from ftune.layers.peft_format import save_head
 from ftune.methods import FAST_PATH, Method, PrepareContext, get_method
 from ftune.models import bf16_preferred, count_parameters, load_model, load_tokenizer
 from ftune.perf import read_model_config
@@ -52,23 +48,14 @@ from ftune.train.batches import (
 from ftune.train.checkpoint import (
     complete_checkpoints,
     load_checkpoint,
-    save_checkpoint,
     saved_processes,
 )
 from ftune.train.hooks import BudgetHook, QualityGateHook
 from ftune.train.distributed import (
     choose_strategy,
-    gather_params,
-    gather_tree,
-    is_sharded,
-    nonfinite_trained,
     nonzero_matrices_now,
     shard_model,
-    trained_shapes,
-    whole_params,
-    whole_trained,
 )
-from ftune.train.save_check import check_artifact, check_weights
 from ftune.train.interrupt import StopRequest
 from ftune.train.optim import build_optimizer, build_scheduler, default_param_groups, low_precision_warning
 from ftune.train.preflight import (
@@ -79,9 +66,9 @@ from ftune.train.preflight import (
     report_data,
     say_mode,
 )
-from ftune.train.progress import RunLog, gpu_memory_gib
+from ftune.train.finish import Run, evaluate, fail, finish, global_counts, global_sum, save
+from ftune.train.progress import RunLog
 from ftune.train.rundir import (
-    RunDir,
     check_resume,
     open_run_dir,
     plan,
@@ -142,28 +129,6 @@ def build_training(cfg: RunConfig, method: Method, accelerator, total_steps: int
 FSDP2_PATH_REASON = "train.distributed is fsdp2 (sharded weights take transformers' forward)"
 
 
-@dataclass
-class Run:
-    """Everything a training run holds between set-up, the steps and the end."""
-
-    cfg: RunConfig
-    accelerator: Any
-    console: Console
-    dir: RunDir
-    method: Any
-    state: TrainState
-    hooks: list
-    tokenizer: Any
-    train_split: Split
-    eval_split: Split | None
-    labels: list[str] | None
-    trainable: int
-    total: int
-    flops: float | None
-    nonzero_at_start: set[str]  # trained matrices not all zero at the start (the save check, train/save_check.py)
-    layer_plan_auto: dict | None = None  # what `layer_plan: auto` chose (ftune/autoplan.py), for run.json
-
-
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> dict:
     """Run training to completion (or to a budget); returns the run summary also written to run.json.
     Raises RunFailed when the run diverges, Interrupted after checkpointing on Ctrl-C."""
@@ -173,7 +138,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, console
         with RunLog(run.dir.path, run.state.total_steps, run.accelerator, console, start_step=run.state.step,
                     flops_per_token=run.flops) as log, StopRequest(console) as stop:
             _steps(run, log, stop)
-            return _finish(run, log)
+            return finish(run, log)
     except BaseException:
         run.dir.discard()  # a staged run that saved nothing: the old run is still there, untouched
         raise
@@ -285,12 +250,12 @@ def _steps(run: Run, log: RunLog, stop: StopRequest) -> None:
             h.on_step_start(state)
         micro = [next(batches) for _ in range(ga)]
         # one all-reduce for both counts: exact and identical on every process (budgets read state.tokens)
-        n_targets, n_tokens = _global_counts(accelerator, sum(count_targets(b["labels"]) for b in micro),
+        n_targets, n_tokens = global_counts(accelerator, sum(count_targets(b["labels"]) for b in micro),
                                              sum(batch_tokens(b) for b in micro))
         result = train_step(state, hooks, micro, n_targets, n_tokens)
         skipped_in_row = skipped_in_row + 1 if result.skipped else 0
         if skipped_in_row >= MAX_SKIPS_IN_ROW:
-            _fail(run, f"{MAX_SKIPS_IN_ROW} steps in a row had a non-finite loss or gradient (last: step {state.step})")
+            fail(run, f"{MAX_SKIPS_IN_ROW} steps in a row had a non-finite loss or gradient (last: step {state.step})")
         if not result.skipped:  # a skipped step's non-finite loss stays out of the logged mean
             pending += result.loss
             state.loss_steps += 1
@@ -300,7 +265,7 @@ def _steps(run: Run, log: RunLog, stop: StopRequest) -> None:
         last_step = state.step == state.total_steps or state.stop_reason is not None
         if state.step % cfg.train.log_every == 0 or last_step:
             # each process holds its share of the global loss (its tokens / all processes' tokens): sum them
-            loss = float(_global_sum(accelerator, pending)) / max(state.loss_steps, 1)
+            loss = float(global_sum(accelerator, pending)) / max(state.loss_steps, 1)
             metrics = {"loss": loss} if state.loss_steps else {}  # none when every step since the last line was skipped
             metrics |= {"lr": state.scheduler.get_last_lr()[0], "epoch": round(state.epoch + state.batch_in_epoch /
                         batches_per_epoch, 3), "tokens": state.tokens, **state.log}
@@ -313,11 +278,11 @@ def _steps(run: Run, log: RunLog, stop: StopRequest) -> None:
             state.loss_steps, state.log = 0, {}
             _check_finite(run, first_bad)
         if run.eval_split and cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and not last_step:
-            _evaluate(run, log)
+            evaluate(run, log)
         interrupted = stop.requested(accelerator, state.step % cfg.train.log_every == 0)
         if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or interrupted:
             _check_finite(run, first_bad)
-            _save(run, pending)
+            save(run, pending)
         if interrupted:
             raise Interrupted(state.step, complete_checkpoints(run.dir.final)[-1] if run.dir.final.is_dir() else None)
     _check_finite(run, first_bad)
@@ -334,119 +299,7 @@ def _finite(result) -> torch.Tensor:
 def _check_finite(run: Run, first_bad: torch.Tensor) -> None:
     step = int(first_bad)  # a GPU sync: only at log, save and end steps
     if step and run.cfg.train.nan_policy == "stop":
-        _fail(run, f"the loss or the gradient norm became non-finite (NaN/inf) at step {step}")
-
-
-def _fail(run: Run, what: str) -> None:
-    """End a diverged run: no artifact, run.json says failed, the last good checkpoint stays."""
-    lr = run.cfg.train.lr
-    kept = complete_checkpoints(run.dir.path) if run.dir.path.is_dir() else []
-    where = (f"the last good checkpoint is {kept[-1]} (resume from it with a lower lr)" if kept else
-             "no checkpoint was written" + (f"; the previous run in {run.dir.final} is kept as it was" if run.dir.staged else ""))
-    message = (f"training diverged: {what}. No artifact was saved; {where}. Try a lower train.lr (now {lr:g}, e.g. "
-               f"train.lr={lr / 4:g}), warmup (train.warmup_ratio=0.05), gradient clipping (train.max_grad_norm=1.0), "
-               f"or bf16 instead of fp16")
-    if run.accelerator.is_main_process and not run.dir.staged:
-        write_json_atomic(run.dir.path / "run.json", _summary(run) | {"status": "failed", "failure": message})
-    raise RunFailed(message)
-
-
-def _save(run: Run, pending: torch.Tensor) -> None:
-    """A resumable checkpoint (main process); the first one also makes a staged run the run."""
-    run.state.loss_sum = float(pending)  # the loss of steps since the last log line, so a resume logs the same
-    m, model = run.method, run.accelerator.unwrap_model(run.state.model)
-    names = m.checkpoint_params(model, run.cfg.method, run.state) if m.checkpoint_params else None
-    gathered = None
-    if is_sharded(model):  # every process gathers its shards (a collective); the first one writes them
-        trained = names or {n for n, p in model.named_parameters() if p.requires_grad}
-        gathered = (gather_params(model, trained), gather_tree(run.state.optimizer.state_dict()))
-    if run.accelerator.is_main_process:
-        save_checkpoint(run.state, run.hooks, run.cfg.train.save_total_limit, names, gathered)
-        run.state.run_dir = run.dir.promote()
-    run.accelerator.wait_for_everyone()
-
-
-def _finish(run: Run, log: RunLog) -> dict:
-    """The artifact first, then the final evaluation: an evaluation failure never costs the artifact."""
-    state, accelerator = run.state, run.accelerator
-    if state.stop_reason:
-        run.console.print(f"[yellow]stopping early:[/] {state.stop_reason}")
-    for h in run.hooks:
-        h.on_train_end(state)
-    model = accelerator.unwrap_model(state.model)
-    bad = nonfinite_trained(model)
-    if bad:
-        _fail(run, f"{len(bad)} trained weights hold NaN/inf values (e.g. {bad[0]})")
-    summary = _summary(run)
-    whole = whole_trained(model, run.method.trains_base)  # FSDP2: gathered onto the first process (a collective)
-    failure = None
-    if accelerator.is_main_process:
-        try:
-            _write_artifact(run, model, whole)
-        except Exception as e:  # noqa: BLE001 — re-raised below, once every process knows
-            failure = e
-    if _any_process(accelerator, failure is not None):  # every process stops, not only the one that saved
-        if failure is None:
-            raise RunFailed("the first process could not save the artifact (its message says why)")
-        if isinstance(failure, RunFailed) and not run.dir.staged:
-            write_json_atomic(run.dir.path / "run.json", summary | {"status": "failed", "failure": str(failure)})
-        raise failure
-    if accelerator.is_main_process:
-        write_json_atomic(state.run_dir / "run.json", summary | {"status": "evaluating" if run.eval_split else "done"})
-        run.console.print(f"[green]saved[/] {state.run_dir / run.method.artifact}  ({state.step} steps, "
-                          f"{state.tokens:,} tokens, {state.seconds():.0f}s)")
-    try:
-        summary["final_eval"] = _evaluate(run, log, final=True) if run.eval_split else {}
-        from ftune.eval.calibrate import read_calibration
-
-        if run.eval_split and (stored := read_calibration(state.run_dir)):
-            summary["calibration"] = stored  # chosen on data.eval just now (also calibration.json); `ftune eval RUN` applies it
-    except BaseException as e:
-        if accelerator.is_main_process:
-            write_json_atomic(state.run_dir / "run.json", summary | {"status": "failed", "failure": f"final evaluation: {e}"})
-        raise
-    gates = next(h for h in run.hooks if isinstance(h, QualityGateHook)).verdict()
-    summary["status"] = "done"
-    if gates:
-        summary["quality_gates"] = gates
-        summary["status"] = "failed" if any(not g["passed"] for g in gates) else "passed"
-    if accelerator.is_main_process:
-        write_json_atomic(state.run_dir / "run.json", summary)
-    return summary
-
-
-def _write_artifact(run: Run, model, whole: dict | None) -> None:
-    """The method's artifact, written once, checked (train/save_check.py) before it is renamed into place."""
-    state = run.state
-    weights = whole if whole is not None else {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    check_weights(weights, trained_shapes(model), run.nonzero_at_start)
-    artifact = run.dir.path / run.method.artifact
-    with atomic_dir(artifact) as tmp:
-        for h in run.hooks:
-            h.on_save(state, tmp)
-        with whole_params(model, whole or {}):  # a sharded base: the method saves the gathered weights
-            run.method.save(model, run.cfg.method, tmp)
-            if run.cfg.model.head == "classifier":
-                save_head(model, tmp)
-        run.tokenizer.save_pretrained(str(tmp))
-        check_artifact(tmp, any(bool(t.any()) for t in weights.values()))
-    state.run_dir = run.dir.promote()
-
-
-def _any_process(accelerator, flag: bool) -> bool:
-    """`flag` OR-ed over processes (a collective)."""
-    if accelerator.num_processes == 1:
-        return flag
-    return bool(_global_counts(accelerator, int(flag))[0])
-
-
-def _summary(run: Run) -> dict:
-    s = run.state
-    return {"method": run.cfg.method.name, "trainable_params": run.trainable, "total_params": run.total, "steps": s.step,
-            "total_steps": s.total_steps, "tokens": s.tokens, "target_tokens": s.target_tokens,
-            "skipped_steps": s.skipped_steps, "train_seconds": round(s.seconds(), 2), "peak_mem_gib": gpu_memory_gib(),
-            "stop_reason": s.stop_reason, "final_eval": {}, "device": str(run.accelerator.device)} | (
-            {"layer_plan_auto": run.layer_plan_auto} if run.layer_plan_auto else {})
+        fail(run, f"the loss or the gradient norm became non-finite (NaN/inf) at step {step}")
 
 
 def _fresh_accelerate_state() -> None:
@@ -480,54 +333,3 @@ def _flops_per_token(model, method, trainable: int, split: Split) -> float | Non
         return None
     full = method.trains_base  # weight gradients for the base's linears (LISA: all layers' activations too)
     return flops_per_token(arch, split.stats.tokens / max(1, split.stats.examples), full, 0 if full else trainable)
-
-
-def _global_counts(accelerator, *counts: int) -> list[int]:
-    """Each count summed over processes, in one collective (one sync): the same numbers on every process."""
-    if accelerator.num_processes == 1:
-        return list(counts)
-    t = torch.tensor(counts, dtype=torch.long, device=accelerator.device)
-    return [int(v) for v in accelerator.reduce(t, reduction="sum").tolist()]
-
-
-def _global_sum(accelerator, t: torch.Tensor) -> torch.Tensor:
-    """Σ over processes (a collective: every process must call it at the same point)."""
-    if accelerator.num_processes == 1:
-        return t
-    return accelerator.reduce(t.reshape(1).clone(), reduction="sum")[0]
-
-
-def _evaluate(run: Run, log: RunLog, final: bool = False) -> dict:
-    """Eval on the eval split with the same code as `ftune eval`; logged with an eval_ prefix. The final one
-    chooses eval's `auto` temperature/threshold there and stores them (calibration.json); before, none apply."""
-    from ftune.eval.calibrate import CALIBRATION_FILE
-    from ftune.eval.run import Shard, evaluate_model, stored_calibration
-
-    state = run.state
-    accelerator = state.accelerator
-    model = accelerator.unwrap_model(state.model)
-    model.eval()
-    shard = None
-    if accelerator.num_processes > 1:  # each process scores its share of the eval split; all gather every score
-        from accelerate.utils import gather_object
-
-        shard = Shard(accelerator.process_index, accelerator.num_processes, lambda obj: gather_object([obj]))
-        if final and accelerator.is_main_process:
-            run.console.print(f"eval: {len(run.eval_split.examples):,} examples scored across {shard.world} processes",
-                              highlight=False)
-    with accelerator.autocast():
-        result = evaluate_model(model, run.tokenizer, run.eval_split, run.cfg, run.labels, fit=True if final else None,
-                                shard=shard)
-    model.train()
-    metrics = {f"eval_{k}": v for k, v in result["summary"].items()}
-    if final and result.get("calibration"):
-        metrics |= {f"eval_raw_{k}": v for k, v in result["summary_raw"].items()}
-        stored = stored_calibration(result["calibration"])
-        if any(stored.values()) and state.accelerator.is_main_process:
-            write_json_atomic(state.run_dir / CALIBRATION_FILE, stored)
-    log.log(state.step, dict(metrics), throughput=False)
-    for h in run.hooks:
-        h.on_evaluate(state, metrics)
-    return metrics
-
-
