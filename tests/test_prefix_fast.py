@@ -144,6 +144,20 @@ def flash_varlen_on_cpu(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_si
     return torch.cat(out)
 
 
+def varlen_on_cpu(monkeypatch, kernel):
+    """The fast layer's CUDA varlen path, run on the CPU through `kernel` (the alignment check's cache cleared);
+    returns a tiny Qwen2 with a prefix, its rows, and their padded loss and gradients to compare with."""
+    import ftune.kernels.attention as attention
+
+    model = with_prefix(tiny("qwen2"), "torch")
+    data = rows()
+    want = loss_and_grads(model, collate(data, 0))
+    monkeypatch.setattr(attention, "varlen_available", lambda device: True)
+    monkeypatch.setattr(attention, "_varlen", lambda: (kernel, {"window_size": (-1, 0), "enable_gqa": True}))
+    attention.varlen_aligns_bottom_right.cache_clear()
+    return model, data, want
+
+
 def test_packed_keys_for_varlen_put_the_prefix_in_front_of_each_example(monkeypatch):
     """The CUDA path's layout (prefix rows in front of each example's keys, cu_seqlens_k = cu_seqlens_q + n·arange)
     checked on the CPU against a stand-in that applies flash attention's bottom-right causal rule."""
@@ -155,12 +169,7 @@ def test_packed_keys_for_varlen_put_the_prefix_in_front_of_each_example(monkeypa
         calls.append(args[4].tolist())
         return flash_varlen_on_cpu(*args, **kwargs)
 
-    model = with_prefix(tiny("qwen2"), "torch")
-    data = rows()
-    want = loss_and_grads(model, collate(data, 0))
-    monkeypatch.setattr(attention, "varlen_available", lambda device: True)
-    monkeypatch.setattr(attention, "_varlen", lambda: (stand_in, {"window_size": (-1, 0), "enable_gqa": True}))
-    attention.varlen_aligns_bottom_right.cache_clear()
+    model, data, want = varlen_on_cpu(monkeypatch, stand_in)
     assert attention.varlen_aligns_bottom_right(torch.device("cpu"))  # the runtime check passes the right rule
     calls.clear()
     assert_same(loss_and_grads(model, collate_packed(data)), want, what="varlen layout")
@@ -180,12 +189,7 @@ def test_a_varlen_kernel_aligned_top_left_is_caught_and_the_mask_path_used(monke
         calls.append(1)
         return flash_varlen_on_cpu(*args, bottom_right=False, **kwargs)
 
-    model = with_prefix(tiny("qwen2"), "torch")
-    data = rows()
-    want = loss_and_grads(model, collate(data, 0))
-    monkeypatch.setattr(attention, "varlen_available", lambda device: True)
-    monkeypatch.setattr(attention, "_varlen", lambda: (top_left, {"window_size": (-1, 0), "enable_gqa": True}))
-    attention.varlen_aligns_bottom_right.cache_clear()
+    model, data, want = varlen_on_cpu(monkeypatch, top_left)
     try:
         assert not attention.varlen_aligns_bottom_right(torch.device("cpu"))
         calls.clear()
