@@ -261,3 +261,23 @@ def test_validate_names_the_whole_load_of_a_bin_base(tmp_path):
     assert "loading peaks higher, at 14.2 GiB" in text and "has no .safetensors files" in text, text
     (directory / "model.safetensors").write_bytes(b"")  # only its presence is read here
     assert "loading peaks" not in memory_report(run, QALORA, "h200")
+
+
+@pytest.mark.parametrize("block", [16, 160, 1 << 22])  # 1 row at a time, 5 rows (24 = 4 × 5 + 4), all 24 at once
+def test_from_linear_in_blocks_of_rows_gives_the_bits_of_one_call(monkeypatch, block):
+    import ftune.int4
+    from ftune.int4 import pack, quantize
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 24)
+    with torch.no_grad():
+        linear.weight.mul_(torch.logspace(-3, 1, 24).unsqueeze(1))  # rows of very different ranges
+    q, scales, zeros = quantize(linear.weight, 32)
+    calls, real = [], ftune.int4.quantize
+    monkeypatch.setattr(ftune.int4, "quantize", lambda w, g: calls.append(w.shape[0]) or real(w, g))
+    monkeypatch.setattr(ftune.int4, "BLOCK", block)
+    layer = Int4Linear.from_linear(linear, 32)
+    rows = max(1, block // 32)
+    assert calls == [min(rows, 24 - start) for start in range(0, 24, rows)]
+    assert torch.equal(layer.qweight, pack(q)) and torch.equal(layer.scales, scales) and torch.equal(layer.zeros, zeros)
+    assert torch.equal(layer.bias, linear.bias)
