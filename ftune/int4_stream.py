@@ -9,9 +9,9 @@ Every other tensor goes to the device in the model's dtype; `int4_load.fill_int4
 embeddings, the checks). Peak on the device: the INT4 model + one 16-bit weight + the quantizer's small blocks.
 
 Bases this does not take load whole as before, and the method quantizes them after (`whole_load_reason`, or the
-reason `load_quantizing` returns): a GGUF file, a directory without .safetensors files (pytorch_model.bin is
-never read piecewise here), a model that ships its own code, and checkpoint names that differ from the
-architecture's (transformers renames those on load).
+reason `load_quantizing` returns): a GGUF file, a directory without model.safetensors or its sharded index
+(pytorch_model.bin is never read piecewise here), a model that ships its own code, and checkpoint names that
+differ from the architecture's (transformers renames those on load).
 """
 
 from __future__ import annotations
@@ -23,14 +23,27 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from safetensors import SafetensorError
 
 from ftune import gptq, int4
 from ftune.errors import FtuneError
 from ftune.head import HEAD
 from ftune.int4_load import REFETCH, fill_int4, empty_model, new_head, swap_int4
-from ftune.io import check_safetensors
+from ftune.io import check_safetensors, read_json_file
 
-WEIGHT_KEYS = ("weight", "bias")
+SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files from_pretrained reads: the shards its index lists, else model.safetensors (other
+    .safetensors files beside them, such as a consolidated copy in another layout, are not the model's)."""
+    if (directory / INDEX).is_file():
+        index = read_json_file(directory / INDEX, REFETCH)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+            raise FtuneError(f"{directory / INDEX}: no weight_map listing the shards; {REFETCH}")
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    return [directory / SINGLE] if (directory / SINGLE).is_file() else []
 
 
 def whole_load_reason(directory: str | Path, gguf: str | None = None) -> str | None:
@@ -38,8 +51,8 @@ def whole_load_reason(directory: str | Path, gguf: str | None = None) -> str | N
     directory = Path(directory)
     if gguf:
         return f"{gguf} is a GGUF file (transformers dequantizes it whole)"
-    if not any(directory.glob("*.safetensors")):
-        return f"{directory} has no .safetensors files (a pytorch_model.bin is loaded whole)"
+    if not weight_files(directory):
+        return f"{directory} has no {SINGLE} or {INDEX} (a pytorch_model.bin is loaded whole)"
     try:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError):
@@ -70,7 +83,7 @@ def load_quantizing(directory: str | Path, targets: Callable, dtype: torch.dtype
     names as `Int4Linear`; or (None, why) when the checkpoint's names do not fit the architecture (load it whole)."""
     directory = Path(directory)
     fix = f"{directory} is a cut or edited checkpoint; {REFETCH}"
-    files = sorted(directory.glob("*.safetensors"))
+    files = weight_files(directory)
     for f in files:
         check_safetensors(f, fix)
     model, config = empty_model(directory, dtype, attn, auto, config_kwargs)
@@ -85,7 +98,7 @@ def load_quantizing(directory: str | Path, targets: Callable, dtype: torch.dtype
                 return None, why
             _check_shapes(model, names, expected, where, files, fix)
             state = _read(model, names, group_size, expected, where, get, dtype, device)
-    except OSError as e:  # a file that went away or cannot be read while loading
+    except (OSError, SafetensorError) as e:  # a file that went away or cannot be read while loading
         raise FtuneError(f"{directory}: cannot read the weights ({e}); {fix}") from None
     if classifier and not any(k.startswith(f"{HEAD}.") for k in state):
         state |= new_head(model, config)

@@ -18,7 +18,7 @@ from ftune.config.schema import ModelConfig
 from ftune.errors import FtuneError
 from ftune.head import last_token_logits
 from ftune.int4 import Int4Linear
-from ftune.int4_stream import load_quantizing, whole_load_reason
+from ftune.int4_stream import load_quantizing, weight_files, whole_load_reason
 from ftune.layers.qalora import QALoraLinear
 from ftune.methods import get_method
 from ftune.models import load_model
@@ -180,17 +180,27 @@ def bin_dir(path):
 
 def test_a_bin_base_loads_whole_and_says_why(make_config, tmp_path):
     base = bin_dir(tmp_path / "bin")
-    assert whole_load_reason(base) == f"{base} has no .safetensors files (a pytorch_model.bin is loaded whole)"
+    assert whole_load_reason(base) == \
+        f"{base} has no model.safetensors or model.safetensors.index.json (a pytorch_model.bin is loaded whole)"
     result = invoke("train", qalora_config(make_config, tmp_path, steps=2, model={"path": str(base)}))
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert f"base: loaded whole in 16 bits, then quantized to INT4: {base} has no .safetensors files" in text, text
+    assert f"base: loaded whole in 16 bits, then quantized to INT4: {base} has no model.safetensors" in text, text
     assert "as it loaded" not in text
 
 
-def test_whole_load_reasons(tmp_path):
+def test_whole_load_reasons_and_the_files_read(tmp_path):
     directory = build_model_dir(tmp_path / "m")
     assert whole_load_reason(directory) is None
+    (directory / "consolidated.safetensors").write_bytes((directory / "model.safetensors").read_bytes())
+    assert weight_files(directory) == [directory / "model.safetensors"]  # as from_pretrained: not the other copy
+    sharded = tiny_dir(tmp_path / "s", "llama", False, "60KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert weight_files(sharded) == sorted(sharded / f for f in set(index["weight_map"].values())) and \
+        len(weight_files(sharded)) > 2
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(FtuneError, match="no weight_map listing the shards"):
+        weight_files(sharded)
     assert "GGUF" in whole_load_reason(directory, "model.gguf")
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "x.Y"}}))
@@ -258,7 +268,7 @@ def test_validate_names_the_whole_load_of_a_bin_base(tmp_path):
     run = RunConfig(model={"path": str(directory), "layer_plan": "28C"}, data={"train": "x", "max_length": 2048},
                     method=QALORA.config_cls(r=16, group_size=128), train={"micro_batch_size": 1})
     text = memory_report(run, QALORA, "h200")
-    assert "loading peaks higher, at 14.2 GiB" in text and "has no .safetensors files" in text, text
+    assert "loading peaks higher, at 14.2 GiB" in text and "has no model.safetensors" in text, text
     (directory / "model.safetensors").write_bytes(b"")  # only its presence is read here
     assert "loading peaks" not in memory_report(run, QALORA, "h200")
 
