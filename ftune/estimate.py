@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ftune.autoplan import validate_choice
 from ftune.errors import FtuneError
+from ftune.int4_stream import whole_load_reason_for
 from ftune.kernels.plan import check_plan, is_auto
 from ftune.memory import auto_strategy, describe, describe_per_gpu, estimate_memory, per_gpu
 from ftune.perf import GPUS, arch_from_config, gpu_spec, read_model_config
@@ -29,13 +30,14 @@ def memory_report(run, method, gpu_name: str | None = None, gpus: int = 1) -> st
     check_plan(run.model, arch.layers)  # the plan covers the model's decoder layers
     if method.trainable_params is None:
         return f"memory estimate: skipped (method {method.name!r} does not say how many parameters it trains)"
+    whole = whole_load_reason_for(run.model) if method.int4_on_load is not None else None
     prefix = ""
     if is_auto(run.model):
         line, run = validate_choice(run, method, arch, gpu, gpu_name is not None)
         prefix = line + "\n"
     if gpus <= 1:
-        return prefix + describe(estimate_memory(run, method, arch, on_cuda=True), gpu)
-    estimates = per_gpu(run, method, arch, gpus)
+        return prefix + describe(estimate_memory(run, method, arch, on_cuda=True, whole_load=whole), gpu)
+    estimates = per_gpu(run, method, arch, gpus, whole_load=whole)
     setting = run.train.distributed
     chosen = setting if setting != "auto" else f"auto -> {auto_strategy(estimates, gpu[1] if gpu else None)}"
     if setting == "auto":

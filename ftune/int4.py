@@ -27,6 +27,7 @@ from torch import nn
 QUANT_METHOD = "ftune-int4"  # config.json quantization_config.quant_method of a merged INT4 checkpoint
 SUFFIXES = ("qweight", "scales", "zeros")  # the tensors a checkpoint holds per INT4 linear (bias: as usual)
 MAX_Q = 15
+BLOCK = 1 << 22  # weights quantized at a time by `Int4Linear.from_linear` (its fp32 temporaries: ~50 MB)
 
 
 def quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,13 +95,17 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
-        """Quantize a linear's weight (round to nearest, see `quantize`); the bias is kept as it is."""
+        """Quantize a linear's weight (round to nearest, see `quantize`) a block of rows at a time; the bias is
+        kept as it is. Each row's groups are quantized on their own, so the blocks give the bits one call would,
+        while `quantize`'s fp32 temporaries (~12 bytes per weight) stay within BLOCK weights instead of the layer's."""
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, group_size, linear.bias is not None, w.device, w.dtype)
-        q, scales, zeros = quantize(w, group_size)
-        layer.qweight.copy_(pack(q))
-        layer.scales.copy_(scales)
-        layer.zeros.copy_(zeros)
+        rows = max(1, BLOCK // max(1, linear.in_features))
+        for start in range(0, linear.out_features, rows):
+            q, scales, zeros = quantize(w[start:start + rows], group_size)
+            layer.qweight[start:start + rows] = pack(q)
+            layer.scales[start:start + rows] = scales
+            layer.zeros[start:start + rows] = zeros
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.data)
         return layer

@@ -67,7 +67,7 @@ def load_int4_model(directory: str | Path, qc: dict, dtype: torch.dtype, attn: s
     for f in sorted(directory.glob("*.safetensors")):
         check_safetensors(f, fix)
         state |= load_file(str(f))
-    return _fill_int4(model, config, state, directory, fix, device, dtype)
+    return fill_int4(model, config, state, directory, fix, device, dtype)
 
 
 def load_gptq_model(directory: str | Path, qc: dict, dtype: torch.dtype, attn: str, device: torch.device | str,
@@ -95,36 +95,50 @@ def load_gptq_model(directory: str | Path, qc: dict, dtype: torch.dtype, attn: s
     shapes = {name: (m.out_features, m.in_features) for name, m in model.named_modules() if name in set(modules)}
     state = gptq.read_state(directory, qc, shapes)
     if classifier:
-        state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
-        std = getattr(config, "initializer_range", 0.02)
-        state |= {f"{HEAD}.{k}": torch.zeros(v.shape) if k == "bias" else torch.empty(v.shape).normal_(0, std)
-                  for k, v in getattr(model, HEAD).state_dict().items()}
-    return _fill_int4(model, config, state, directory, fix, device, dtype)
+        state = {k: v for k, v in state.items() if not k.startswith("lm_head.")} | new_head(model, config)
+    return fill_int4(model, config, state, directory, fix, device, dtype)
+
+
+def new_head(model, config) -> dict[str, torch.Tensor]:
+    """The classification head's tensors as transformers starts them: weight normal(0, initializer_range), bias 0."""
+    std = getattr(config, "initializer_range", 0.02)
+    return {f"{HEAD}.{k}": torch.zeros(v.shape) if k == "bias" else torch.empty(v.shape).normal_(0, std)
+            for k, v in getattr(model, HEAD).state_dict().items()}
 
 
 def _int4_skeleton(directory: Path, modules: list[str], group_size: int, dtype, attn: str, auto, config_kwargs: dict,
                    what: str, fix: str):
     """(model without memory, its config): the architecture from config.json, `modules` swapped for `Int4Linear`."""
+    model, config = empty_model(directory, dtype, attn, auto, config_kwargs)
+    swap_int4(model, modules, group_size, dtype, what, fix)
+    return model, config
+
+
+def empty_model(directory: Path, dtype, attn: str, auto, config_kwargs: dict):
+    """(model, config): the architecture config.json describes, its parameters on the meta device (no memory)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     config = _plain_config(directory, **config_kwargs)
     with init_empty_weights(include_buffers=False):
         model = (auto or AutoModelForCausalLM).from_config(config, dtype=dtype, attn_implementation=attn)
+    return model, config
 
+
+def swap_int4(model, modules: list[str], group_size: int, dtype, what: str, fix: str) -> None:
+    """`modules` swapped for `Int4Linear`s whose tensors are on the meta device too (`fill_int4` assigns them)."""
     def make(name: str, m):
         if not isinstance(m, torch.nn.Linear):
             raise TypeError(f"{name} is a {type(m).__name__}, not a linear layer")
-        return int4.Int4Linear(m.in_features, m.out_features, group_size, m.bias is not None, "cpu", dtype)
+        return int4.Int4Linear(m.in_features, m.out_features, group_size, m.bias is not None, "meta", dtype)
 
     try:
         int4.swap_linears(model, modules, make)
     except (AttributeError, TypeError, ValueError) as e:
         raise FtuneError(f"{what} do not fit the model config.json describes ({e}); {fix}") from None
-    return model, config
 
 
-def _fill_int4(model, config, state: dict, directory: Path, fix: str, device, dtype):
+def fill_int4(model, config, state: dict, directory: Path, fix: str, device, dtype):
     expected = model.state_dict()
     wrong = [k for k, v in state.items() if k not in expected or tuple(v.shape) != tuple(expected[k].shape)]
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
@@ -135,7 +149,19 @@ def _fill_int4(model, config, state: dict, directory: Path, fix: str, device, dt
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()
+    _generation_config(model, directory)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _generation_config(model, directory: Path) -> None:
+    """generation_config.json beside the weights (eos tokens, sampling defaults), as from_pretrained reads it."""
+    from transformers import GenerationConfig
+
+    if model.can_generate() and (directory / "generation_config.json").is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(str(directory))
+        except (OSError, ValueError):  # an unreadable one: from_pretrained too keeps the config's defaults
+            pass
 
 
 def _plain_config(directory: Path, **config_kwargs):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ftune.int4 import BLOCK
 from ftune.kernels.plan import layer_codes
 from ftune.perf import GIB, Arch
 
@@ -31,6 +32,7 @@ class MemoryEstimate:
     activations: float  # GiB at micro_batch_size × max_length tokens
     tokens: int
     load_peak: float = 0.0  # GiB while the model loads, when that is above training's (see estimate_memory)
+    load_note: str = ""  # how the base loads, said with load_peak when that is above training's
 
     @property
     def total(self) -> float:
@@ -123,25 +125,39 @@ def byte_model(run, method, arch: Arch, on_cuda: bool = True, fast: bool | None 
     return ByteModel(weights, trainable, optimizer, tokens, per, keep, chunk, loss, fast)
 
 
-def estimate_memory(run, method, arch: Arch, on_cuda: bool = True) -> MemoryEstimate:
-    """`method`: the run's registered Method (what trains, how many parameters)."""
+def estimate_memory(run, method, arch: Arch, on_cuda: bool = True, whole_load: str | None = None) -> MemoryEstimate:
+    """`method`: the run's registered Method (what trains, how many parameters). `whole_load`: why a method that
+    quantizes the base itself gets it whole in 16 bits first (ftune.int4_stream.whole_load_reason), if it does."""
     b = byte_model(run, method, arch, on_cuda)
     activations = b.activations(layer_codes(run.model, arch.layers, on_cuda))
-    # A method that quantizes the base itself (QA-LoRA from a 16-bit base) loads it whole in 16 bits first:
-    # measured 15.0 GiB for Qwen2.5-7B against 9.6 GiB of training (docs/BENCHMARKS.md, run c).
     dtype_bytes = 4 if run.model.dtype == "fp32" or (run.model.dtype == "auto" and not on_cuda) else 2
-    load = arch.params * dtype_bytes / GIB if method.weight_bytes is not None else 0.0
-    return MemoryEstimate(b.weights / GIB, b.trainable / GIB, b.optimizer / GIB, activations / GIB, b.tokens, load)
+    load, note = _load_peak(method, arch, b.weights, dtype_bytes, whole_load)
+    return MemoryEstimate(b.weights / GIB, b.trainable / GIB, b.optimizer / GIB, activations / GIB, b.tokens, load, note)
 
 
-def per_gpu(run, method, arch: Arch, n: int, on_cuda: bool = True) -> dict[str, MemoryEstimate]:
+def _load_peak(method, arch: Arch, weights: float, dtype_bytes: int, whole_load: str | None) -> tuple[float, str]:
+    """(GiB, how) while a method that quantizes the base itself (QA-LoRA from a 16-bit base) loads it. From
+    safetensors each target linear is quantized as it loads: the INT4 model, one 16-bit linear (a layer's largest)
+    and the quantizer's fp32 block (`int4.BLOCK` weights, ~12 bytes each). A base loaded whole first (GGUF,
+    pytorch_model.bin) peaks at the 16-bit model: measured 15.0 GiB for Qwen2.5-7B, whose training needs about
+    12 (docs/BENCHMARKS.md, run c, before the base was quantized while loading)."""
+    if method.int4_on_load is None:
+        return 0.0, ""
+    if whole_load:
+        return arch.params * dtype_bytes / GIB, f"{whole_load}: the 16-bit base loads whole before ftune quantizes it"
+    largest = max(i * o for i, o in arch.module_shapes.values())
+    return (weights + largest * dtype_bytes + BLOCK * 12) / GIB, "each target linear quantized to INT4 as it loads"
+
+
+def per_gpu(run, method, arch: Arch, n: int, on_cuda: bool = True,
+            whole_load: str | None = None) -> dict[str, MemoryEstimate]:
     """The estimate per GPU when `n` GPUs train together, for each strategy (train.distributed):
       ddp    every GPU holds everything of the one-GPU estimate.
       fsdp2  the base is 1/n per GPU, plus what is gathered at a time: the layer computing, the next one
              (prefetched) and the root (embeddings, final norm, head: gathered for the whole step); a trained
              base (full) also has its gradients and optimizer moments sharded; adapters stay whole on every
              GPU (train/distributed.py). Activations are per GPU in both."""
-    one = estimate_memory(run, method, arch, on_cuda)
+    one = estimate_memory(run, method, arch, on_cuda, whole_load)
     if n <= 1:
         return {"ddp": one, "fsdp2": one}
     dtype_bytes = 4 if run.model.dtype == "fp32" or (run.model.dtype == "auto" and not on_cuda) else 2
@@ -179,8 +195,7 @@ def describe(est: MemoryEstimate, gpu: tuple | None) -> str:
             f"{est.optimizer:.1f} + activations {est.activations:.1f} ({est.tokens:,} tokens per micro-batch) "
             f"= {est.total:.1f} GiB")
     if est.load_peak > est.total:
-        line += (f"; loading peaks higher, at {est.load_peak:.1f} GiB (a 16-bit base is loaded whole before ftune "
-                 f"quantizes it; a GPTQ base loads as INT4)")
+        line += f"; loading peaks higher, at {est.load_peak:.1f} GiB ({est.load_note})"
     if gpu is None:
         return line + " (no GPU detected; name one with --gpu)"
     name, mem, _ = gpu

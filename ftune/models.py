@@ -18,6 +18,7 @@ from ftune.int4_load import (
     load_gptq_model,
     load_int4_model,
 )
+from ftune.int4_stream import load_quantizing, whole_load_reason
 from ftune.io import check_safetensors
 from ftune.quant import is_4bit
 
@@ -191,7 +192,7 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, storage: t
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str | None = None,
-               labels: list[str] | None = None, fsdp2: bool = False, method=None):
+               labels: list[str] | None = None, fsdp2: bool = False, method=None, method_cfg=None):
     """The base model on `device`, in the configured dtype / 4-bit, with the chosen attention backend and
     transformers' own forward. Training installs its kernels on top (`ftune.kernels.apply_kernels`, called
     by `ftune.train.loop.build_training`); eval and merge keep this forward.
@@ -200,7 +201,9 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str
     (ftune.head) in place of lm_head. `fsdp2`: to be sharded by FSDP2 (4-bit weights stored in the model's
     float dtype, so that they shard). `method`: the method that will train on it or load its artifact onto it,
     if any; a base that is INT4 already (a GPTQ or merged QA-LoRA checkpoint) is refused to a method that cannot
-    take INT4 linears, before any weight loads."""
+    take INT4 linears, before any weight loads. With `method_cfg` (its config), a method that quantizes the base
+    itself (`Method.int4_on_load`: qalora) gets a 16-bit safetensors base with its targets INT4 already, each
+    quantized as it loaded (ftune/int4_stream.py); `model._ftune_load` says which way the base loaded."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -230,6 +233,15 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str
         loader = load_int4_model if kind == int4.QUANT_METHOD else load_gptq_model
         return _finish(loader(directory, qc, dtype, resolve_attention(cfg.attn_implementation, device), device,
                               auto, **heads), cfg, source, quant)
+    quantizes = method is not None and method.int4_on_load is not None and method_cfg is not None and quant is None
+    note = ""
+    if quantizes:
+        heads = {k: v for k, v in kwargs.items() if k in ("num_labels", "id2label", "label2id")}
+        model, why = _load_quantizing(directory, gguf, method, method_cfg, dtype, cfg, device, auto, heads)
+        if model is not None:
+            model._ftune_load = "base: each target linear quantized to INT4 as it loaded (never the whole 16-bit model)"
+            return _finish(model, cfg, source, quant)
+        note = f"base: loaded whole in 16 bits, then quantized to INT4: {why}"
     try:
         model = auto.from_pretrained(
             directory, dtype=dtype, attn_implementation=resolve_attention(cfg.attn_implementation, device),
@@ -245,7 +257,18 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", source: str
             raise
         raise FtuneError(f"model.path: the weights in {directory} do not match its config.json (tensor shapes differ); "
                          f"{REFETCH}") from None
+    if note:
+        model._ftune_load = note
     return _finish(model, cfg, source, quant)
+
+
+def _load_quantizing(directory, gguf, method, method_cfg, dtype, cfg: ModelConfig, device, auto, heads: dict):
+    """(model, None) with the method's targets quantized as they loaded, or (None, why the base loads whole)."""
+    why = whole_load_reason(directory, gguf)
+    if why is not None:
+        return None, why
+    return load_quantizing(directory, lambda model: method.int4_on_load(model, method_cfg), dtype,
+                           resolve_attention(cfg.attn_implementation, device), device, auto, **heads)
 
 
 def _finish(model, cfg: ModelConfig, source: str | None, quant):

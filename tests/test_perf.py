@@ -130,14 +130,22 @@ def test_run_log_writes_tokens_per_second_and_mfu(tmp_path, monkeypatch):
 
 
 def test_qalora_from_a_16_bit_base_reports_its_load_peak():
-    """QA-LoRA quantizes a 16-bit base after it loaded: the whole bf16 model is on the GPU first (measured 15.0 GiB
-    for Qwen2.5-7B, training's peak far lower), so the estimate names that peak and judges the GPU by it."""
+    """QA-LoRA quantizes a 16-bit safetensors base as it loads: the peak is the INT4 model, one 16-bit linear and
+    the quantizer's block, below training's. A base loaded whole first (GGUF, .bin) puts the whole bf16 model on the
+    GPU (measured 15.0 GiB for Qwen2.5-7B, training's peak far lower): the estimate names that peak, and why."""
+    from ftune.int4 import BLOCK
     from ftune.memory import describe
 
     arch = arch_from_config(QWEN7B)
-    est = estimate(run_cfg("qalora", layer_plan="28C"), arch)  # the shipped config recomputes every layer
+    streamed = estimate(run_cfg("qalora", layer_plan="28C"), arch)  # the shipped config recomputes every layer
+    down = 18944 * 3584  # the largest linear: gate/up/down_proj
+    assert streamed.load_peak == pytest.approx(streamed.weights + (down * 2 + BLOCK * 12) / 2**30)
+    assert 5.0 < streamed.load_peak < 6.5 and streamed.peak == streamed.total  # the load no longer decides
+    assert "loading peaks" not in describe(streamed, ("h200", 141.0, None))
+    est = estimate(run_cfg("qalora", layer_plan="28C"), arch, whole_load="model.gguf is a GGUF file")
     assert est.load_peak == pytest.approx(arch.params * 2 / 2**30) and est.load_peak > est.total
     assert est.peak == est.load_peak
     text = describe(est, ("a 12 GiB card", 12.0, None))
-    assert f"loading peaks higher, at {est.load_peak:.1f} GiB" in text and text.endswith("does NOT fit")
+    assert f"loading peaks higher, at {est.load_peak:.1f} GiB (model.gguf is a GGUF file: the 16-bit base loads whole" \
+        in text and text.endswith("does NOT fit")
     assert estimate(run_cfg("qlora", quantization="nf4"), arch).load_peak == 0.0  # bitsandbytes quantizes as it loads

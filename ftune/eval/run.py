@@ -313,7 +313,8 @@ def load_target_model(cfg: RunConfig, kind: str, run_dir: Path | None):
     artifact loaded for a run, else the model (a merged checkpoint, a model directory, a config's base) as it is."""
     head = cfg.model.head == "classifier"  # a sequence-classification model over the run's label set
     method = get_method(cfg.method.name) if kind == "run" else None
-    model = load_model(cfg.model, default_device(), labels=resolve_labels(cfg.data) if head else None, method=method)
+    model = load_model(cfg.model, default_device(), labels=resolve_labels(cfg.data) if head else None, method=method,
+                       method_cfg=cfg.method if method is not None else None)
     if method is not None:
         model = method.load(model, cfg.method, run_dir / method.artifact)
         if head:

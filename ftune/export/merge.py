@@ -156,7 +156,8 @@ def verify_merge(cfg, method, artifact: Path, merged: Path) -> float:
                              (cfg.model.model_copy(update={"path": str(merged), "gguf_file": None, "tokenizer": None,
                                                            "quantization": "none", "gradient_checkpointing": False}), False)):
         head = cfg.model.head == "classifier"
-        model = load_model(model_cfg, device, labels=cfg.data.labels if head else None, method=method if apply else None)
+        model = load_model(model_cfg, device, labels=cfg.data.labels if head else None, method=method if apply else None,
+                           method_cfg=cfg.method if apply else None)
         if apply:
             model = load_head_from(method.load(model, cfg.method, artifact), artifact) if head else \
                 method.load(model, cfg.method, artifact)

@@ -50,6 +50,10 @@ class Method:
     # Trains on a base whose linears are INT4 already (a GPTQ checkpoint, a merged QA-LoRA one): its layers wrap
     # `ftune.int4.Int4Linear` (qalora). Other methods are refused such a base when it loads (models.check_int4_base).
     int4_base: bool = False
+    # For a method that quantizes a 16-bit base's linears to INT4 itself (qalora): given (the model built without
+    # memory, the method's config), the names of the linears its prepare will quantize and their group size.
+    # `models.load_model` then quantizes them while the base loads, one at a time (ftune/int4_stream.py).
+    int4_on_load: Callable[[Any, MethodConfig], tuple[list[str], int]] | None = None
     # Optimizer parameter groups; default: trainable params, no weight decay on biases/norms (see train.optim).
     param_groups: Callable[[Any, MethodConfig, Any], list[dict]] | None = None
     # Names of the weights a resumable checkpoint keeps, given (model, cfg, TrainState); default: those with

@@ -7,7 +7,9 @@
     merge: z_g' = z_g − (s_lora · B A)_g / group_size / s_g   — the merged model is still INT4, exactly
 Two roads to the INT4 base. (1) A 16-bit `model.path`: ftune quantizes it when the run starts (`ftune.int4`,
 round to nearest, pure PyTorch; `model.quantization: none`); the targeted linears become INT4, the embedding and
-head stay 16-bit (as in GPTQ checkpoints). (2) `model.path` a GPTQ checkpoint (config.json's quantization_config
+head stay 16-bit (as in GPTQ checkpoints). From safetensors files each target is quantized as it loads
+(`int4_on_load`, ftune/int4_stream.py: never the whole 16-bit model on the device); a GGUF or .bin base loads
+whole and `prepare` quantizes it — the same function either way, so the same INT4 bits. (2) `model.path` a GPTQ checkpoint (config.json's quantization_config
 `quant_method: gptq`, or AutoGPTQ's quantize_config.json): `ftune.gptq` reads its qweight/qzeros/scales/g_idx into
 the same INT4 layers, exactly — 4 bits, group_size 32/64/128, "gptq" (AutoGPTQ, zero − 1 stored) and "gptq_v2"
 (GPTQModel, zero stored) zero conventions, sym or not, desc_act only where g_idx keeps groups in order (act-order
@@ -75,6 +77,16 @@ def _layer(linear, cfg: QALoraConfig, name: str) -> QALoraLinear:
         raise ConfigError([(f"method.group_size: {name} has {linear.in_features} input features, not a multiple of "
                             f"{cfg.group_size}; choose a group_size that divides it, or leave {name} out of target_modules")])
     return QALoraLinear(Int4Linear.from_linear(linear, cfg.group_size), cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora)
+
+
+def int4_on_load(model, cfg: QALoraConfig) -> tuple[list[str], int]:
+    """The linears `prepare` quantizes, for `models.load_model` to quantize while loading: the targets whose inputs
+    `group_size` divides (any other stays 16-bit, for `_layer` to refuse with its message)."""
+    try:
+        names = match_targets(model, cfg.target_modules)
+    except ValueError as e:
+        raise ConfigError([f"method.target_modules: {e}"]) from None
+    return [n for n in names if model.get_submodule(n).in_features % cfg.group_size == 0], cfg.group_size
 
 
 def prepare(model, cfg: QALoraConfig, ctx) -> list:
@@ -217,4 +229,5 @@ METHOD = register(Method(
     weight_bytes=weight_bytes,
     param_groups=param_groups,
     int4_base=True,
+    int4_on_load=int4_on_load,
 ))

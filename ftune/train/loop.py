@@ -98,7 +98,7 @@ def build_training(cfg: RunConfig, method: Method, accelerator, total_steps: int
     check_method_paths(method, cfg, n_layers, fast, FSDP2_PATH_REASON if fsdp2 else
                        f"model.kernels: {cfg.model.kernels} on {device.type}" if method.fast_path else method.path_reason)
     model = load_model(cfg.model, device, labels=cfg.data.labels if cfg.model.head == "classifier" else None, fsdp2=fsdp2,
-                       method=method)
+                       method=method, method_cfg=cfg.method)
     # layer_plan: auto becomes a concrete plan here, for the GPU's memory now (a resume may choose another:
     # plans change memory and speed, not the gradients); ftune.yaml keeps `auto`
     if is_auto(cfg.model):
@@ -207,6 +207,8 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
         console.print(choice.line(), highlight=False)
         if choice.warning:
             console.print(f"[yellow]warning:[/] {choice.warning}", highlight=False)
+    if getattr(accelerator.unwrap_model(model), "_ftune_load", ""):
+        console.print(accelerator.unwrap_model(model)._ftune_load, highlight=False, markup=False)
     console.print(getattr(accelerator.unwrap_model(model), "_ftune_kernels", ""), highlight=False)
     if packing_on(cfg, accelerator.device) and not method.packs(fast_path_on(accelerator.unwrap_model(model))):
         on = " on transformers' own forward" if method.packing == FAST_PATH else ""
