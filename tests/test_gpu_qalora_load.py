@@ -60,7 +60,10 @@ def test_the_load_peaks_near_the_int4_model(tmp_path):
     model = load_model(ModelConfig(path=str(directory), dtype="bf16"), "cuda", method=method, method_cfg=cfg)
     peak, held = torch.cuda.max_memory_allocated() - before, torch.cuda.memory_allocated() - before
     assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 21  # 7 linears × 3 layers
-    assert held <= int4 + other + MIB, (held / MIB, (int4 + other) / MIB)  # no 16-bit copy left behind
+    # No 16-bit copy left behind: the smallest target here (k_proj, 4096 x 1024) is 8 MiB in bf16. On an H200
+    # (2026-12-02) the model held 1.5 MiB above this count (374.8 vs 373.3 MiB: small tensors the count leaves out),
+    # hence 4 MiB of slack.
+    assert held <= int4 + other + 4 * MIB, (held / MIB, (int4 + other) / MIB)
     bound = int4 + other + 2 * largest + 32 * MIB
     print(f"load peak {peak / MIB:.0f} MiB; bound {bound / MIB:.0f}; INT4 + rest {(int4 + other) / MIB:.0f}; "
           f"whole bf16 model {whole / MIB:.0f}")
