@@ -84,6 +84,10 @@ def load_quantizing(directory: str | Path, targets: Callable, dtype: torch.dtype
     directory = Path(directory)
     fix = f"{directory} is a cut or edited checkpoint; {REFETCH}"
     files = weight_files(directory)
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise FtuneError(f"{directory / INDEX} lists {len(absent)} shard(s) missing from {directory} (e.g. {absent[0]}); "
+                         f"the download or copy is incomplete; {REFETCH}")
     for f in files:
         check_safetensors(f, fix)
     model, config = empty_model(directory, dtype, attn, auto, config_kwargs)

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import build_model_dir, invoke, read_metrics
+from conftest import build_model_dir, build_tokenizer, invoke, read_metrics
 from ftune.config.schema import ModelConfig
 from ftune.errors import FtuneError
 from ftune.head import last_token_logits
@@ -205,6 +205,19 @@ def test_whole_load_reasons_and_the_files_read(tmp_path):
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "x.Y"}}))
     assert "auto_map" in whole_load_reason(directory)
+
+
+def test_a_shard_missing_from_the_index_is_one_message(make_config, tmp_path):
+    """An interrupted download: the index lists a shard that is not there. One message naming the shard, exit 2."""
+    sharded = tiny_dir(tmp_path / "s", "llama", False, "60KB")
+    build_tokenizer().save_pretrained(str(sharded))
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    gone = sorted(set(index["weight_map"].values()))[-1]
+    (sharded / gone).unlink()
+    result = invoke("train", qalora_config(make_config, tmp_path, steps=1, model={"path": str(sharded)}))
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    text = " ".join(result.output.split())
+    assert f"lists 1 shard(s) missing from {sharded} (e.g. {gone})" in text, text
 
 
 def test_a_checkpoint_with_other_names_loads_whole(tmp_path):
