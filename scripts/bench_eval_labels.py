@@ -89,7 +89,7 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores ({platform.machine()})"
     lines = [f"`python scripts/bench_eval_labels.py {' '.join(sys.argv[1:])}` on {device}, {dt.date.today().isoformat()}", "",
              "| dataset | labels | test rows | label scoring rows/s | head rows/s | head / label scoring |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['dataset']} | {r['labels']} | {r['rows']} | {r['label scoring']:.1f} | {r['head']:.1f} | "
+    lines += [f"| {r['dataset']} | {r['labels']} | {r['rows']} | {r['label scoring']:.2f} | {r['head']:.2f} | "
               f"{r['head'] / r['label scoring']:.1f}× |" for r in rows]
     print("\n".join(lines))
     Path(args.out, "results.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2) + "\n", encoding="utf-8")
