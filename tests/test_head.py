@@ -93,7 +93,9 @@ def test_head_trains_and_reports_like_label_scoring(make_config, tmp_path):
     report = json.loads((report_dir / "report.json").read_text())
     assert set(report["metrics"]["per_class"]) == set(LABELS) and report["meta"]["examples"] == len(CLS_TRAIN)
     meta = report["meta"]  # the scoring speed the study compares (head vs label scoring)
-    assert meta["labels"] == len(LABELS) and meta["examples_per_s"] == pytest.approx(meta["examples"] / meta["seconds"], rel=0.01)
+    # seconds is kept to the millisecond, rows/s from the unrounded time: on a ~0.06 s eval the two differ by ~1%
+    n, t = meta["examples"], meta["seconds"]
+    assert meta["labels"] == len(LABELS) and n / (t + 5e-4) - 0.01 <= meta["examples_per_s"] <= n / max(t - 5e-4, 1e-6) + 0.01, meta
     preds = [json.loads(x) for x in (report_dir / "predictions.jsonl").read_text().splitlines()]
     assert set(preds[0]["scores"]) == set(LABELS)
     assert sum(preds[0]["scores"].values()) == pytest.approx(1.0, abs=1e-4)
