@@ -2,6 +2,7 @@
 gate/up, down; r=16 on all seven), forward + backward at 8192 tokens, bf16 autocast, on one CUDA GPU.
 
     python scripts/bench_dropout.py [--tokens 8192] [--rank 16] [--repeats 10]
+    python scripts/bench_dropout.py --sweep [--json sweep.json]   # the Triton kernels' tiles and RNG width
 
 Rows: p = 0 (one stacked A matmul per group), p = 0.05 through the torch path (FTUNE_DROPOUT_KERNEL=torch),
 p = 0.05 through the Triton kernels (dropout_triton.py). Prints the median ms and the peak memory above
@@ -11,6 +12,7 @@ the weights and the input for each; the last column is the time against p = 0.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -74,14 +76,68 @@ def run(name: str, p: float, kernel: str, args) -> tuple[float, float]:
     return ms, peak
 
 
+# (FTUNE_DROPOUT_RNG, FTUNE_DROPOUT_TILES): forward BM,BK,warps then backward BM,BK,warps; None = the defaults
+SWEEP = [(rng, t) for rng in ("32", "16") for t in (
+    None, "64,128,4,64,64,8", "128,64,4,64,64,8", "128,64,8,64,64,8", "64,64,8,64,64,8", "32,128,4,64,64,8",
+    "64,64,4,64,128,8", "64,64,4,128,64,8", "64,64,4,32,128,4", "64,64,4,64,64,4", "64,64,4,128,128,8")]
+
+
+def outputs(seed_x: int = 0):
+    """The down-projection group's u, dx and dA at 1,000 tokens: what every variant must reproduce."""
+    from ftune.kernels import dropout_triton as kt
+
+    g = torch.Generator(device="cuda").manual_seed(seed_x)
+    x = torch.randn(1000, INTER, device="cuda", generator=g).bfloat16()
+    a = (torch.randn(48, INTER, device="cuda", generator=g) * 0.02).bfloat16()
+    gr = torch.randn(1000, 48, device="cuda", generator=g).bfloat16()
+    u = kt.project(x, a, [16, 16, 16], [0.05, 0.1, 0.0], [11, 12, 13])
+    dx = torch.zeros_like(x)
+    da = kt.backward(x, gr, a, [16, 16, 16], [0.05, 0.1, 0.0], [11, 12, 13], dx)
+    return [u.float(), dx.float(), *da]
+
+
+def sweep(args) -> dict:
+    """Each variant's fwd+bwd time for the layer at p = 0.05 (Triton path), against p = 0, and its largest
+    relative difference from the default tiles with the same RNG width (masks do not depend on tiles)."""
+    ref = run("p=0", 0.0, "auto", args)[0]
+    out = {"device": torch.cuda.get_device_name(), "tokens": args.tokens, "rank": args.rank, "p0_ms": ref, "variants": []}
+    base = {}
+    for rng, t in SWEEP:
+        os.environ["FTUNE_DROPOUT_RNG"] = rng
+        os.environ.pop("FTUNE_DROPOUT_TILES", None)
+        if t:
+            os.environ["FTUNE_DROPOUT_TILES"] = t
+        try:
+            got = outputs()
+            base.setdefault(rng, got)
+            diff = max(float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(got, base[rng]))
+            ms, peak = run(f"rng{rng} {t}", 0.05, "triton", args)
+            row = {"rng": rng, "tiles": t or "default", "ms": ms, "vs_p0": ms / ref, "peak_mib": peak, "max_rel_diff": diff}
+        except Exception as e:  # noqa: BLE001 - a tile the compiler refuses is a result, not a crash
+            row = {"rng": rng, "tiles": t or "default", "error": f"{type(e).__name__}: {e}"[:300]}
+        out["variants"].append(row)
+        print(row, flush=True)
+    out["p0_ms_end"] = run("p=0", 0.0, "auto", args)[0]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--sweep", action="store_true", help="time the Triton kernels' tile and RNG-width variants")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here (with --sweep)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_dropout.py needs a CUDA GPU")
+    if args.sweep:
+        res = sweep(args)
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=1))
+        best = min((v for v in res["variants"] if "ms" in v), key=lambda v: v["ms"])
+        print(f"p=0: {res['p0_ms']:.2f} ms; fastest: rng {best['rng']} tiles {best['tiles']} {best['ms']:.2f} ms ({best['vs_p0']:.3f}x)")
+        return
     print(f"{torch.cuda.get_device_name()}, one Qwen2.5-7B layer's LoRA groups, {args.tokens} tokens, r={args.rank}, bf16")
     rows = [("p=0 (stacked)", 0.0, "auto"), ("p=0.05 torch", 0.05, "torch")]
     rows += [("p=0.05 triton", 0.05, "triton")] if drop._triton_imports() else []

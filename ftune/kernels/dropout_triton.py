@@ -13,6 +13,7 @@ the generator is the costly part of these kernels, four times cheaper than one t
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -21,24 +22,40 @@ import triton.language as tl
 
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # the CPU tests run the kernels there
 MAX_G = 4  # modules per launch (q/k/v is 3); larger groups run in launches of MAX_G
+RNG_ENV = "FTUNE_DROPOUT_RNG"  # 32: one uniform per element from 32 bits; 16: 16 bits per element
+TILES_ENV = "FTUNE_DROPOUT_TILES"  # "BM,BK,warps,BM,BK,warps" (forward, backward): a benchmark sweep's knob
+DEFAULT_RNG = 32
 
 
 @triton.jit
-def _keep(seed, rows, k0, in4, p, BM: tl.constexpr, BK: tl.constexpr):
-    """Bool keep mask of the tile rows × [k0, k0 + BK) (k0 a multiple of 4)."""
-    c4 = k0 // 4 + tl.arange(0, BK // 4)
-    ctr = rows.to(tl.int64)[:, None] * in4 + c4[None, :]
-    r0, r1, r2, r3 = tl.rand4x(seed, ctr)
-    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BM, BK))  # column 4c + l ← r_l[c]
-    return r >= p
+def _keep(seed, rows, k0, in4, p, BM: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr):
+    """Bool keep mask of the tile rows × [k0, k0 + BK) (k0 a multiple of 8). BITS 32: p is a float and one
+    Philox call gives 4 elements (in4 = ⌈in/4⌉ counters per row); BITS 16: p is the integer threshold
+    ⌈p · 2¹⁶⌉ and one call gives 8 elements, two per 32-bit output (in4 then counts ⌈in/8⌉)."""
+    if BITS == 16:
+        c8 = k0 // 8 + tl.arange(0, BK // 8)
+        ctr = rows.to(tl.int64)[:, None] * in4 + c8[None, :]
+        i0, i1, i2, i3 = tl.randint4x(seed, ctr)
+        h0 = tl.join(i0 & 0xFFFF, i0 >> 16)
+        h1 = tl.join(i1 & 0xFFFF, i1 >> 16)
+        h2 = tl.join(i2 & 0xFFFF, i2 >> 16)
+        h3 = tl.join(i3 & 0xFFFF, i3 >> 16)
+        r = tl.reshape(tl.join(tl.join(h0, h1), tl.join(h2, h3)), (BM, BK))
+        return r.to(tl.int32) >= p
+    else:
+        c4 = k0 // 4 + tl.arange(0, BK // 4)
+        ctr = rows.to(tl.int64)[:, None] * in4 + c4[None, :]
+        r0, r1, r2, r3 = tl.rand4x(seed, ctr)
+        r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BM, BK))  # a fixed permutation of 4c + l
+        return r >= p
 
 
 @triton.jit
-def _mask_kernel(out_ptr, T, K, in4, seed, p, BM: tl.constexpr, BK: tl.constexpr):
+def _mask_kernel(out_ptr, T, K, in4, seed, p, BM: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     k0 = tl.program_id(1) * BK
     cols = k0 + tl.arange(0, BK)
-    keep = _keep(seed, rows, k0, in4, p, BM, BK)
+    keep = _keep(seed, rows, k0, in4, p, BM, BK, BITS)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.float32),
              mask=(rows < T)[:, None] & (cols < K)[None, :])
 
@@ -60,8 +77,8 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _fwd_one(acc, x, a_ptr, sa, c, r, seed, p, rows, k0, cols, cmask, in4,
-             R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
-    keep = _keep(seed, rows, k0, in4, p, BM, BK)
+             R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr):
+    keep = _keep(seed, rows, k0, in4, p, BM, BK, BITS)
     xm = tl.where(keep, x, tl.zeros_like(x))  # exact: the 1/(1 − p) scale is applied to the fp32 sum
     return _dot(xm, tl.trans(_a_tile(a_ptr, sa, c, r, cols, cmask, R)), acc, IEEE)
 
@@ -75,7 +92,8 @@ def _store_part(ptr, s_stride, row_stride, rows, rmask, c, r, acc, R: tl.constex
 @triton.jit
 def _fwd_kernel(x_ptr, a_ptr, part_ptr, T, K, in4, sx, sa, NR, KS,
                 s0, s1, s2, s3, p0, p1, p2, p3, q0, q1, q2, q3, c0, c1, c2, c3, r0, r1, r2, r3,
-                G: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+                G: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+                BITS: tl.constexpr):
     """part[split, t, c_j + i] = Σ over this split's columns of (x ⊙ M_j)[t] · A_j[i] / (1 − p_j)."""
     split = tl.program_id(1)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -89,13 +107,13 @@ def _fwd_kernel(x_ptr, a_ptr, part_ptr, T, K, in4, sx, sa, NR, KS,
         cols = k0 + tl.arange(0, BK)
         cmask = cols < K
         x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        acc0 = _fwd_one(acc0, x, a_ptr, sa, c0, r0, s0, p0, rows, k0, cols, cmask, in4, R, BM, BK, IEEE)
+        acc0 = _fwd_one(acc0, x, a_ptr, sa, c0, r0, s0, p0, rows, k0, cols, cmask, in4, R, BM, BK, IEEE, BITS)
         if G > 1:
-            acc1 = _fwd_one(acc1, x, a_ptr, sa, c1, r1, s1, p1, rows, k0, cols, cmask, in4, R, BM, BK, IEEE)
+            acc1 = _fwd_one(acc1, x, a_ptr, sa, c1, r1, s1, p1, rows, k0, cols, cmask, in4, R, BM, BK, IEEE, BITS)
         if G > 2:
-            acc2 = _fwd_one(acc2, x, a_ptr, sa, c2, r2, s2, p2, rows, k0, cols, cmask, in4, R, BM, BK, IEEE)
+            acc2 = _fwd_one(acc2, x, a_ptr, sa, c2, r2, s2, p2, rows, k0, cols, cmask, in4, R, BM, BK, IEEE, BITS)
         if G > 3:
-            acc3 = _fwd_one(acc3, x, a_ptr, sa, c3, r3, s3, p3, rows, k0, cols, cmask, in4, R, BM, BK, IEEE)
+            acc3 = _fwd_one(acc3, x, a_ptr, sa, c3, r3, s3, p3, rows, k0, cols, cmask, in4, R, BM, BK, IEEE, BITS)
     base = split.to(tl.int64) * T * NR
     _store_part(part_ptr, base, NR, rows, rmask, c0, r0, acc0 * q0, R)
     if G > 1:
@@ -108,8 +126,8 @@ def _fwd_kernel(x_ptr, a_ptr, part_ptr, T, K, in4, sx, sa, NR, KS,
 
 @triton.jit
 def _bwd_one(dx, acc, x, a, g_ptr, sg, c, r, seed, p, q, rows, rmask, k0, in4,
-             R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
-    keep = _keep(seed, rows, k0, in4, p, BM, BK)
+             R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr):
+    keep = _keep(seed, rows, k0, in4, p, BM, BK, BITS)
     rr = tl.arange(0, R)
     g = tl.load(g_ptr + rows[:, None] * sg + (c + rr)[None, :], mask=rmask[:, None] & (rr < r)[None, :], other=0.0)
     ga = _dot(g, a, tl.zeros((BM, BK), dtype=tl.float32), IEEE)
@@ -121,7 +139,8 @@ def _bwd_one(dx, acc, x, a, g_ptr, sg, c, r, seed, p, q, rows, rmask, k0, in4,
 @triton.jit
 def _bwd_kernel(x_ptr, g_ptr, a_ptr, dx_ptr, part_ptr, T, K, in4, sx, sg, sa, sdx, NR, TS,
                 s0, s1, s2, s3, p0, p1, p2, p3, q0, q1, q2, q3, c0, c1, c2, c3, r0, r1, r2, r3,
-                G: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+                G: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+                BITS: tl.constexpr):
     """dx[rows, cols] += Σ_j ((g_j A_j) ⊙ M_j) / (1 − p_j) for this program's rows (its split) and columns;
     part[split, c_j + i, cols] = Σ over the split's rows of g_j[:, i]ᵀ (x ⊙ M_j) / (1 − p_j)."""
     split = tl.program_id(1)
@@ -149,13 +168,13 @@ def _bwd_kernel(x_ptr, g_ptr, a_ptr, dx_ptr, part_ptr, T, K, in4, sx, sg, sa, sd
         x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=tile, other=0.0)
         dx_at = dx_ptr + rows[:, None] * sdx + cols[None, :]
         dx = tl.load(dx_at, mask=tile, other=0.0).to(tl.float32)
-        dx, acc0 = _bwd_one(dx, acc0, x, a0, g_ptr, sg, c0, r0, s0, p0, q0, rows, rmask, k0, in4, R, BM, BK, IEEE)
+        dx, acc0 = _bwd_one(dx, acc0, x, a0, g_ptr, sg, c0, r0, s0, p0, q0, rows, rmask, k0, in4, R, BM, BK, IEEE, BITS)
         if G > 1:
-            dx, acc1 = _bwd_one(dx, acc1, x, a1, g_ptr, sg, c1, r1, s1, p1, q1, rows, rmask, k0, in4, R, BM, BK, IEEE)
+            dx, acc1 = _bwd_one(dx, acc1, x, a1, g_ptr, sg, c1, r1, s1, p1, q1, rows, rmask, k0, in4, R, BM, BK, IEEE, BITS)
         if G > 2:
-            dx, acc2 = _bwd_one(dx, acc2, x, a2, g_ptr, sg, c2, r2, s2, p2, q2, rows, rmask, k0, in4, R, BM, BK, IEEE)
+            dx, acc2 = _bwd_one(dx, acc2, x, a2, g_ptr, sg, c2, r2, s2, p2, q2, rows, rmask, k0, in4, R, BM, BK, IEEE, BITS)
         if G > 3:
-            dx, acc3 = _bwd_one(dx, acc3, x, a3, g_ptr, sg, c3, r3, s3, p3, q3, rows, rmask, k0, in4, R, BM, BK, IEEE)
+            dx, acc3 = _bwd_one(dx, acc3, x, a3, g_ptr, sg, c3, r3, s3, p3, q3, rows, rmask, k0, in4, R, BM, BK, IEEE, BITS)
         tl.store(dx_at, dx.to(dx_ptr.dtype.element_ty), mask=tile)
     base = split.to(tl.int64) * NR * K
     rr = tl.arange(0, R)
@@ -179,11 +198,47 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _slots(seeds, ps, ranks, cols):
+def rng_bits() -> int:
+    """Random bits per element: FTUNE_DROPOUT_RNG (16 or 32), else DEFAULT_RNG. 16 bits draw p to 1/65536
+    (0.05 → 3277/65536 = 0.050003) with half the Philox calls; forward, backward and `keep_mask` read the
+    same setting, so their masks agree either way."""
+    v = os.environ.get(RNG_ENV, str(DEFAULT_RNG))
+    if v not in ("16", "32"):
+        from ftune.errors import FtuneError
+
+        raise FtuneError(f"{RNG_ENV}={v!r}: expected 16 or 32 (unset it for {DEFAULT_RNG})")
+    return int(v)
+
+
+def tiles(r_block: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """((BM, BK, warps) forward, (BM, BK, warps) backward): FTUNE_DROPOUT_TILES when set (sweeps), else
+    the defaults measured on an H200 (scripts/bench_dropout.py --sweep)."""
+    v = os.environ.get(TILES_ENV)
+    if v:
+        t = [int(x) for x in v.split(",")]
+        if len(t) != 6 or any(x & (x - 1) for x in t) or min(t[0:2] + t[3:5]) < 16:
+            from ftune.errors import FtuneError
+
+            raise FtuneError(f"{TILES_ENV}={v!r}: expected six powers of two BM,BK,warps,BM,BK,warps (BM, BK ≥ 16)")
+        return (t[0], t[1], t[2]), (t[3], t[4], t[5])
+    return ((64, 64, 4) if r_block <= 32 else (32, 64, 4)), (64, 64, 8)
+
+
+def p_arg(p: float, bits: int):
+    """The kernels' p for `bits`: the float itself (32), or the integer threshold ⌈p · 2¹⁶⌉ (16)."""
+    return float(p) if bits == 32 else math.ceil(float(p) * 65536)
+
+
+def counters(k: int, bits: int) -> int:
+    """Philox counters per row: ⌈in/4⌉ (32 bits per element) or ⌈in/8⌉ (16)."""
+    return triton.cdiv(k, 4 if bits == 32 else 8)
+
+
+def _slots(seeds, ps, ranks, cols, bits):
     """Per-slot kernel arguments (seed, p, 1/(1 − p), first row of A_j, r_j), padded to MAX_G."""
     pad = MAX_G - len(seeds)
     s = [int(v) for v in seeds] + [0] * pad
-    p = [float(v) for v in ps] + [0.0] * pad
+    p = [p_arg(v, bits) for v in ps] + [p_arg(0.0, bits)] * pad
     q = [1.0 / (1.0 - v) for v in ps] + [1.0] * pad
     c = list(cols) + [0] * pad
     r = list(ranks) + [0] * pad
@@ -204,18 +259,18 @@ def project(x2: torch.Tensor, a: torch.Tensor, ranks, ps, seeds) -> torch.Tensor
     """u = [x ⊙ M_j A_jᵀ / (1 − p_j)]_j (tokens × Σr, x's dtype); a = the stacked A_j (Σr × in)."""
     x2, a = x2.contiguous(), a.contiguous()
     T, K = x2.shape
-    R = _rank_block(ranks)
-    BM, BK = (64, 64) if R <= 32 else (32, 64)
+    R, bits = _rank_block(ranks), rng_bits()
+    (BM, BK, warps), _ = tiles(R)
     n_m, n_k = triton.cdiv(T, BM), triton.cdiv(K, BK)
     splits = max(1, min(n_k, (2 * _sms(x2.device)) // n_m))  # split the columns when rows alone underfill
     ks = triton.cdiv(n_k, splits) * BK
     splits = triton.cdiv(K, ks)
     part = torch.zeros(splits, T, a.shape[0], device=x2.device, dtype=torch.float32)
     for mods, cols in _launches(ranks):
-        args = _slots([seeds[j] for j in mods], [ps[j] for j in mods], [ranks[j] for j in mods], cols)
-        _fwd_kernel[(n_m, splits)](x2, a, part, T, K, triton.cdiv(K, 4), x2.stride(0), a.stride(0), a.shape[0], ks,
+        args = _slots([seeds[j] for j in mods], [ps[j] for j in mods], [ranks[j] for j in mods], cols, bits)
+        _fwd_kernel[(n_m, splits)](x2, a, part, T, K, counters(K, bits), x2.stride(0), a.stride(0), a.shape[0], ks,
                                    *args, G=len(mods), R=R, BM=BM, BK=BK, IEEE=x2.dtype == torch.float32,
-                                   num_warps=4)
+                                   BITS=bits, num_warps=warps)
     return (part[0] if splits == 1 else part.sum(0)).to(x2.dtype)
 
 
@@ -225,18 +280,18 @@ def backward(x2: torch.Tensor, g: torch.Tensor, a: torch.Tensor, ranks, ps, seed
     x2, g, a = x2.contiguous(), g.contiguous(), a.contiguous()
     assert dx.stride(1) == 1 and dx.shape == x2.shape
     T, K = x2.shape
-    R = _rank_block(ranks)
-    BM, BK = 64, 64
+    R, bits = _rank_block(ranks), rng_bits()
+    _, (BM, BK, warps) = tiles(R)
     n_k, n_m = triton.cdiv(K, BK), triton.cdiv(T, BM)
     splits = max(1, min(n_m, triton.cdiv(4 * _sms(x2.device), n_k)))  # split the rows when columns underfill
     ts = triton.cdiv(n_m, splits) * BM
     splits = triton.cdiv(T, ts)
     part = torch.zeros(splits, a.shape[0], K, device=x2.device, dtype=torch.float32)
     for mods, cols in _launches(ranks):
-        args = _slots([seeds[j] for j in mods], [ps[j] for j in mods], [ranks[j] for j in mods], cols)
-        _bwd_kernel[(n_k, splits)](x2, g, a, dx, part, T, K, triton.cdiv(K, 4), x2.stride(0), g.stride(0),
+        args = _slots([seeds[j] for j in mods], [ps[j] for j in mods], [ranks[j] for j in mods], cols, bits)
+        _bwd_kernel[(n_k, splits)](x2, g, a, dx, part, T, K, counters(K, bits), x2.stride(0), g.stride(0),
                                    a.stride(0), dx.stride(0), a.shape[0], ts, *args, G=len(mods), R=R,
-                                   BM=BM, BK=BK, IEEE=x2.dtype == torch.float32, num_warps=8)
+                                   BM=BM, BK=BK, IEEE=x2.dtype == torch.float32, BITS=bits, num_warps=warps)
     da = part[0] if splits == 1 else part.sum(0)
     return list(da.split(list(ranks)))
 
@@ -245,5 +300,7 @@ def keep_mask(seed: int, p: float, shape, device) -> torch.Tensor:
     """The 0/1 mask (fp32, tokens × in) that `project`/`backward` apply for this seed and p: for tests."""
     T, K = shape
     out = torch.empty(T, K, device=device, dtype=torch.float32)
-    _mask_kernel[(triton.cdiv(T, 32), triton.cdiv(K, 32))](out, T, K, triton.cdiv(K, 4), int(seed), float(p), BM=32, BK=32)
+    bits = rng_bits()
+    _mask_kernel[(triton.cdiv(T, 32), triton.cdiv(K, 32))](out, T, K, counters(K, bits), int(seed), p_arg(p, bits),
+                                                          BM=32, BK=32, BITS=bits)
     return out
