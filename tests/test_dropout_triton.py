@@ -132,8 +132,30 @@ def test_kernels_match_the_dense_reference_in_the_interpreter(dtype):
 
 
 @interp
-def test_forward_and_backward_apply_the_same_masks_in_the_interpreter():
+@pytest.mark.parametrize("bits", ["16", "32"])
+def test_forward_and_backward_apply_the_same_masks_in_the_interpreter(monkeypatch, bits):
+    monkeypatch.setenv(kt.RNG_ENV, bits)
     check_probes("cpu")
+
+
+@pytest.mark.skipif(bool(TRITON), reason=TRITON or "")
+def test_rng_width_and_tiles_settings(monkeypatch):
+    """16-bit draws by default (p rounded up to 1/65536); FTUNE_DROPOUT_RNG and FTUNE_DROPOUT_TILES refuse
+    values the kernels cannot use, naming the variable."""
+    monkeypatch.delenv(kt.RNG_ENV, raising=False)
+    monkeypatch.delenv(kt.TILES_ENV, raising=False)
+    assert kt.rng_bits() == 16 and kt.p_arg(0.05, 16) == 3277 and kt.p_arg(0.0, 16) == 0 and kt.p_arg(0.05, 32) == 0.05
+    assert kt.counters(42, 16) == 6 and kt.counters(42, 32) == 11
+    assert kt.tiles(16) == ((64, 64, 4), (64, 128, 8))
+    monkeypatch.setenv(kt.RNG_ENV, "8")
+    with pytest.raises(drop.FtuneError, match="FTUNE_DROPOUT_RNG='8': expected 16 or 32"):
+        kt.rng_bits()
+    monkeypatch.setenv(kt.TILES_ENV, "32,64,4,64,32,8")
+    assert kt.tiles(16) == ((32, 64, 4), (64, 32, 8))
+    for bad in ("64,64,4", "64,48,4,64,64,8", "8,64,4,64,64,8"):
+        monkeypatch.setenv(kt.TILES_ENV, bad)
+        with pytest.raises(drop.FtuneError, match="FTUNE_DROPOUT_TILES"):
+            kt.tiles(16)
 
 
 @interp

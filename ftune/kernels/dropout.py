@@ -18,8 +18,8 @@ small next to what the layers keep whatever the batch (on Qwen2.5-7B's down_proj
 
 On CUDA, when triton imports, the Triton kernels of dropout_triton.py replace the torch path below
 (FTUNE_DROPOUT_KERNEL=torch keeps it, for A/B runs): no mask tensor at all; module j's mask is drawn in
-registers from tl.rand4x's Philox on key seed + mask_index(key, j, n, 0) and counter (token, column // 4)
-(the element offset), so a group's dropped A projections are one pass over x in forward and one pass
+registers from Philox on key seed + mask_index(key, j, n, 0) and counter (token, column // 8) (16 bits
+per element; dropout_triton.py), so a group's dropped A projections are one pass over x in forward and one pass
 over x and dx in backward (dx and every dA_j together). Chunks (mlp.py) keep distinct masks through the
 key. The torch path stays for the CPU and as the reference; both draw the same distribution from
 different streams.

@@ -5,10 +5,15 @@ For a group of up to MAX_G modules j that read the same x (tokens × in), with k
 - `project`:  u_j = x ⊙ M_j A_jᵀ / (1 − p_j) for every j in one pass over x (fp32 accumulate);
 - `backward`: dx += Σ_j ((g_j A_j) ⊙ M_j) / (1 − p_j) and dA_j = g_jᵀ (x ⊙ M_j) / (1 − p_j), reading x
   and dx once, redrawing the same M_j.
-M_j is never stored: element (t, c) is kept when the Philox-4x32-10 draw (tl.rand4x) of key seed_j and
-counter t · ⌈in/4⌉ + c // 4, output c % 4, is ≥ p_j. It depends on (seed_j, t, c) only, not on tile
-sizes, so forward and backward (different tilings) agree. One Philox call gives four elements' draws:
-the generator is the costly part of these kernels, four times cheaper than one tl.rand per element.
+M_j is never stored: element (t, c) is kept when its 16-bit draw is ≥ ⌈p_j · 2¹⁶⌉; the draws are the
+halves of the Philox-4x32-10 outputs (tl.randint4x) of key seed_j and counter t · ⌈in/8⌉ + c // 8, so one
+call gives eight elements' draws (a fixed permutation of the eight columns). They depend on (seed_j, t, c)
+only, not on tile sizes, so forward and backward (different tilings) agree. The generator is the costly
+part of these kernels: 16 bits per element need half the Philox calls of a 32-bit uniform, and p moves by
+less than 2⁻¹⁶ (0.05 → 0.050003; the scale stays 1/(1 − p)). FTUNE_DROPOUT_RNG=32 draws one fp32 uniform
+per element instead (4 per call). The 16-bit draw and the backward tiles (64 × 128) are what
+`scripts/bench_dropout.py --sweep` timed fastest on an H200 (2026-12-03, docs/BENCHMARKS.md run e), by 3-4%
+of the layer's LoRA groups, near the sweep's noise (its p = 0 reference moved 1.5% during the sweep).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # the CPU t
 MAX_G = 4  # modules per launch (q/k/v is 3); larger groups run in launches of MAX_G
 RNG_ENV = "FTUNE_DROPOUT_RNG"  # 32: one uniform per element from 32 bits; 16: 16 bits per element
 TILES_ENV = "FTUNE_DROPOUT_TILES"  # "BM,BK,warps,BM,BK,warps" (forward, backward): a benchmark sweep's knob
-DEFAULT_RNG = 32
+DEFAULT_RNG = 16
 
 
 @triton.jit
@@ -221,7 +226,7 @@ def tiles(r_block: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
 
             raise FtuneError(f"{TILES_ENV}={v!r}: expected six powers of two BM,BK,warps,BM,BK,warps (BM, BK ≥ 16)")
         return (t[0], t[1], t[2]), (t[3], t[4], t[5])
-    return ((64, 64, 4) if r_block <= 32 else (32, 64, 4)), (64, 64, 8)
+    return ((64, 64, 4) if r_block <= 32 else (32, 64, 4)), (64, 128, 8)
 
 
 def p_arg(p: float, bits: int):
