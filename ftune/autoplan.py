@@ -46,6 +46,18 @@ NOMINAL_TFLOPS = 400.0
 # cuBLAS/attention workspaces, the offload backlog of a forward that outruns the link).
 BUDGET_MARGIN = 0.9
 TOLERANCE = 0.02  # of the modelled step time: plans this close in cost count as equal (see choose_plan)
+# Fitted (2026-12-03) to the plan-against-plan step-time ratios measured through `ftune train` on the QLoRA
+# config (docs/BENCHMARKS.md, runs c and e on H200s, 22a6K on an H100): with the FLOP count and the idle-link
+# measurement alone the model priced 22c6K and 28C within 1-6% of 14a8c6K, measured 15-20% slower, and
+# chose them. Two effects it did not have:
+# - copies run while the GPU computes, sharing its memory system and the host's, so the link delivers
+#   less than `measure_host_link`'s idle copy: LINK_EFFICIENCY of it;
+# - a recomputed block runs well below the nominal rate (norms, RoPE, activations, the LoRA branches and
+#   4-bit dequantization are memory-bound, and each recompute re-launches them): RECOMPUTE_FACTOR × its FLOPs.
+# Fitted: squared log-error 0.016 over the four ratios (1.09, 1.14, 1.06, 1.14 against 1.15, 1.20, 1.07, 1.20);
+# with it the 12 GiB QLoRA budget at 53-55 GB/s chooses 13a9c6K-14a8c6K, the fastest plans measured there.
+LINK_EFFICIENCY = 0.8
+RECOMPUTE_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -84,10 +96,10 @@ def _layer_times(arch: Arch, b: ByteModel, seq_len: int, frozen: bool, tflops: f
     linear = 2 * arch.layer_linear_params
     attention = 2 * arch.heads * arch.head_dim * seq_len  # causal: QKᵀ and AV over seq/2 keys on average
     rate = tflops * 1e12 / b.tokens  # FLOP/s per token of the micro-batch
-    attn = (2 * h * (q + 2 * kv) + attention) / rate
-    mlp = 2 * h * 2 * i / rate
+    attn = RECOMPUTE_FACTOR * (2 * h * (q + 2 * kv) + attention) / rate
+    mlp = RECOMPUTE_FACTOR * 2 * h * 2 * i / rate
     backward = (linear * (1 if frozen else 2) + 2 * attention) / rate
-    copy = {c.lower(): b.per_letter[c] * b.tokens / (link_gbs * 1e9) for c in b.per_letter}
+    copy = {c.lower(): b.per_letter[c] * b.tokens / (LINK_EFFICIENCY * link_gbs * 1e9) for c in b.per_letter}
     return _Layer((linear + attention) / rate, backward, {"K": 0.0, "A": attn, "M": mlp, "C": attn + mlp}, copy)
 
 

@@ -42,21 +42,48 @@ def test_a_budget_above_the_all_kept_estimate_keeps_everything():
 
 def test_a_tight_qlora_budget_picks_the_measured_neighbourhood_of_14a8c6K():
     """Measured on an H100 (docs/BENCHMARKS.md): 6 kept layers at 12.4 GiB, 7 over 13 GiB; the fastest plans
-    offload 12-18 layers' MLP activations (a) and recompute the rest fully (c). With a 12.5 GiB budget and the
-    H100's link the choice has that shape, fits, and costs no more (in the model) than 14a8c6K."""
+    offload 12-18 layers' MLP activations (a). With a 12.5 GiB budget and the H100's link the choice offloads
+    that many, fits, and costs no more (in the model) than 14a8c6K."""
     b = qlora_bytes()
     c = choose(b, 12.5)
     assert c.fits and c.peak_gib <= 12.5
-    m = re.fullmatch(r"(\d+)a(\d+)c(\d+)K", c.plan)
-    assert m, c.plan
-    offloaded, kept = int(m[1]) + int(m[2]), int(m[3])
-    assert 12 <= int(m[1]) <= 20 and offloaded == 22 and kept == 6, c.plan
+    m = re.fullmatch(r"(\d+)a.*", c.plan)
+    assert m and 12 <= int(m[1]) <= 18, c.plan
     t = _layer_times(ARCH, b, 2048, True, H100, 55.0)
     assert c.cost_ms <= step_cost(parse_plan("14a8c6K"), t) * 1e3 + 1
-    # the measured losers cost more in the model too: all offloaded as `a` (22a6K, 20% slower) and `k` prefixes
-    assert step_cost(parse_plan("22a6K"), t) > step_cost(parse_plan("14a8c6K"), t)
     assert step_cost(parse_plan("8k14c6K"), t) > step_cost(parse_plan("14a8c6K"), t)
-    # a slow link moves the choice from offloading activations to recomputing (inputs only cross the link)
+
+
+def shipped_qlora_bytes(tmp_path):
+    """The byte model of configs/qwen7b_qlora.yaml as the benchmark runs it (2048 tokens, micro-batch 4)."""
+    from ftune.config import load_config
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    cfg = load_config(Path(__file__).parents[1] / "configs/qwen7b_qlora.yaml",
+                      ["data.max_length=2048", f"data.train={data}", "data.eval=null", "train.eval_every=null"])
+    return byte_model(cfg, get_method("qlora"), ARCH, True, fast=True)
+
+
+@pytest.mark.parametrize("link", [53.0, 55.0])
+def test_the_shipped_qlora_config_on_an_h200_chooses_the_fastest_measured_plans(tmp_path, link):
+    """Through `ftune train configs/qwen7b_qlora.yaml` on H200s (docs/BENCHMARKS.md, runs c and e, links of 53
+    and 55 GB/s measured), step time relative to 14a8c6K: 22c6K 1.15×, 28C 1.20×, 19a3c6K 1.07× (and 22a6K
+    1.20× on an H100). The model orders them the same way, and at the config's 12 GiB budget picks a plan
+    of 14a8c6K's shape (12-15 layers offloading MLP activations, the rest of the 22 their inputs, 6 kept)."""
+    b = shipped_qlora_bytes(tmp_path)
+    h200 = 989.4 / 2
+    t = _layer_times(ARCH, b, 2048, True, h200, link)
+    cost = {p: step_cost(parse_plan(p), t) + 28 * (t.forward + t.backward) for p in ("14a8c6K", "22c6K", "28C", "19a3c6K", "22a6K")}
+    for loser in ("22c6K", "28C", "19a3c6K", "22a6K"):
+        assert cost[loser] > 1.03 * cost["14a8c6K"], (loser, cost)
+    c = choose_plan(b, ARCH, 2048, True, 12.0, link, True, tflops=h200)
+    m = re.fullmatch(r"(\d+)a(\d+)c6K", c.plan)
+    assert c.fits and m and 12 <= int(m[1]) <= 15 and int(m[1]) + int(m[2]) == 22, c.plan
+
+
+def test_a_slow_link_moves_the_choice_from_offloading_activations_to_recomputing():
+    b = qlora_bytes()
     slow = choose(b, 12.5, link=10.0)
     assert slow.fits and "a" not in slow.plan and "k" not in slow.plan, slow.plan
 
