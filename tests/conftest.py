@@ -26,6 +26,14 @@ os.environ["FTUNE_CACHE"] = str(_SCRATCH / "ftune")  # module-scoped fixtures; t
 os.environ["COLUMNS"] = "200"  # rich reads the width once, when ftune.cli creates its consoles
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+# Triton fixes at import whether its jit functions (the kernels' and its own: tl.rand4x, tl.zeros …) run in its
+# interpreter. Without CUDA the dropout kernel tests run there, and a CPU training test may import triton first
+# (ftune.kernels.dropout checks that it imports), so the choice is made here, before anything imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
