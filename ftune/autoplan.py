@@ -4,7 +4,8 @@ The chooser (`choose_plan`) is a pure function. It prices plans of the shape
     <offloaded layers first, up to two letters of k/a/c><recompute layers, one of A/M/C><K for the rest>
 (docs/BENCHMARKS.md: offloaded layers go first so their copies finish while later layers compute; kept layers
 last), with
-  memory: the byte model of `ftune validate`'s estimate (memory.ByteModel, the same code), and
+  memory: the byte model of `ftune validate`'s estimate (memory.ByteModel, the same code), or, when higher,
+          the forward's peak with the backlog of copies out that the link has not finished (`forward_peak`), and
   time:   the step time added over keeping everything, from a small timeline:
           - compute per layer at a nominal rate (`tflops`): forward 2·linear + attention FLOPs per token;
             backward 2·linear + 2·attention (frozen base) or 4·linear + 2·attention (trained base);
@@ -58,6 +59,10 @@ TOLERANCE = 0.02  # of the modelled step time: plans this close in cost count as
 # with it the 12 GiB QLoRA budget at 53-55 GB/s chooses 13a9c6K-14a8c6K, the fastest plans measured there.
 LINK_EFFICIENCY = 0.8
 RECOMPUTE_FACTOR = 2.0
+# The forward's real time per layer against the nominal rate, for the offload backlog (`forward_peak`): fitted
+# (2026-12-03) to five measured peaks on H200s: 10a18c (LoRA, 17.1 GiB; modelled 17.4), 28c (15.8; 15.8),
+# 14a8c6K, 19a3c6K and 22c6K (QLoRA, 12.0 each; 11.8 each). At 1.0 the backlog of 19a3c6K would read 16.2 GiB.
+FORWARD_SLOWDOWN = 1.75
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,34 @@ def step_cost(codes: list[str], t: _Layer) -> float:
     return now - len(codes) * (t.forward + t.backward)
 
 
+def forward_peak(b: ByteModel, codes: list[str], t: _Layer) -> float:
+    """Bytes at the forward's fullest moment: the kept activations of the layers done so far, one layer's
+    working set, and the backlog of offloaded tensors whose copies out have not finished (kernels/offload.py
+    frees a tensor's GPU memory when its copy is done), on `step_cost`'s copy stream with each layer's forward
+    taking FORWARD_SLOWDOWN × its nominal time. A plan that offloads big activations faster than the link moves
+    them peaks here rather than in backward: LoRA's 10a18c measured 17.1 GiB where the backward-side estimate
+    said 15.8 (H200, docs/BENCHMARKS.md run f)."""
+    now, stream, copies, kept, peak = 0.0, 0.0, [], 0.0, 0.0
+    for c in codes:
+        now += FORWARD_SLOWDOWN * t.forward
+        if c.islower():
+            start = max(stream, now)
+            stream = start + t.copy[c]
+            copies.append((start, stream, b.per_letter[c.upper()] * b.tokens))
+        else:
+            kept += b.per_letter[c] * b.tokens
+        backlog = sum(n * min(1.0, max(0.0, (end - now) / (end - start))) for start, end, n in copies if end > start)
+        peak = max(peak, kept + backlog)
+    return b.static + peak + b.tokens * b.keep
+
+
+def plan_peak(b: ByteModel, codes: list[str], t: _Layer) -> float:
+    """The estimated peak of a plan: backward's (the byte model, as `ftune validate` shows it) or the
+    forward's with its copy backlog (`forward_peak`), whichever is higher."""
+    total = b.total(codes)
+    return max(total, forward_peak(b, codes, t)) if any(c.islower() for c in codes) else total
+
+
 def _prefixes(n: int, letters: str):
     """Offloaded prefixes: up to two letters, the one saving more bytes per layer first (k, a, c)."""
     yield []
@@ -152,14 +185,14 @@ def choose_plan(b: ByteModel, arch: Arch, seq_len: int, frozen: bool, budget_gib
                 lo, hi = 0, rest
                 while lo < hi:
                     mid = (lo + hi) // 2
-                    lo, hi = (lo, mid) if b.total(plans[mid]) <= limit else (mid + 1, hi)
-                fit = plans[lo] if b.total(plans[lo]) <= limit else None
+                    lo, hi = (lo, mid) if plan_peak(b, plans[mid], t) <= limit else (mid + 1, hi)
+                fit = plans[lo] if plan_peak(b, plans[lo], t) <= limit else None
             else:
                 fit = plans[0]
             if fit is not None:
-                fitting.append((step_cost(fit, t), b.total(fit), fit))
+                fitting.append((step_cost(fit, t), plan_peak(b, fit, t), fit))
             leanest = plans[-1]
-            key = (b.total(leanest), step_cost(leanest, t), leanest)
+            key = (plan_peak(b, leanest, t), step_cost(leanest, t), leanest)
             if lean is None or key[:2] < lean[:2]:
                 lean = key
     source = link_source if off else "not used"

@@ -80,7 +80,7 @@ class ByteModel:
     def activations(self, codes) -> float:
         """Activation bytes at `tokens` for a plan given one letter per layer (lower case = offloaded)."""
         # offloaded layers (lower case) hold nothing on the GPU once their copies are done; the backlog of a
-        # forward that outruns PCIe is not modelled (docs/BENCHMARKS.md: keep the offloaded layers first)
+        # forward that outruns PCIe is not in this backward-side figure: the auto chooser adds it (autoplan.forward_peak)
         layers = sum(0 if c.islower() else self.per_letter[c] for c in codes)
         # one layer's working set in backward: a whole layer when recomputing, else the MLP's chunked temporaries
         working = self.keep if any(c.upper() != "K" for c in codes) else self.chunk

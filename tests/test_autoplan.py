@@ -11,7 +11,7 @@ import pytest
 from conftest import invoke
 from test_perf import QWEN7B, run_cfg
 
-from ftune.autoplan import PlanChoice, _layer_times, choose_plan, step_cost
+from ftune.autoplan import PlanChoice, _layer_times, choose_plan, plan_peak, step_cost
 from ftune.kernels.plan import parse_plan
 from ftune.memory import byte_model
 from ftune.methods import get_method
@@ -82,6 +82,35 @@ def test_the_shipped_qlora_config_on_an_h200_chooses_the_fastest_measured_plans(
     assert c.fits and m and 12 <= int(m[1]) <= 15 and int(m[1]) + int(m[2]) == 22, c.plan
 
 
+def shipped_lora_bytes(tmp_path):
+    from ftune.config import load_config
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    cfg = load_config(Path(__file__).parents[1] / "configs/qwen7b_lora.yaml",
+                      ["data.max_length=2048", f"data.train={data}", "data.eval=null", "train.eval_every=null"])
+    return byte_model(cfg, get_method("lora"), ARCH, True, fast=True)
+
+
+def test_the_forward_offload_backlog_counts_against_the_budget(tmp_path):
+    """LoRA at a 16 GiB budget on an H200 (docs/BENCHMARKS.md run f): auto chose 10a18c by the backward-side
+    estimate (15.8 GiB) and peaked at 17.1 GiB, its forward offloading MLP activations faster than the link
+    moved them. With the backlog priced, 10a18c is above 16 GiB and the choice is a plan that fits (28c:
+    15.8 GiB measured in run a), while the QLoRA plans measured at 12.0 GiB stay under 12.1."""
+    from ftune.autoplan import forward_peak, plan_peak
+
+    b = shipped_lora_bytes(tmp_path)
+    t = _layer_times(ARCH, b, 2048, True, 989.4 / 2, 55.0)
+    assert b.total(parse_plan("10a18c")) / GIB < 16.0 < forward_peak(b, parse_plan("10a18c"), t) / GIB
+    c = choose_plan(b, ARCH, 2048, True, 16.0, 55.0, True, tflops=989.4 / 2)
+    assert c.fits and c.plan != "10a18c" and c.peak_gib <= 16.0
+    assert abs(plan_peak(b, parse_plan(c.plan), t) / GIB - c.peak_gib) < 1e-9
+    q = shipped_qlora_bytes(tmp_path)
+    tq = _layer_times(ARCH, q, 2048, True, 989.4 / 2, 55.0)
+    for plan in ("14a8c6K", "19a3c6K", "22c6K"):
+        assert plan_peak(q, parse_plan(plan), tq) / GIB < 12.1, plan
+
+
 def test_a_slow_link_moves_the_choice_from_offloading_activations_to_recomputing():
     b = qlora_bytes()
     slow = choose(b, 12.5, link=10.0)
@@ -92,7 +121,8 @@ def test_an_impossible_budget_gives_the_leanest_plan_and_says_by_how_much():
     b = qlora_bytes()
     c = choose(b, 3.0)
     assert not c.fits and c.peak_gib > 3.0
-    assert c.peak_gib == min(b.total(parse_plan(p)) for p in ("28k", "28a", "28c", "28C")) / GIB
+    t = _layer_times(ARCH, b, 2048, True, H100, 55.0)  # the peak counts the forward's offload backlog
+    assert c.peak_gib == min(plan_peak(b, parse_plan(p), t) for p in ("28k", "28a", "28c", "28C")) / GIB
     assert c.warning == (f"model.layer_plan: auto: no plan fits the 3.0 GiB budget; the leanest, {c.plan}, is estimated "
                          f"at {c.peak_gib:.1f} GiB ({c.peak_gib - 3.0:.1f} GiB over). Lower train.micro_batch_size or "
                          f"data.max_length (8,192 tokens per micro-batch now), or raise model.memory_budget_gib if the "
@@ -108,7 +138,8 @@ def test_without_the_fast_path_or_cuda_only_k_and_c():
     c = choose(qlora_bytes(), 12.5, offload=False)  # fast path, no CUDA: recompute letters, nothing lower case
     assert c.plan == c.plan.upper() and c.fits, c.plan
     no_recompute = choose(qlora_bytes(), 12.5, recompute=False)  # a method that cannot recompute: k and K only
-    assert set(no_recompute.plan) <= set("0123456789kK") and no_recompute.fits, no_recompute.plan
+    # k and K only; whole layers offloaded outrun the link in forward, so at 12.5 GiB it may not fit: then it says so
+    assert set(no_recompute.plan) <= set("0123456789kK") and (no_recompute.fits or no_recompute.warning), no_recompute.plan
     assert choose(qlora_bytes(), 12.5, offload=False, recompute=False).plan == "28K"
 
 
