@@ -54,15 +54,15 @@ def test_a_tight_qlora_budget_picks_the_measured_neighbourhood_of_14a8c6K():
     assert step_cost(parse_plan("8k14c6K"), t) > step_cost(parse_plan("14a8c6K"), t)
 
 
-def shipped_qlora_bytes(tmp_path):
-    """The byte model of configs/qwen7b_qlora.yaml as the benchmark runs it (2048 tokens, micro-batch 4)."""
+def shipped_bytes(tmp_path, method: str = "qlora"):
+    """The byte model of configs/qwen7b_{method}.yaml as the benchmark runs it (2048 tokens, micro-batch 4)."""
     from ftune.config import load_config
 
     data = tmp_path / "train.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n')
-    cfg = load_config(Path(__file__).parents[1] / "configs/qwen7b_qlora.yaml",
+    cfg = load_config(Path(__file__).parents[1] / f"configs/qwen7b_{method}.yaml",
                       ["data.max_length=2048", f"data.train={data}", "data.eval=null", "train.eval_every=null"])
-    return byte_model(cfg, get_method("qlora"), ARCH, True, fast=True)
+    return byte_model(cfg, get_method(method), ARCH, True, fast=True)
 
 
 @pytest.mark.parametrize("link", [53.0, 55.0])
@@ -71,7 +71,7 @@ def test_the_shipped_qlora_config_on_an_h200_chooses_the_fastest_measured_plans(
     and 55 GB/s measured), step time relative to 14a8c6K: 22c6K 1.15×, 28C 1.20×, 19a3c6K 1.07× (and 22a6K
     1.20× on an H100). The model orders them the same way, and at the config's 12 GiB budget picks a plan
     of 14a8c6K's shape (12-15 layers offloading MLP activations, the rest of the 22 their inputs, 6 kept)."""
-    b = shipped_qlora_bytes(tmp_path)
+    b = shipped_bytes(tmp_path)
     h200 = 989.4 / 2
     t = _layer_times(ARCH, b, 2048, True, h200, link)
     cost = {p: step_cost(parse_plan(p), t) + 28 * (t.forward + t.backward) for p in ("14a8c6K", "22c6K", "28C", "19a3c6K", "22a6K")}
@@ -82,16 +82,6 @@ def test_the_shipped_qlora_config_on_an_h200_chooses_the_fastest_measured_plans(
     assert c.fits and m and 12 <= int(m[1]) <= 15 and int(m[1]) + int(m[2]) == 22, c.plan
 
 
-def shipped_lora_bytes(tmp_path):
-    from ftune.config import load_config
-
-    data = tmp_path / "train.jsonl"
-    data.write_text('{"instruction": "a", "output": "b"}\n')
-    cfg = load_config(Path(__file__).parents[1] / "configs/qwen7b_lora.yaml",
-                      ["data.max_length=2048", f"data.train={data}", "data.eval=null", "train.eval_every=null"])
-    return byte_model(cfg, get_method("lora"), ARCH, True, fast=True)
-
-
 def test_the_forward_offload_backlog_counts_against_the_budget(tmp_path):
     """LoRA at a 16 GiB budget on an H200 (docs/BENCHMARKS.md run f): auto chose 10a18c by the backward-side
     estimate (15.8 GiB) and peaked at 17.1 GiB, its forward offloading MLP activations faster than the link
@@ -99,13 +89,13 @@ def test_the_forward_offload_backlog_counts_against_the_budget(tmp_path):
     15.8 GiB measured in run a), while the QLoRA plans measured at 12.0 GiB stay under 12.1."""
     from ftune.autoplan import forward_peak, plan_peak
 
-    b = shipped_lora_bytes(tmp_path)
+    b = shipped_bytes(tmp_path, "lora")
     t = _layer_times(ARCH, b, 2048, True, 989.4 / 2, 55.0)
     assert b.total(parse_plan("10a18c")) / GIB < 16.0 < forward_peak(b, parse_plan("10a18c"), t) / GIB
     c = choose_plan(b, ARCH, 2048, True, 16.0, 55.0, True, tflops=989.4 / 2)
     assert c.fits and c.plan != "10a18c" and c.peak_gib <= 16.0
     assert abs(plan_peak(b, parse_plan(c.plan), t) / GIB - c.peak_gib) < 1e-9
-    q = shipped_qlora_bytes(tmp_path)
+    q = shipped_bytes(tmp_path)
     tq = _layer_times(ARCH, q, 2048, True, 989.4 / 2, 55.0)
     for plan in ("14a8c6K", "19a3c6K", "22c6K"):
         assert plan_peak(q, parse_plan(plan), tq) / GIB < 12.1, plan
