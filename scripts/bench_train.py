@@ -20,6 +20,13 @@ Each case runs in its own process (a clean CUDA context: peak memory is the case
 over optimizer steps after `--warmup`, counting real (non-padding) tokens; ftune's is what it logs
 (metrics.jsonl), the Trainer's is timed by a callback around each optimizer step (CUDA-synchronised).
 Results: OUT/bench_train.json and OUT/bench_train.md.
+
+Before the measured cases, `--prime CASE` (default ftune-qlora-14a8c6K) runs one ftune case for 3 steps and
+reports nothing of it. In the four invocations that timed a QLoRA plan with and without dropout (docs/BENCHMARKS.md
+runs b, d, e, f), dropout cost 23%, 7% and 12.5% when its case was the first to offload activations to pinned CPU
+memory, and 2% when the no-dropout case went first: a first-offloading-case penalty would explain it (cause not
+traced; a fresh machine's first large pinned allocations are the suspect). Priming keeps any such penalty off the
+measured cases. `--prime none` measures as before.
 """
 
 from __future__ import annotations
@@ -255,6 +262,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=None, help="fewer decoder layers (a quick check, not a benchmark)")
     p.add_argument("--arch", default="7b", choices=["7b", "0.5b"], help="Qwen2.5 architecture (0.5b: a quick check)")
     p.add_argument("--case-timeout", type=int, default=240)
+    p.add_argument("--prime", default="ftune-qlora-14a8c6K", choices=["none", *[c for c in CASES if c.startswith("ftune")]],
+                   help="an ftune case run first for 3 steps, not reported (the module docstring says why); none: skip")
     p.add_argument("--work", default="/tmp/ftune-bench-train")
     p.add_argument("--out", default="bench-train")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -272,6 +281,14 @@ def main() -> None:
               "data": str(make_data(work / "alpaca-2k.jsonl", args.rows, args.tokens))}
     print(f"assets ready in {time.time() - t0:.0f}s", flush=True)
     env, results = environment(), {}
+    if args.prime != "none":
+        kind, config, extra = CASES[args.prime]
+        if kind != "ftune":
+            p.error(f"--prime {args.prime}: choose an ftune case")
+        primed = run_ftune("prime", config, extra, assets, argparse.Namespace(**{**vars(args), "steps": 3, "warmup": 0}))
+        env["primed_with"] = args.prime
+        print(f"primed with {args.prime} (3 steps, not reported): {primed.get('tokens_per_s', 0):,.0f} tok/s "
+              f"{primed.get('error', '')[-300:]}", flush=True)
     for name in args.cases.split(","):
         kind, config, extra = CASES[name]
         r = (run_ftune if kind == "ftune" else run_trainer)(name, config, extra, assets, args)
