@@ -285,13 +285,20 @@ def main() -> None:
         kind, config, extra = CASES[args.prime]
         if kind != "ftune":
             p.error(f"--prime {args.prime}: choose an ftune case")
-        primed = run_ftune("prime", config, extra, assets, argparse.Namespace(**{**vars(args), "steps": 3, "warmup": 0}))
+        try:
+            primed = run_ftune("prime", config, extra, assets, argparse.Namespace(**{**vars(args), "steps": 3, "warmup": 0}))
+        except subprocess.TimeoutExpired:  # priming is a courtesy to the measured cases, not a result
+            primed = {"error": f"timed out after {args.case_timeout}s"}
         env["primed_with"] = args.prime
         print(f"primed with {args.prime} (3 steps, not reported): {primed.get('tokens_per_s', 0):,.0f} tok/s "
               f"{primed.get('error', '')[-300:]}", flush=True)
     for name in args.cases.split(","):
         kind, config, extra = CASES[name]
-        r = (run_ftune if kind == "ftune" else run_trainer)(name, config, extra, assets, args)
+        try:
+            r = (run_ftune if kind == "ftune" else run_trainer)(name, config, extra, assets, args)
+        except subprocess.TimeoutExpired:  # one slow case is a finding; the rest still run and are written
+            r = {"case": name, "command": f"{kind} {config}", "wall_s": args.case_timeout,
+                 "error": f"timed out after {args.case_timeout}s (--case-timeout)"}
         results[name] = r
         print(f"{name}: {r.get('tokens_per_s', 0):,.0f} tok/s, {r.get('peak_gib') or 0:.1f} GiB, {r['wall_s']}s "
               f"{r.get('error', '')[-600:]}", flush=True)
