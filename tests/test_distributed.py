@@ -31,6 +31,14 @@ def torchrun(n: int, *args, cpu_ddp: bool = True) -> subprocess.CompletedProcess
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
+def one_process(*args) -> subprocess.CompletedProcess:
+    """`python -m ftune train ARGS` as one CPU process in the environment `torchrun` gives its workers (the GPU
+    hidden before anything loads), so both sides load the same libraries: bitsandbytes picks its CPU build
+    then, while a pytest process that saw the GPU at import keeps its CUDA build, whose CPU kernels differ."""
+    cmd = [sys.executable, "-m", "ftune", "train", *map(str, args)]
+    return subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=600, check=False)
+
+
 def ftune_gpus(n: int, *args) -> subprocess.CompletedProcess:
     """`python -m ftune train ARGS --gpus N` on the CPU, as a user (or CI) without GPUs would test it."""
     env = cpu_env(ACCELERATE_USE_CPU="1")
