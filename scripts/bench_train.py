@@ -124,6 +124,9 @@ def run_ftune(case: str, config: str, extra: dict, assets: dict, args) -> dict:
                           env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
     result = {"case": case, "command": " ".join(["ftune train", config, *extra.get("overrides", [])]), "wall_s": round(time.time() - t0, 1)}
     log = (done.stdout + done.stderr).splitlines()
+    logs = Path(args.work) / "logs"  # the whole output, for reading a surprising number afterwards
+    logs.mkdir(parents=True, exist_ok=True)
+    (logs / f"{case}.log").write_text(done.stdout + done.stderr)
     result["log"] = [line for line in log if "kernels:" in line or "layer plan" in line or "packing" in line.lower()][:6]
     if done.returncode != 0:
         return result | {"error": "\n".join(log[-15:])}
@@ -131,7 +134,8 @@ def run_ftune(case: str, config: str, extra: dict, assets: dict, args) -> dict:
     steps = [m for m in metrics if "tokens_per_s" in m and "loss" in m]
     run = json.loads((run_dir / "run.json").read_text())
     timed = [m["tokens_per_s"] for m in steps if m["step"] > args.warmup]
-    return result | {"tokens_per_s": statistics.median(timed), "peak_gib": run.get("peak_mem_gib"),
+    return result | {"tokens_per_s": statistics.median(timed), "step_tokens_per_s": [m["tokens_per_s"] for m in steps],
+                     "peak_gib": run.get("peak_mem_gib"),
                      "losses": [round(m["loss"], 4) for m in steps], "mfu": steps[-1].get("mfu"), "steps": len(steps)}
 
 
@@ -254,7 +258,8 @@ def markdown(results: dict, env: dict, args) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
+    p.add_argument("--cases", default=",".join(CASES),
+                   help=f"comma list of {', '.join(CASES)}; CASE@2 runs a case again (order effects), reported as such")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per case (each is the config's accumulation × micro-batch)")
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
     p.add_argument("--rows", type=int, default=160, help="alpaca rows written (enough for --steps at the configs' global batch)")
@@ -292,8 +297,12 @@ def main() -> None:
         env["primed_with"] = args.prime
         print(f"primed with {args.prime} (3 steps, not reported): {primed.get('tokens_per_s', 0):,.0f} tok/s "
               f"{primed.get('error', '')[-300:]}", flush=True)
-    for name in args.cases.split(","):
-        kind, config, extra = CASES[name]
+    names = args.cases.split(",")
+    unknown = [n for n in names if n.split("@")[0] not in CASES]
+    if unknown or len(set(names)) < len(names):
+        p.error(f"--cases: {', '.join(unknown) or 'a case twice'}: name each run once (CASE@2 for a repeat), from {', '.join(CASES)}")
+    for name in names:
+        kind, config, extra = CASES[name.split("@")[0]]
         try:
             r = (run_ftune if kind == "ftune" else run_trainer)(name, config, extra, assets, args)
         except subprocess.TimeoutExpired:  # one slow case is a finding; the rest still run and are written
