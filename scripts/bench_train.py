@@ -284,6 +284,7 @@ def main() -> None:
     t0 = time.time()
     assets = {"model": str(make_checkpoint(args.arch, work, args.layers)), "tokenizer": str(make_tokenizer(work / "tokenizer")),
               "data": str(make_data(work / "alpaca-2k.jsonl", args.rows, args.tokens))}
+    os.sync()  # the checkpoint just written is flushed before any case is timed, not during the first ones
     print(f"assets ready in {time.time() - t0:.0f}s", flush=True)
     env, results = environment(), {}
     if args.prime != "none":
