@@ -342,8 +342,17 @@ def test_resume_continues_exactly(tmp_path):
     # Stopped by a token budget right after step 6 (the checkpoint holds the gates and their Adam state) …
     stopped = [*every6, f"output_dir={tmp_path / 'stopped'}"]
     assert train(loop_config(tmp_path, *stopped, f"train.budget.max_tokens={tokens_at_6}"), console=quiet)["steps"] == 6
+    # A run that crashed after logging step 9 left a ranks line the checkpoint at step 6 does not cover.
+    ranks_file = tmp_path / "stopped" / RANKS_FILE
+    with ranks_file.open("a") as f:
+        f.write(json.dumps({"step": 9, "lambda": 0.0, "live_ranks": 1, "ranks": {}}) + "\n")
     # … then resumed to the end: the same pruned adapter as the straight run.
     assert train(loop_config(tmp_path, *stopped), resume=True, console=quiet)["steps"] == 12
+    # The ranks log has each step once, as the straight run's (the crashed run's line 9 is gone).
+    lines = [json.loads(x) for x in ranks_file.read_text().splitlines()]
+    straight_lines = [json.loads(x) for x in (tmp_path / "straight" / RANKS_FILE).read_text().splitlines()]
+    assert [x["step"] for x in lines] == [x["step"] for x in straight_lines] == [6, 12]
+    assert [x["ranks"] for x in lines] == [x["ranks"] for x in straight_lines]
     a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "stopped" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()

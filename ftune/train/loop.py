@@ -73,7 +73,7 @@ from ftune.train.rundir import (
     open_run_dir,
     plan,
     record_resume,
-    trim_metrics,
+    trim_step_logs,
 )
 from ftune.train.step import train_step
 from ftune.train.trackers import check_trackers, start_trackers, tracker_names
@@ -221,7 +221,7 @@ def _set_up(cfg: RunConfig, resume: bool, overwrite: bool, console: Console) -> 
         console.print(f"resumed from {last} (step {state.step} of {total_steps})")
     if accelerator.is_main_process:
         if mode == "resume":
-            trim_metrics(final, state.step)
+            trim_step_logs(final, state.step)
             record_resume(final, state.step, changes, config_text)
         else:
             write_text_atomic(rundir.path / "ftune.yaml", config_text)

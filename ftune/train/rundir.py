@@ -274,22 +274,28 @@ def record_resume(final: Path, step: int, changes: dict[str, list], new_yaml: st
     write_text_atomic(final / RESOLVED, new_yaml)
 
 
-def trim_metrics(final: Path, step: int) -> int:
-    """Drop metrics lines logged after the checkpoint we resume from (the resumed run logs them again);
-    returns how many were dropped."""
-    path = final / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            after = json.loads(line).get("step", 0) > step
-        except (ValueError, AttributeError, TypeError):
-            after = False  # not ours to judge: keep it
-        if after:
-            dropped += 1
-        else:
-            kept.append(line + "\n")
-    if dropped:
-        write_text_atomic(path, "".join(kept))
+STEP_LOGS = ("metrics.jsonl", "sora_ranks.jsonl")  # JSON lines with a "step", appended as the run goes
+
+
+def trim_step_logs(final: Path, step: int) -> int:
+    """Drop the lines of the run's step logs (STEP_LOGS) written after the checkpoint we resume from (the
+    resumed run writes them again); returns how many were dropped."""
+    dropped = 0
+    for name in STEP_LOGS:
+        path = final / name
+        if not path.is_file():
+            continue
+        kept, gone = [], 0
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                after = json.loads(line).get("step", 0) > step
+            except (ValueError, AttributeError, TypeError):
+                after = False  # not ours to judge: keep it
+            if after:
+                gone += 1
+            else:
+                kept.append(line + "\n")
+        if gone:
+            write_text_atomic(path, "".join(kept))
+        dropped += gone
     return dropped
