@@ -218,3 +218,46 @@ def test_the_share_of_rounded_away_steps_is_what_bf16_arithmetic_gives():
         layer.weight[:8] = 0.001  # spacing ~7.6e-6: the same step moves these
     assert rounded_away_share(layer, 2.0 ** -9) == (torch.bfloat16, 1 - 8 / 64)
     assert rounded_away_share(layer.float(), 2.0 ** -9) is None
+
+
+# ---------------------------------------------------------------- garbage collection at step boundaries
+
+def test_garbage_is_collected_between_steps_and_gc_is_given_back(make_config, monkeypatch, tmp_path):
+    import gc
+    import weakref
+
+    from ftune.train import loop
+
+    class Node:  # a reference cycle: only the collector frees it
+        pass
+
+    seen, freed, real = [], [], loop.train_step
+
+    def step(state, *args, **kwargs):
+        seen.append((gc.isenabled(), len(freed)))
+        node = Node()
+        node.me = node
+        weakref.finalize(node, freed.append, state.step)
+        del node
+        return real(state, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", step)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    run(make_config({"train": {"max_steps": 4, "gc_every": 2}}))
+    # automatic collection was off in every step, and each step's cycle was gone before the next step began
+    assert seen == [(False, 0), (False, 1), (False, 2), (False, 3)]
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # a notebook gets its collector back as it was
+
+    seen.clear()
+    run(make_config({"train": {"max_steps": 2, "gc_every": None}}, name="auto.yaml", out_dir=tmp_path / "auto"))
+    assert [enabled for enabled, _ in seen] == [True, True]  # null: Python's automatic collection, untouched
+
+    def failing(state, *args, **kwargs):
+        if state.step == 1:
+            raise RuntimeError("a step failed")
+        return step(state, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", failing)
+    with pytest.raises(RuntimeError, match="a step failed"):
+        run(make_config({"train": {"max_steps": 4, "gc_every": 2}}, name="fail.yaml", out_dir=tmp_path / "fail"))
+    assert gc.isenabled() and gc.get_freeze_count() == 0

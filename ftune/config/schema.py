@@ -224,6 +224,11 @@ class TrainConfig(Section):
     nan_policy: Literal["stop", "skip"] = Field(
         "stop", description="A non-finite loss or gradient norm: stop = end the run at once as failed (exit 1, last good "
                             "checkpoint kept, no artifact); skip = skip that step's update (a GPU sync per step), failing after 5 in a row.")
+    gc_every: int | None = Field(
+        50, ge=1, description="Python's garbage collection during training: automatic collection is off, objects alive "
+                              "when training starts are frozen (never scanned again), young objects are collected after "
+                              "each optimizer step and all every N steps, so no step waits on a collection at a random "
+                              "point; null = Python's automatic collection.")
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Budgets that end the run cleanly.")
     report_to: list[str] = Field(
         default_factory=list, description="Experiment trackers to log to through accelerate: tensorboard (RUN_DIR/tensorboard), wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio; each needs its package (checked before the model loads: pip install 'ftune[tensorboard]', 'ftune[wandb]', 'ftune[mlflow]').")

@@ -50,6 +50,7 @@ from ftune.train.checkpoint import (
     load_checkpoint,
     saved_processes,
 )
+from ftune.train.collect import StepCollector
 from ftune.train.hooks import BudgetHook, QualityGateHook
 from ftune.train.distributed import (
     choose_strategy,
@@ -247,46 +248,48 @@ def _steps(run: Run, log: RunLog, stop: StopRequest) -> None:
     state.model.train()
     for h in hooks:
         h.on_train_start(state)
-    while state.step < state.total_steps and state.stop_reason is None:
-        for h in hooks:
-            h.on_step_start(state)
-        micro = [next(batches) for _ in range(ga)]
-        # one all-reduce for both counts: exact and identical on every process (budgets read state.tokens)
-        n_targets, n_tokens = global_counts(accelerator, sum(count_targets(b["labels"]) for b in micro),
-                                             sum(batch_tokens(b) for b in micro))
-        result = train_step(state, hooks, micro, n_targets, n_tokens)
-        skipped_in_row = skipped_in_row + 1 if result.skipped else 0
-        if skipped_in_row >= MAX_SKIPS_IN_ROW:
-            fail(run, f"{MAX_SKIPS_IN_ROW} steps in a row had a non-finite loss or gradient (last: step {state.step})")
-        if not result.skipped:  # a skipped step's non-finite loss stays out of the logged mean
-            pending += result.loss
-            state.loss_steps += 1
-        first_bad = torch.where((first_bad == 0) & ~_finite(result), state.step, first_bad)
-        log.count(result.tokens)
-        log.step(state.step)
-        last_step = state.step == state.total_steps or state.stop_reason is not None
-        if state.step % cfg.train.log_every == 0 or last_step:
-            # each process holds its share of the global loss (its tokens / all processes' tokens): sum them
-            loss = float(global_sum(accelerator, pending)) / max(state.loss_steps, 1)
-            metrics = {"loss": loss} if state.loss_steps else {}  # none when every step since the last line was skipped
-            metrics |= {"lr": state.scheduler.get_last_lr()[0], "epoch": round(state.epoch + state.batch_in_epoch /
-                        batches_per_epoch, 3), "tokens": state.tokens, **state.log}
-            if result.grad_norm is not None:
-                metrics["grad_norm"] = float(result.grad_norm)
-            if state.skipped_steps:
-                metrics["skipped_steps"] = state.skipped_steps
-            log.log(state.step, metrics)
-            pending.zero_()
-            state.loss_steps, state.log = 0, {}
-            _check_finite(run, first_bad)
-        if run.eval_split and cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and not last_step:
-            evaluate(run, log)
-        interrupted = stop.requested(accelerator, state.step % cfg.train.log_every == 0)
-        if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or interrupted:
-            _check_finite(run, first_bad)
-            save(run, pending)
-        if interrupted:
-            raise Interrupted(state.step, complete_checkpoints(run.dir.final)[-1] if run.dir.final.is_dir() else None)
+    with StepCollector(cfg.train.gc_every) as collector:
+        while state.step < state.total_steps and state.stop_reason is None:
+            for h in hooks:
+                h.on_step_start(state)
+            micro = [next(batches) for _ in range(ga)]
+            # one all-reduce for both counts: exact and identical on every process (budgets read state.tokens)
+            n_targets, n_tokens = global_counts(accelerator, sum(count_targets(b["labels"]) for b in micro),
+                                                 sum(batch_tokens(b) for b in micro))
+            result = train_step(state, hooks, micro, n_targets, n_tokens)
+            skipped_in_row = skipped_in_row + 1 if result.skipped else 0
+            if skipped_in_row >= MAX_SKIPS_IN_ROW:
+                fail(run, f"{MAX_SKIPS_IN_ROW} steps in a row had a non-finite loss or gradient (last: step {state.step})")
+            if not result.skipped:  # a skipped step's non-finite loss stays out of the logged mean
+                pending += result.loss
+                state.loss_steps += 1
+            first_bad = torch.where((first_bad == 0) & ~_finite(result), state.step, first_bad)
+            collector.after_step(state.step)
+            log.count(result.tokens)
+            log.step(state.step)
+            last_step = state.step == state.total_steps or state.stop_reason is not None
+            if state.step % cfg.train.log_every == 0 or last_step:
+                # each process holds its share of the global loss (its tokens / all processes' tokens): sum them
+                loss = float(global_sum(accelerator, pending)) / max(state.loss_steps, 1)
+                metrics = {"loss": loss} if state.loss_steps else {}  # none when every step since the last line was skipped
+                metrics |= {"lr": state.scheduler.get_last_lr()[0], "epoch": round(state.epoch + state.batch_in_epoch /
+                            batches_per_epoch, 3), "tokens": state.tokens, **state.log}
+                if result.grad_norm is not None:
+                    metrics["grad_norm"] = float(result.grad_norm)
+                if state.skipped_steps:
+                    metrics["skipped_steps"] = state.skipped_steps
+                log.log(state.step, metrics)
+                pending.zero_()
+                state.loss_steps, state.log = 0, {}
+                _check_finite(run, first_bad)
+            if run.eval_split and cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and not last_step:
+                evaluate(run, log)
+            interrupted = stop.requested(accelerator, state.step % cfg.train.log_every == 0)
+            if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or interrupted:
+                _check_finite(run, first_bad)
+                save(run, pending)
+            if interrupted:
+                raise Interrupted(state.step, complete_checkpoints(run.dir.final)[-1] if run.dir.final.is_dir() else None)
     _check_finite(run, first_bad)
 
 
