@@ -54,6 +54,7 @@ CASES: dict[str, tuple[str, str, dict]] = {
     # what the shipped choices cost: dropout (against 0), the auto plan (against fixed plans)
     "ftune-lora-nodrop": ("ftune", "configs/qwen7b_lora.yaml", {"overrides": ["method.lora_dropout=0"]}),
     "ftune-qlora-nodrop": ("ftune", "configs/qwen7b_qlora.yaml", {"overrides": ["method.lora_dropout=0"]}),
+    "ftune-qlora-autogc": ("ftune", "configs/qwen7b_qlora.yaml", {"overrides": ["train.gc_every=null"]}),  # Python's own gc
     "ftune-qlora-28C": ("ftune", "configs/qwen7b_qlora.yaml", {"overrides": ["model.layer_plan=28C", "model.memory_budget_gib=null"]}),
     "ftune-qlora-14a8c6K": ("ftune", "configs/qwen7b_qlora.yaml", {"overrides": ["model.layer_plan=14a8c6K", "model.memory_budget_gib=null"]}),
     "ftune-qalora": ("ftune", "configs/qwen7b_qalora.yaml", {}),  # INT4 base quantized by ftune; vs NF4 QLoRA
@@ -120,14 +121,19 @@ def run_ftune(case: str, config: str, extra: dict, assets: dict, args) -> dict:
                  f"output_dir={run_dir}", *extra.get("overrides", [])]
     cmd = [sys.executable, "-m", "ftune", "train", str(ROOT / config), *overrides, "--overwrite"]
     t0 = time.time()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout, check=False,
-                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
+    path = [str(ROOT / "scripts" / "trace")] * bool(args.trace) + [str(ROOT), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), **({"FTUNE_TRACE": "1"} if args.trace else {}))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout, check=False, env=env)
     result = {"case": case, "command": " ".join(["ftune train", config, *extra.get("overrides", [])]), "wall_s": round(time.time() - t0, 1)}
     log = (done.stdout + done.stderr).splitlines()
     logs = Path(args.work) / "logs"  # the whole output, for reading a surprising number afterwards
     logs.mkdir(parents=True, exist_ok=True)
-    (logs / f"{case}.log").write_text(done.stdout + done.stderr)
+    (logs / f"{case.replace('@', '-')}.log").write_text(done.stdout + done.stderr)
     result["log"] = [line for line in log if "kernels:" in line or "layer plan" in line or "packing" in line.lower()][:6]
+    if args.trace:  # scripts/trace/sitecustomize.py: one line per micro-batch, "TRACE mb N s SECONDS key value …"
+        rows = [["mb", *line.split()[2:]] for line in log if line.startswith("TRACE mb ")]
+        keys = rows[0][::2] if rows else []
+        result["trace"] = {key: [float(r[2 * j + 1]) for r in rows] for j, key in enumerate(keys)}
     if done.returncode != 0:
         return result | {"error": "\n".join(log[-15:])}
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -269,6 +275,9 @@ def main() -> None:
     p.add_argument("--case-timeout", type=int, default=240)
     p.add_argument("--prime", default="ftune-qlora-14a8c6K", choices=["none", *[c for c in CASES if c.startswith("ftune")]],
                    help="an ftune case run first for 3 steps, not reported (the module docstring says why); none: skip")
+    p.add_argument("--trace", action="store_true",
+                   help="time every micro-batch of the offloading ftune cases, with pinned allocations and gc time "
+                        "(scripts/trace/sitecustomize.py; synchronises each micro-batch: not for the speed table)")
     p.add_argument("--work", default="/tmp/ftune-bench-train")
     p.add_argument("--out", default="bench-train")
     p.add_argument("--worker", help=argparse.SUPPRESS)
