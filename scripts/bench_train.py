@@ -25,8 +25,13 @@ Before the measured cases, `--prime CASE` (default ftune-qlora-14a8c6K) runs one
 reports nothing of it. In the four invocations that timed a QLoRA plan with and without dropout (docs/BENCHMARKS.md
 runs b, d, e, f), dropout cost 23%, 7% and 12.5% when its case was the first to offload activations to pinned CPU
 memory, and 2% when the no-dropout case went first: a first-offloading-case penalty would explain it (cause not
-traced; a fresh machine's first large pinned allocations are the suspect). Priming keeps any such penalty off the
-measured cases. `--prime none` measures as before.
+traced; a fresh machine's first large pinned allocations were the suspect). Priming keeps any such penalty off the
+measured cases. `--prime none` measures as before. Runs j and k (`--trace`, below) ruled the pinned allocations out
+(they all happen in a process's first micro-batch) and found the first ftune process of a fresh machine slower.
+
+`--trace` times every micro-batch of the ftune cases that offload, with the pinned host allocations and the
+garbage collector's time in each (scripts/trace/sitecustomize.py, results under "trace"); the checkpoint written
+for the run is flushed to disk (`os.sync`) before any case starts either way.
 """
 
 from __future__ import annotations
