@@ -207,6 +207,21 @@ def test_full_fine_tuning_warns_when_bf16_weights_cannot_take_the_steps(make_con
         assert share >= 50
 
 
+@pytest.mark.parametrize("name", ["qwen7b_lisa.yaml"])
+def test_shipped_configs_that_train_base_weights_can_move_them(make_config, name):
+    """A shipped recipe that trains the base's own weights (LISA; full fine-tuning has no 7B config) uses a weight
+    dtype and lr whose steps do not round away: its model.dtype, train.lr and method section on the tiny model."""
+    import yaml
+
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / name).read_text())
+    method = {"name": shipped["recipe"], **shipped.get("method", {})}
+    config = make_config({"model": {"dtype": shipped["model"]["dtype"]}, "train": {"lr": shipped["train"]["lr"], "max_steps": 1}},
+                         replace={"method": method})
+    result = invoke("train", config)
+    assert result.exit_code == 0, result.output
+    assert "weights unchanged" not in " ".join(result.output.split()), result.output
+
+
 def test_the_share_of_rounded_away_steps_is_what_bf16_arithmetic_gives():
     from torch import nn
 
