@@ -177,9 +177,14 @@ def _say_how_to_continue(e: KeyboardInterrupt, run_dir: str, command: list[str])
     import shlex
     from pathlib import Path
 
-    from ftune.errors import Interrupted
+    from ftune.errors import EvalInterrupted, Interrupted
     from ftune.train.checkpoint import complete_checkpoints
 
+    if isinstance(e, EvalInterrupted):
+        err.print(f"[yellow]final evaluation stopped[/]; training is done and saved in {e.artifact}. Evaluate it with:\n"
+                  f"  ftune eval {shlex.quote(run_dir)}{' --data ' + shlex.quote(str(e.data)) if e.data else ''}",
+                  highlight=False, soft_wrap=True)
+        return
     shown = " ".join(shlex.quote(c) for c in command)
     saved = complete_checkpoints(Path(run_dir)) if Path(run_dir).is_dir() else []
     if isinstance(e, Interrupted):

@@ -42,6 +42,15 @@ class RunFailed(FtuneError):
     exit_code = 1
 
 
+class EvalInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during the final evaluation: training is done and `artifact` is saved; only the
+    evaluation was stopped (at once: nothing of it needs saving)."""
+
+    def __init__(self, artifact, data: str | None = None):
+        super().__init__(artifact, data)
+        self.artifact, self.data = artifact, data
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM) stopped training at a step boundary; `checkpoint` is where it was saved."""
 

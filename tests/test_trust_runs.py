@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -380,3 +381,33 @@ def test_a_broken_test_file_is_reported_before_training(make_config, tmp_path):
     result = fails(2, "train", make_config({"data": {"test": str(bad)}}, out_dir=out))
     assert f"{bad}:2" in result.output and "UTF-8" in result.output
     assert not out.exists()
+
+
+def test_a_signal_during_the_final_evaluation_stops_it_and_keeps_the_artifact(make_config, tmp_path, monkeypatch, data_dir):
+    import ftune.train.finish as finish
+
+    real_evaluate, calls = finish.evaluate, []
+
+    def evaluate(run, log, final=False):
+        if final:  # a long final evaluation, and the scheduler's SIGTERM arrives in it
+            calls.append("final")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the handler raises at once; a run that waited for the evaluation would take this long
+            calls.append("finished")
+        return real_evaluate(run, log, final=final)
+
+    out = tmp_path / "run"
+    config = make_config({"data": {"eval": str(data_dir / "cls_test.jsonl")}}, out_dir=out)
+    monkeypatch.setattr(finish, "evaluate", evaluate)
+    t0 = time.time()
+    result = fails(130, "train", config, "train.max_steps=2")
+    assert time.time() - t0 < 25 and calls == ["final"]
+    text = " ".join(result.output.split())
+    assert "stopping the final evaluation (the artifact is saved)" in text
+    assert f"final evaluation stopped; training is done and saved in {out / 'adapter'}" in text
+    assert f"ftune eval {out} --data {data_dir / 'cls_test.jsonl'}" in text
+    assert "Start over" not in text and "nothing to resume" not in text
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["status"] == "eval_stopped" and summary["steps"] == 2
+    monkeypatch.setattr(finish, "evaluate", real_evaluate)
+    ok("eval", str(out))  # the saved adapter is whole: it evaluates

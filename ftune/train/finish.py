@@ -13,7 +13,7 @@ from rich.console import Console
 
 from ftune.config import RunConfig
 from ftune.data import Split
-from ftune.errors import RunFailed
+from ftune.errors import EvalInterrupted, RunFailed
 from ftune.hooks import TrainState
 from ftune.io import atomic_dir, write_json_atomic
 from ftune.layers.peft_format import save_head
@@ -81,8 +81,9 @@ def save(run: Run, pending: torch.Tensor) -> None:
         run.state.run_dir = run.dir.promote()
     run.accelerator.wait_for_everyone()
 
-def finish(run: Run, log: RunLog) -> dict:
-    """The artifact first, then the final evaluation: an evaluation failure never costs the artifact."""
+def finish(run: Run, log: RunLog, stop=None) -> dict:
+    """The artifact first, then the final evaluation: an evaluation failure never costs the artifact. `stop`
+    (interrupt.StopRequest): told when the artifact is saved, so that a signal then stops the evaluation at once."""
     state, accelerator = run.state, run.accelerator
     if state.stop_reason:
         run.console.print(f"[yellow]stopping early:[/] {state.stop_reason}")
@@ -110,12 +111,21 @@ def finish(run: Run, log: RunLog) -> dict:
         write_json_atomic(state.run_dir / "run.json", summary | {"status": "evaluating" if run.eval_split else "done"})
         run.console.print(f"[green]saved[/] {state.run_dir / run.method.artifact}  ({state.step} steps, "
                           f"{state.tokens:,} tokens, {state.seconds():.0f}s)")
+    if stop is not None:
+        stop.artifact_saved()
     try:
         summary["final_eval"] = evaluate(run, log, final=True) if run.eval_split else {}
         from ftune.eval.calibrate import read_calibration
 
         if run.eval_split and (stored := read_calibration(state.run_dir)):
             summary["calibration"] = stored  # chosen on data.eval just now (also calibration.json); `ftune eval RUN` applies it
+    except KeyboardInterrupt:
+        if accelerator.is_main_process:
+            write_json_atomic(state.run_dir / "run.json", summary | {
+                "status": "eval_stopped", "note": "the final evaluation was stopped by Ctrl-C or SIGTERM; the artifact is "
+                                                  "saved and `ftune eval RUN_DIR --data DATA_EVAL` evaluates it"})
+        data = run.cfg.data.eval if isinstance(run.cfg.data.eval, str) else None  # a file or a hub name: shown to rerun
+        raise EvalInterrupted(state.run_dir / run.method.artifact, data) from None
     except BaseException as e:
         if accelerator.is_main_process:
             write_json_atomic(state.run_dir / "run.json", summary | {"status": "failed", "failure": f"final evaluation: {e}"})

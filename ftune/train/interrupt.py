@@ -3,7 +3,8 @@
 A KeyboardInterrupt raised in the middle of a step would leave half-accumulated gradients and a
 half-stepped optimizer, so the first signal only asks the loop to stop at the next step boundary, where
 it writes a checkpoint that resumes exactly. A second Ctrl-C stops at once (the newest complete
-checkpoint is still there).
+checkpoint is still there). Once the artifact is saved (`artifact_saved`), the only work left is the
+final evaluation, which has nothing to save: then the first signal stops it at once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 class StopRequest:
     def __init__(self, console):
-        self.console, self.flag, self.previous = console, False, {}
+        self.console, self.flag, self.previous, self.at_once = console, False, {}, False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signal handlers can only live there
@@ -28,7 +29,14 @@ class StopRequest:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
+    def artifact_saved(self) -> None:
+        """From now on a signal stops what runs at once (the final evaluation): the artifact is on disk."""
+        self.at_once = True
+
     def _handle(self, signum, frame):
+        if self.at_once:
+            self.console.print("[yellow]stopping the final evaluation[/] (the artifact is saved)")
+            raise KeyboardInterrupt
         if self.flag and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.flag = True

@@ -139,7 +139,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, console
         with RunLog(run.dir.path, run.state.total_steps, run.accelerator, console, start_step=run.state.step,
                     flops_per_token=run.flops) as log, StopRequest(console) as stop:
             _steps(run, log, stop)
-            return finish(run, log)
+            return finish(run, log, stop)
     except BaseException:
         run.dir.discard()  # a staged run that saved nothing: the old run is still there, untouched
         raise
