@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from ftune.errors import FtuneError
 from ftune.kernels.plan import is_auto, plan_text
 from ftune.memory import ByteModel, byte_model
-from ftune.perf import GIB, Arch, arch_from_config
+from ftune.perf import GIB, HOST_LINK_GBS, Arch, arch_from_config
 
 # Pinned host->device copies on a PCIe 4.0 x16 link run at ~25 GB/s (PCIe 5.0: ~50; 54-55 GB/s measured on
 # the H100 of docs/BENCHMARKS.md): the figure used when the link cannot be measured (no CUDA, or it failed).
@@ -72,7 +72,7 @@ class PlanChoice:
     budget_gib: float | None  # None: no limit (CPU without memory_budget_gib)
     cost_ms: float  # estimated step time added over keeping every activation
     link_gbs: float
-    link_source: str  # "measured", "assumed" (the default) or "not used" (nothing can be offloaded)
+    link_source: str  # "measured", "assumed" (the default), "typical for GPU" (validate) or "not used" (nothing offloaded)
     fits: bool
     warning: str | None = None
 
@@ -288,8 +288,9 @@ def validate_choice(run, method, arch: Arch, gpu: tuple | None, named: bool):
     b = byte_model(run, method, arch, on_cuda)
     budget = m.memory_budget_gib if m.memory_budget_gib is not None else gpu[1] * BUDGET_MARGIN if gpu else None
     tflops = gpu[2] / 2 if gpu and gpu[2] else NOMINAL_TFLOPS
-    choice = choose_plan(b, arch, run.data.max_length, not method.trains_base, budget, DEFAULT_LINK_GBS,
-                         on_cuda and fast, method.recomputes(fast), tflops)
+    typical = HOST_LINK_GBS.get(gpu[0]) if gpu else None
+    choice = choose_plan(b, arch, run.data.max_length, not method.trains_base, budget, typical or DEFAULT_LINK_GBS,
+                         on_cuda and fast, method.recomputes(fast), tflops, f"typical for {gpu[0]}" if typical else "assumed")
     chosen = run.model_copy(deep=True)
     chosen.model.layer_plan = choice.plan
     if gpu is None:

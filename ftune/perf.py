@@ -30,6 +30,12 @@ GPUS = {
 }
 
 
+# Pinned host->device copy rate (GB/s) to expect on a GPU's usual host link, where it differs from a PCIe 4.0 x16
+# link's ~25 (autoplan.DEFAULT_LINK_GBS): `ftune validate` plans with it; training measures its own link.
+# PCIe 5.0 x16 parts; measured 54-55 on an H100 (docs/BENCHMARKS.md, 2026-11-23) and 51-55 on H200s (2026-12-03).
+HOST_LINK_GBS = {"h100": 54.0, "h100-pcie": 50.0, "h200": 54.0}
+
+
 @dataclass(frozen=True)
 class Arch:
     hidden: int

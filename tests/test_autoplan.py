@@ -172,10 +172,37 @@ def test_validate_with_auto_prints_the_choice(make_config):
     result = invoke("validate", path, "--gpu", "h100")
     assert result.exit_code == 0, result.output
     assert "layer plan auto: 2K (estimated peak" in result.output and "for h100 (named" in result.output
-    assert "host link 25 GB/s assumed" in result.output  # validate does not measure the link
+    assert "host link 54 GB/s typical for h100" in result.output  # validate does not measure the link
+    result = invoke("validate", path, "--gpu", "a100-80gb")
+    assert result.exit_code == 0, result.output
+    assert "host link 25 GB/s assumed" in result.output  # no typical figure for a PCIe 4.0 part: the default
     result = invoke("validate", path)
     assert result.exit_code == 0, result.output
     assert "on this machine (no CUDA GPU); auto is decided at train time" in result.output
+
+
+def test_validate_names_the_plan_the_h200_runs_chose_for_the_shipped_qlora_config(tmp_path):
+    """configs/qwen7b_qlora.yaml on Qwen2.5-7B's architecture (its config.json only) at the benchmark's 2,048
+    tokens: `ftune train` chose 14a8c6K on H200s whose link it measured at 55 GB/s (docs/BENCHMARKS.md run k);
+    validate, which cannot measure a link, plans with the H200's typical one and names the same plan (with the
+    25 GB/s default it named 22c6K, a plan training on an H200 does not choose)."""
+    from transformers import Qwen2Config
+
+    model = tmp_path / "qwen2.5-7b-config"
+    Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, max_position_embeddings=32768,
+                rms_norm_eps=1e-6).save_pretrained(model)
+    root = Path(__file__).resolve().parents[1]
+    example = root / "examples" / "alpaca.jsonl"
+    args = [str(root / "configs" / "qwen7b_qlora.yaml"), f"model.path={model}", f"data.train={example}",
+            f"data.eval={example}", "data.max_length=2048"]
+    h200 = invoke("validate", *args, "--gpu", "h200")
+    assert h200.exit_code == 0, h200.output
+    assert "layer plan auto: 14a8c6K (estimated peak 11.8 GiB of a 12.0 GiB budget; host link 54 GB/s typical for h200)" \
+        in " ".join(h200.output.split()), h200.output
+    a100 = invoke("validate", *args, "--gpu", "a100-80gb")  # 25 GB/s and a third of the H200's compute
+    assert a100.exit_code == 0, a100.output
+    assert "host link 25 GB/s assumed" in a100.output and "layer plan auto: 14a8c6K" not in a100.output, a100.output
 
 
 @pytest.mark.gpu
