@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import invoke, read_metrics
 from ftune.config.schema import ModelConfig
-from ftune.data.collate import collate
+from ftune.data.collate import collate, count_targets
 from ftune.kernels import apply_kernels
 from ftune.kernels import dropout as drop
 from ftune.kernels.lora import fusable, project_group
@@ -207,6 +207,43 @@ def test_recomputed_layers_draw_the_same_masks():
     assert_all_close(loss_and_grads(planned, batch), want, tol=1e-5)
     torch.manual_seed(12)  # another seed, other masks: dropout is live on this path
     assert abs(float(loss_and_grads(keep, batch)[0].detach()) - float(want[0].detach())) > 1e-6
+
+
+@pytest.mark.parametrize("code", ["C", "A", "M"])
+def test_recomputed_layers_reuse_their_lora_inputs(code, monkeypatch):
+    """A recomputed block (plan letters A, C; the MLP's input mode, M and C) does not redo its groups' A
+    projections in backward (with dropout: does not redraw a mask); what it reuses gives the gradients of
+    keeping everything, also when backward runs twice over one graph (each recompute reads the same record)."""
+    from ftune.kernels import lora as lora_kernels
+    from ftune.kernels.plan import LayerPlan
+
+    keep, planned = tiny_qwen2(seed=7, dropout=0.3), tiny_qwen2(seed=7, dropout=0.3)
+    for m in (keep, planned):
+        apply_kernels(m, ModelConfig(path="-", kernels="torch"), "cpu")
+    for layer in planned.model.layers:
+        layer._ftune_layer = LayerPlan.from_code(code)
+    calls = {"n": 0}
+    real = lora_kernels.adapter_u
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora_kernels, "adapter_u", counted)
+    batch = collate(rows([6, 9, 4]), 0)
+    params = [p for p in planned.parameters() if p.requires_grad]
+    torch.manual_seed(11)
+    want = loss_and_grads(keep, batch)
+    calls["n"] = 0
+    torch.manual_seed(11)
+    loss = planned(**batch, num_items_in_batch=count_targets(batch["labels"])).loss
+    forward_calls = calls["n"]
+    assert forward_calls == 4 * len(planned.model.layers)  # q/k/v, o, gate/up, down: one projection each
+    first = torch.autograd.grad(loss, params, retain_graph=True)
+    assert calls["n"] == forward_calls  # backward (recompute included) projected nothing again
+    assert_all_close([loss, *first], want, tol=1e-5)
+    again = torch.autograd.grad(loss, params)
+    assert_all_close(again, first, tol=0)
 
 
 def test_ftune_train_with_dropout_on_the_fused_path_is_reproducible(make_config, tmp_path):

@@ -9,7 +9,7 @@ training with gradients on; eval, generation (KV cache) and no-grad calls take t
     loss  = fused linear cross-entropy(final hidden, head)         (no logits tensor)
 
 Memory is managed per layer (`LayerPlan`): the attention block can be recomputed in backward (torch's
-non-reentrant checkpoint), the MLP block can save only its input (recomputing gate/up, never down), and
+non-reentrant checkpoint; its LoRA A projections are not redone: lora.Replay), the MLP block can save only its input (recomputing gate/up, never down), and
 whatever a layer still saves can go to pinned CPU memory during forward and come back before backward
 needs it (offload.py). Recomputing costs GPU time; offloading costs PCIe bandwidth, which is free while
 the GPU computes, so a plan (`model.layer_plan`, read by kernels/plan.py) mixes the two.
@@ -31,7 +31,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ftune.kernels.attention import core_attention
-from ftune.kernels.lora import project
+from ftune.kernels.lora import Replay, project
 from ftune.kernels.loss import lm_loss
 from ftune.kernels.mlp import fused_mlp, mlp_fusable
 from ftune.kernels.ops import Ops
@@ -86,24 +86,33 @@ def _eps(norm) -> float:
     return getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
 
 
-def _attention_block(layer, plan: Plan, position_embeddings, attention_mask, kwargs, prefix, h):
+def _attention_block(layer, plan: Plan, position_embeddings, attention_mask, kwargs, prefix, h, replay=None):
     attn = layer.self_attn
     n = plan.ops.rms_norm(h, layer.input_layernorm.weight, _eps(layer.input_layernorm))
-    q, k, v = project(n, (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k, v = project(n, (attn.q_proj, attn.k_proj, attn.v_proj), replay)
     b, s = h.shape[:2]
     q, k, v = (t.view(b, s, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
     cos, sin = position_embeddings
     q, k = plan.ops.rope(q, k, cos.to(q.dtype), sin.to(q.dtype))
-    (out,) = project(core_attention(attn, q, k, v, attention_mask, kwargs, prefix), (attn.o_proj,))
+    (out,) = project(core_attention(attn, q, k, v, attention_mask, kwargs, prefix), (attn.o_proj,), replay)
     return out
 
 
-def _mlp_block(layer, plan: Plan, h):
+def _mlp_block(layer, plan: Plan, h, replay=None):
     """The MLP through modules (full fine-tuning, DoRA, …), with the fast norm and SwiGLU."""
     norm, mlp = layer.post_attention_layernorm, layer.mlp
     n = plan.ops.rms_norm(h, norm.weight, _eps(norm))
-    gate, up = project(n, (mlp.gate_proj, mlp.up_proj))
-    return project(plan.ops.swiglu(gate, up), (mlp.down_proj,))[0]
+    gate, up = project(n, (mlp.gate_proj, mlp.up_proj), replay)
+    return project(plan.ops.swiglu(gate, up), (mlp.down_proj,), replay)[0]
+
+
+def _recomputed(block, h):
+    """block(h, replay) under torch's non-reentrant checkpoint: kept for backward, only h and what the
+    block's LoRA groups leave in the Replay (their x Aᵀ and seeds: lora.Replay), which the recompute reads."""
+    replay = Replay()
+    out = checkpoint(block, h, replay, use_reentrant=False)
+    replay.rewind()
+    return out
 
 
 # transformers renamed the KV cache argument (past_key_values -> cache); whichever arrives is passed on as it came.
@@ -131,14 +140,15 @@ def layer_forward(self, hidden_states, attention_mask=None, position_ids=None, p
         kwargs.pop(k, None)  # training: no cache (None) and nothing for attention to read from them
     prefix = kwargs.pop(PREFIX_KWARG, None)  # prefix tuning: this layer's keys/values attended over in front
     plan, lp = self._ftune_plan, self._ftune_layer
-    block = lambda h: _attention_block(self, plan, position_embeddings, attention_mask, kwargs, prefix, h)  # noqa: E731
+    block = lambda h, replay=None: _attention_block(  # noqa: E731
+        self, plan, position_embeddings, attention_mask, kwargs, prefix, h, replay)
     with plan.offload_context() if lp.offload else nullcontext():
-        a = checkpoint(block, hidden_states, use_reentrant=False) if lp.recompute_attn else block(hidden_states)
+        a = _recomputed(block, hidden_states) if lp.recompute_attn else block(hidden_states)
         h = hidden_states + a
         if mlp_fusable(self.mlp, self.post_attention_layernorm):
             m = fused_mlp(h, self.mlp, self.post_attention_layernorm, plan.ops, save_acts=not lp.recompute_mlp)
         elif lp.recompute_mlp:
-            m = checkpoint(lambda x: _mlp_block(self, plan, x), h, use_reentrant=False)
+            m = _recomputed(lambda x, replay: _mlp_block(self, plan, x, replay), h)
         else:
             m = _mlp_block(self, plan, h)
     return h + m

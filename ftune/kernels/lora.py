@@ -9,6 +9,9 @@ Why a custom autograd Function instead of the module-by-module graph (PEFT's, or
 - LoRA dropout costs no saved memory: each module's mask is redrawn in backward from a seed (dropout.py,
   which says why and how it compares with PEFT); with dropout the A projections run per module, since
   each reads its own dropped copy of x.
+- a block that activation checkpointing recomputes (plan letters A, C) does not redo its A projections:
+  the first forward leaves each group's x Aᵀ (tokens × Σr, ~1 MB per layer on a 7B at 8k tokens) and seed
+  in a `Replay`, and the recompute reads them (`Replay`).
 The base weight is frozen (LoRA) and may be 4-bit: it is dequantized to the compute dtype when used
 (forward and backward), never kept. The reference the tests compare with is the modules' own forward
 (`LoraLinear.forward`, PEFT's math), module by module.
@@ -77,13 +80,14 @@ class Adapters:
     A of every adapted module stacked (one matmul for all), and each s·B; with dropout, each module's p
     and the call's seed (dropout.py): the masks are redrawn from it, never kept."""
 
-    def __init__(self, modules, dt: torch.dtype):
+    def __init__(self, modules, dt: torch.dtype, seed: int | None = None):
         self.modules = _adapted(modules)
         self.a = torch.cat([m.lora_A.weight for m in self.modules]).to(dt) if self.modules else None
         self.sb = [(m.lora_B.weight * m.scaling).to(dt) for m in self.modules]
         self.ranks = [m.r for m in self.modules]
         self.p = [drop.drop_p(m) for m in self.modules]
-        self.seed = drop.new_seed() if any(self.p) else None
+        drawn = drop.new_seed() if any(self.p) else None  # drawn either way: the CPU stream stays as it was
+        self.seed = drawn if seed is None or drawn is None else seed
 
     def keep(self, j: int, key: int):
         """Module j's mask maker for row chunk `key`: (row block, like) -> 0/1 mask, the same tensor
@@ -111,10 +115,12 @@ def adapter_u(x2: torch.Tensor, ad: Adapters, key: int = 0):
                       for j, a in enumerate(ad.a.split(ad.ranks))], dim=1)
 
 
-def group_forward(x2: torch.Tensor, modules, dt: torch.dtype, weights, ad: Adapters, key: int = 0):
+def group_forward(x2: torch.Tensor, modules, dt: torch.dtype, weights, ad: Adapters, key: int = 0, u=None):
     """(outputs, u): y_i = x W_iᵀ + b_i + u_i (s_i B_i)ᵀ with u = adapter_u (None when nothing is adapted).
-    `key` numbers the row chunk (mlp.py) so that each chunk draws its own dropout masks."""
-    u = adapter_u(x2, ad, key)
+    `key` numbers the row chunk (mlp.py) so that each chunk draws its own dropout masks. `u` given: the
+    one an earlier forward of these rows computed with `ad`'s seed (a recompute), not computed again."""
+    if u is None:
+        u = adapter_u(x2, ad, key)
     outs, col, j = [], 0, 0
     for m, w in zip(modules, weights):
         bias = base_of(m).bias
@@ -169,14 +175,49 @@ def group_backward(x2: torch.Tensor, u, modules, dys, dt: torch.dtype, weights, 
     return dx, [t for pair in grads for t in pair]
 
 
+class Replay:
+    """What one call of a recomputed block (fast.py: plan letters A, C) keeps of its LoRA groups for the
+    recompute: each group's u = [drop_j(x) A_jᵀ] and dropout seed, keyed by the group's first module.
+
+    Under torch's checkpoint the block runs twice (forward, then again in backward) on the same inputs. The
+    second run would redo each group's A projections, a pass over x that with dropout also redraws every
+    mask element; the block's base matmuls must run again, those do not. A group finds its entry by its
+    first module (each group runs once per block call); the recompute reads entries in any order, and
+    again if backward recomputes twice. Kept between forward and backward: tokens × Σr elements per group
+    (q/k/v and o on a 7B at r 16, 8,192 tokens: 1 MB per layer) held here, outside what the checkpoint
+    saves or offloads. `replaying` turns on when the block's first run returns (`rewind`)."""
+
+    def __init__(self):
+        self.saved: dict[int, tuple] = {}
+        self.replaying = False
+
+    def rewind(self) -> None:
+        self.replaying = True
+
+    def take(self, modules, rows: int):
+        """(u, seed) the first run left for this group, or (None, None): not recorded (or recorded twice)."""
+        u, seed = self.saved.get(id(modules[0]), (None, None))
+        if u is not None and u.shape[0] != rows:
+            raise RuntimeError(f"LoRA replay: the recompute gave {rows} rows where forward had {u.shape[0]}")
+        return u, seed
+
+    def record(self, modules, u, seed) -> None:
+        key = id(modules[0])
+        self.saved[key] = (None, None) if key in self.saved else (u, seed)  # twice in one block: recompute it
+
+
 class LoraGroupFn(torch.autograd.Function):
-    """Outputs y_i (tokens × out_i) of `modules` for the 2-D input x2; params = lora_params(modules)."""
+    """Outputs y_i (tokens × out_i) of `modules` for the 2-D input x2; params = lora_params(modules).
+    `replay` (a Replay, or None): the recomputed block's record, filled by its first run, read by the recompute."""
 
     @staticmethod
-    def forward(ctx, x2, modules, dt, *params):
+    def forward(ctx, x2, modules, dt, replay, *params):
         ctx.modules, ctx.dt = modules, dt
-        ctx.adapters = Adapters(modules, dt)
-        outs, u = group_forward(x2, modules, dt, group_weights(modules, dt), ctx.adapters)
+        u, seed = replay.take(modules, x2.shape[0]) if replay is not None and replay.replaying else (None, None)
+        ctx.adapters = Adapters(modules, dt, seed)
+        outs, u = group_forward(x2, modules, dt, group_weights(modules, dt), ctx.adapters, u=u)
+        if replay is not None and not replay.replaying:
+            replay.record(modules, u, ctx.adapters.seed)
         ctx.save_for_backward(x2, u)
         return tuple(outs)
 
@@ -184,22 +225,22 @@ class LoraGroupFn(torch.autograd.Function):
     def backward(ctx, *dys):
         x2, u = ctx.saved_tensors
         dx, grads = group_backward(x2, u, ctx.modules, dys, ctx.dt, group_weights(ctx.modules, ctx.dt), ctx.adapters)
-        return (dx, None, None, *grads)
+        return (dx, None, None, None, *grads)
 
 
-def project_group(x: torch.Tensor, modules) -> list[torch.Tensor]:
+def project_group(x: torch.Tensor, modules, replay: Replay | None = None) -> list[torch.Tensor]:
     """Outputs of `modules` (all `fusable`) on their shared input x (..., in), shaped (..., out_i)."""
     dt = compute_dtype(x)
     x2 = x.reshape(-1, x.shape[-1])
     x2 = x2 if x2.dtype == dt else x2.to(dt)
-    outs = LoraGroupFn.apply(x2, tuple(modules), dt, *lora_params(modules))
+    outs = LoraGroupFn.apply(x2, tuple(modules), dt, replay, *lora_params(modules))
     return [y.view(*x.shape[:-1], y.shape[-1]) for y in outs]
 
 
-def project(x: torch.Tensor, modules) -> list[torch.Tensor]:
+def project(x: torch.Tensor, modules, replay: Replay | None = None) -> list[torch.Tensor]:
     """Every module's output on x: the fusable ones through one LoraGroupFn, the rest called as they are
-    (DoRA, AdaLoRA/SoRA layers, trainable base weights)."""
+    (DoRA, AdaLoRA/SoRA layers, trainable base weights). `replay`: see Replay (recomputed blocks)."""
     fast = [m for m in modules if fusable(m)]
-    fused = dict(zip(map(id, fast), project_group(x, fast))) if fast else {}
+    fused = dict(zip(map(id, fast), project_group(x, fast, replay))) if fast else {}
     return [fused[id(m)] if id(m) in fused else m(x) for m in modules]
 

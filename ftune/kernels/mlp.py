@@ -8,8 +8,10 @@ The module-by-module graph with liger's SwiGLU also keeps n and the product (hid
 n, the product and the LoRA inputs are recomputed in backward from h / gate / up: elementwise work and
 the skinny LoRA matmuls, no base-weight matmul. LoRA dropout adds nothing to what is saved: each chunk's
 masks are redrawn in backward from the call's seed and the chunk's index (dropout.py).
-In "input" mode (layers under activation checkpointing) only h is saved and gate/up are recomputed in
-backward, chunk by chunk — the down projection, a third of the MLP, is never recomputed.
+In "input" mode (layers under activation checkpointing) only h and the small LoRA inputs (x Aᵀ of gate/up
+and down, tokens × r each) are saved and gate/up are recomputed in backward, chunk by chunk, without
+redoing their A projections (nor redrawing their dropout masks) — the down projection, a third of the
+MLP, is never recomputed.
 Rows are processed in chunks of `chunk` tokens so the intermediate-size temporaries stay small.
 `mlp_ref` is the module-by-module reference.
 """
@@ -47,7 +49,7 @@ class LoraMLPFn(torch.autograd.Function):
             (y,), ud = group_forward(p, down, dt, w_d, ad_d, key=i)
             del p
             ys.append(y)
-            saved += [g, u, ugu, ud] if save_acts else [ud]
+            saved += [g, u, ugu, ud] if save_acts else [ugu, ud]
         ctx.mlp, ctx.norm_w, ctx.eps, ctx.ops, ctx.dt = mlp, norm_w, eps, ops, dt
         ctx.save_acts, ctx.chunk = save_acts, chunk
         ctx.save_for_backward(h2, *[t if t is not None else torch.empty(0) for t in saved])
@@ -59,7 +61,7 @@ class LoraMLPFn(torch.autograd.Function):
         mlp, dt, ops = ctx.mlp, ctx.dt, ctx.ops
         gu, down = (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)
         w_gu, w_d = group_weights(gu, dt), group_weights(down, dt)
-        per = 4 if ctx.save_acts else 1
+        per = 4 if ctx.save_acts else 2
         dh, grads = torch.empty_like(h2), None
         for i, rows in enumerate(_chunks(h2.shape[0], ctx.chunk)):
             parts = [t if t.numel() else None for t in saved[i * per:(i + 1) * per]]
@@ -68,9 +70,9 @@ class LoraMLPFn(torch.autograd.Function):
                 n = ops.rms_norm(hc, ctx.norm_w, ctx.eps).to(dt)
             if ctx.save_acts:
                 g, u, ugu, ud = parts
-            else:
-                (ud,) = parts
-                (g, u), ugu = group_forward(n.detach(), gu, dt, w_gu, ctx.ad_gu, key=i)
+            else:  # gate/up again from n: the base matmuls only, their LoRA inputs (ugu) were kept
+                ugu, ud = parts
+                (g, u), ugu = group_forward(n.detach(), gu, dt, w_gu, ctx.ad_gu, key=i, u=ugu)
             p = ops.silu_mul(g, u)
             dp, g_down = group_backward(p, ud, down, [dy[rows]], dt, w_d, ctx.ad_d, key=i)
             del p
