@@ -39,6 +39,7 @@ from ftune.perf import GIB, HOST_LINK_GBS, Arch, arch_from_config
 # Pinned host->device copies on a PCIe 4.0 x16 link run at ~25 GB/s (PCIe 5.0: ~50; 54-55 GB/s measured on
 # the H100 of docs/BENCHMARKS.md): the figure used when the link cannot be measured (no CUDA, or it failed).
 DEFAULT_LINK_GBS = 25.0
+LINK_COPIES = 5  # timed copies in measure_host_link (the fastest counts)
 # Compute rate for the time model when the GPU's peak is unknown; with a known peak, half of it (ftune's
 # fast path ran at 40-50% MFU in docs/BENCHMARKS.md). Only its ratio to the link matters to the choice.
 NOMINAL_TFLOPS = 400.0
@@ -211,9 +212,11 @@ def choose_plan(b: ByteModel, arch: Arch, seq_len: int, frozen: bool, budget_gib
     return PlanChoice(plan_text(lean[2]), peak, budget_gib, lean[1] * 1e3, link_gbs, source, False, warning)
 
 
-def measure_host_link(device) -> float | None:
-    """Pinned host→device copy bandwidth in GB/s (one 64 MiB copy after a warm-up one, a few ms); None if
-    it fails."""
+def measure_host_link(device, copies: int = LINK_COPIES) -> float | None:
+    """Pinned host→device copy bandwidth in GB/s: the fastest of `copies` timed 64 MiB copies after a warm-up
+    one (~1.2 ms each on PCIe 5.0); None if it fails. The fastest, not one copy: what slows a copy (the host
+    busy, another transfer) only ever lowers it, and single copies read 51-55 GB/s on one H200 in
+    docs/BENCHMARKS.md runs j and k, which was enough to flip the choice between two plans."""
     import torch
 
     try:
@@ -221,12 +224,13 @@ def measure_host_link(device) -> float | None:
         src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         dst = torch.empty_like(src, device=device)
         dst.copy_(src, non_blocking=True)  # warm-up: the first copy also pays for setting up the transfer
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src, non_blocking=True)
-        end.record()
-        end.synchronize()
-        seconds = start.elapsed_time(end) / 1e3
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(copies)]
+        for start, end in events:
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+        events[-1][1].synchronize()
+        seconds = min(start.elapsed_time(end) for start, end in events) / 1e3
         return nbytes / seconds / 1e9 if seconds > 0 else None
     except (RuntimeError, AssertionError):
         return None
