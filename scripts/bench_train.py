@@ -30,7 +30,8 @@ measured cases. `--prime none` measures as before. Runs j and k (`--trace`, belo
 (they all happen in a process's first micro-batch) and found the first ftune process of a fresh machine slower.
 
 `--trace` times every micro-batch of the ftune cases that offload, with the pinned host allocations and the
-garbage collector's time in each (scripts/trace/sitecustomize.py, results under "trace"); the checkpoint written
+garbage collector's time in each (scripts/trace/sitecustomize.py, results under "trace"; `--profile N` adds a
+torch.profiler summary of micro-batches N to N + 3); the checkpoint written
 for the run is flushed to disk (`os.sync`) before any case starts either way.
 """
 
@@ -128,6 +129,9 @@ def run_ftune(case: str, config: str, extra: dict, assets: dict, args) -> dict:
     t0 = time.time()
     path = [str(ROOT / "scripts" / "trace")] * bool(args.trace) + [str(ROOT), os.environ.get("PYTHONPATH", "")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), **({"FTUNE_TRACE": "1"} if args.trace else {}))
+    if args.trace and args.profile:  # torch.profiler over 4 micro-batches: WORK/profiles/CASE/profile.txt
+        env |= {"FTUNE_TRACE_PROFILE": str(args.profile),
+                "FTUNE_TRACE_DIR": str(Path(args.work) / "profiles" / case.replace("@", "-"))}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout, check=False, env=env)
     result = {"case": case, "command": " ".join(["ftune train", config, *extra.get("overrides", [])]), "wall_s": round(time.time() - t0, 1)}
     log = (done.stdout + done.stderr).splitlines()
@@ -283,6 +287,8 @@ def main() -> None:
     p.add_argument("--trace", action="store_true",
                    help="time every micro-batch of the offloading ftune cases, with pinned allocations and gc time "
                         "(scripts/trace/sitecustomize.py; synchronises each micro-batch: not for the speed table)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="with --trace: torch.profiler over micro-batches N to N+3, summarised in WORK/profiles/CASE/profile.txt")
     p.add_argument("--work", default="/tmp/ftune-bench-train")
     p.add_argument("--out", default="bench-train")
     p.add_argument("--worker", help=argparse.SUPPRESS)

@@ -12,6 +12,10 @@ was a step's last), the pinned host blocks torch's host allocator had to create 
 (gc.callbacks) with the number of full collections. The synchronisation costs each micro-batch a little of
 the overlap between the CPU queueing work and the GPU running it, so traced runs are for reading where time
 goes, not for the speed table. Only plans that offload create offloaders: other cases print nothing.
+
+FTUNE_TRACE_PROFILE=N (with FTUNE_TRACE_DIR=FOLDER) also runs torch.profiler over micro-batches N to N + 3 (one
+optimizer step of a 4-step accumulation when N − 1 is a multiple of 4) and writes FOLDER/profile.txt: the
+window's wall time, the GPU's busy time on each stream, and the top kernels and CPU-side operations.
 """
 
 import os
@@ -49,9 +53,50 @@ if os.environ.get("FTUNE_TRACE") == "1":
                       f"pinned_gib {stats.get('allocated_bytes.current', 0) / 2**30:.2f} "
                       f"gc_s {_state['gc_s']:.4f} gc_full {_state['gc_full']}", file=sys.stderr, flush=True)
             _state.update(t=now, blocks=blocks, alloc_us=alloc_us, n=_state["n"] + 1, gc_s=0.0, gc_full=0)
+            _profile_window(_state["n"], now)
             init(self, *args, **kwargs)
 
         offload_module.ActivationOffload.__init__ = traced_init
+
+    _PROFILE_AT = int(os.environ.get("FTUNE_TRACE_PROFILE", "0"))
+
+    def _profile_window(n, now):
+        """Starts torch.profiler when micro-batch _PROFILE_AT starts; stops and summarises 4 micro-batches later."""
+        if not _PROFILE_AT:
+            return
+        import torch
+
+        if n == _PROFILE_AT:
+            from torch.profiler import ProfilerActivity, profile
+
+            _state["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            _state["prof"].__enter__()
+            _state["prof_t0"] = time.perf_counter()  # after the profiler's own start-up
+        elif n == _PROFILE_AT + 4 and "prof" in _state:
+            prof = _state.pop("prof")
+            prof.__exit__(None, None, None)
+            wall = now - _state["prof_t0"]
+            spans = {}  # stream -> [(start_us, end_us)] of its kernels and copies
+            for e in prof.events():
+                if e.device_type == torch.autograd.DeviceType.CUDA:
+                    spans.setdefault(e.device_resource_id, []).append((e.time_range.start, e.time_range.end))
+            merged, end = 0.0, None  # any stream busy: the union of all spans
+            for a, b in sorted(x for v in spans.values() for x in v):
+                if end is None or a > end:
+                    merged, end = merged + (b - a), b
+                elif b > end:
+                    merged, end = merged + (b - end), b
+            busy = [f"stream {k}: {sum(b - a for a, b in v) / 1e6:.3f} s in {len(v)} kernels/copies" for k, v in sorted(spans.items())]
+            busy.append(f"any stream: {merged / 1e6:.3f} s")
+            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+            cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70)
+            folder = os.environ.get("FTUNE_TRACE_DIR", ".")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "profile.txt"), "w") as f:
+                f.write(f"micro-batches {_PROFILE_AT}-{_PROFILE_AT + 3}: wall {wall:.3f} s\n")
+                f.write("".join(f"GPU busy, {line}\n" for line in busy))
+                f.write("\nby GPU time\n" + table + "\nby CPU time\n" + cpu)
+            print(f"TRACE profile written to {folder}/profile.txt", file=sys.stderr, flush=True)
 
     class _PatchOnImport(importlib.abc.MetaPathFinder):
         """Patches ftune.kernels.offload right after it is first imported."""
