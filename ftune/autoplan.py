@@ -279,6 +279,26 @@ def resolve_layer_plan(cfg, method, model, device, fast: bool) -> PlanChoice | N
     return choice
 
 
+def validate_forward_peak(run, method, arch: Arch, gpu: tuple | None) -> tuple[float, float, str] | None:
+    """`ftune validate` for a plan that offloads (lower-case letters, on the fast path): (GiB at the forward's
+    fullest moment, the link in GB/s it assumed, where that figure comes from), with `forward_peak`'s backlog of
+    copies to the CPU at the GPU's typical host link (`gpu` named or detected; else DEFAULT_LINK_GBS). None when
+    nothing is offloaded. The byte model's figure is backward's; this is the one a forward that outruns the link
+    reaches first (LoRA's 10a18c: 17.1 GiB measured, 15.8 backward-side, docs/BENCHMARKS.md run f)."""
+    from ftune.kernels.plan import layer_codes
+    from ftune.memory import _fast_path
+
+    codes = layer_codes(run.model, arch.layers, on_cuda=True)
+    if not any(c.islower() for c in codes) or not _fast_path(run, method, True):
+        return None
+    b = byte_model(run, method, arch, True)
+    typical = HOST_LINK_GBS.get(gpu[0]) if gpu else None
+    link = typical or DEFAULT_LINK_GBS
+    tflops = gpu[2] / 2 if gpu and gpu[2] else NOMINAL_TFLOPS
+    t = _layer_times(arch, b, run.data.max_length, not method.trains_base, tflops, link)
+    return forward_peak(b, codes, t) / GIB, link, f"typical for {gpu[0]}" if typical else "assumed"
+
+
 def validate_choice(run, method, arch: Arch, gpu: tuple | None, named: bool):
     """`ftune validate` with `layer_plan: auto`: (the line saying what it would choose, a copy of `run` with
     that plan). For a GPU (`gpu`, named with --gpu when `named`, else detected): its whole memory × the margin

@@ -4,7 +4,7 @@ per-GPU figures of each train.distributed strategy. It sits above both: the esti
 
 from __future__ import annotations
 
-from ftune.autoplan import validate_choice
+from ftune.autoplan import validate_choice, validate_forward_peak
 from ftune.errors import FtuneError
 from ftune.int4_stream import whole_load_reason_for
 from ftune.kernels.plan import check_plan, is_auto
@@ -36,7 +36,8 @@ def memory_report(run, method, gpu_name: str | None = None, gpus: int = 1) -> st
         line, run = validate_choice(run, method, arch, gpu, gpu_name is not None)
         prefix = line + "\n"
     if gpus <= 1:
-        return prefix + describe(estimate_memory(run, method, arch, on_cuda=True, whole_load=whole), gpu)
+        forward = validate_forward_peak(run, method, arch, gpu)
+        return prefix + describe(estimate_memory(run, method, arch, on_cuda=True, whole_load=whole), gpu, forward)
     estimates = per_gpu(run, method, arch, gpus, whole_load=whole)
     setting = run.train.distributed
     chosen = setting if setting != "auto" else f"auto -> {auto_strategy(estimates, gpu[1] if gpu else None)}"

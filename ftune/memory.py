@@ -190,14 +190,21 @@ def describe_per_gpu(estimates: dict[str, MemoryEstimate], n: int, gpu: tuple | 
     return [f"memory per GPU on {where}, train.distributed: {chosen}:", *lines]
 
 
-def describe(est: MemoryEstimate, gpu: tuple | None) -> str:
+def describe(est: MemoryEstimate, gpu: tuple | None, forward: tuple[float, float, str] | None = None) -> str:
+    """The validate line. `forward`: (GiB, link GB/s, its source) of a plan that offloads, whose forward can
+    peak above the backward-side total while its copies to the CPU lag behind (autoplan.validate_forward_peak)."""
     line = (f"memory estimate: weights {est.weights:.1f} GiB + trainable/grads {est.trainable:.1f} + optimizer "
             f"{est.optimizer:.1f} + activations {est.activations:.1f} ({est.tokens:,} tokens per micro-batch) "
             f"= {est.total:.1f} GiB")
+    peak = est.peak
+    if forward is not None and forward[0] > est.total:
+        line += (f"; the forward peaks higher, at {forward[0]:.1f} GiB (activations waiting for their copies to the CPU "
+                 f"at a {forward[1]:.0f} GB/s host link, {forward[2]})")
+        peak = max(peak, forward[0])
     if est.load_peak > est.total:
         line += f"; loading peaks higher, at {est.load_peak:.1f} GiB ({est.load_note})"
     if gpu is None:
         return line + " (no GPU detected; name one with --gpu)"
     name, mem, _ = gpu
-    verdict = "fits" if est.peak <= mem * 0.95 else "does NOT fit"
+    verdict = "fits" if peak <= mem * 0.95 else "does NOT fit"
     return f"{line}; {name} has {mem:.0f} GiB: {verdict}"

@@ -205,6 +205,33 @@ def test_validate_names_the_plan_the_h200_runs_chose_for_the_shipped_qlora_confi
     assert "host link 25 GB/s assumed" in a100.output and "layer plan auto: 14a8c6K" not in a100.output, a100.output
 
 
+def test_validate_says_when_an_offloading_plan_peaks_in_its_forward(tmp_path):
+    """configs/qwen7b_lora.yaml with the plan 10a18c at 2,048 tokens: the backward-side estimate is 15.8 GiB, and
+    the H200 run f measured 17.1 GiB, its forward offloading MLP activations faster than the link moved them.
+    validate now gives the forward's figure too (at the H200's typical link); a plan whose offloaded layers
+    only send their inputs (28c) does not peak in its forward, and a plan that offloads nothing gets no such line."""
+    from transformers import Qwen2Config
+
+    model = tmp_path / "qwen2.5-7b-config"
+    Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, max_position_embeddings=32768,
+                rms_norm_eps=1e-6).save_pretrained(model)
+    root = Path(__file__).resolve().parents[1]
+    example = root / "examples" / "alpaca.jsonl"
+    args = [str(root / "configs" / "qwen7b_lora.yaml"), f"model.path={model}", f"data.train={example}",
+            f"data.eval={example}", "data.max_length=2048", "--gpu", "h200"]
+    lines = {}
+    for plan in ("10a18c", "28c", "28K"):
+        result = invoke("validate", *args, f"model.layer_plan={plan}")
+        assert result.exit_code == 0, result.output
+        lines[plan] = " ".join(result.output.split())
+    found = re.search(r"= (\d+\.\d) GiB; the forward peaks higher, at (\d+\.\d) GiB \(activations waiting for their "
+                      r"copies to the CPU at a 54 GB/s host link, typical for h200\)", lines["10a18c"])
+    assert found, lines["10a18c"]
+    assert float(found.group(1)) == 15.8 and 16.8 <= float(found.group(2)) <= 18.0  # run f measured 17.1
+    assert "forward peaks" not in lines["28c"] and "forward peaks" not in lines["28K"]
+
+
 @pytest.mark.gpu
 def test_on_cuda_the_link_is_measured_and_auto_trains(make_config, tmp_path):
     """GPU only: the pinned copy measures a plausible bandwidth; `ftune train` with auto and a budget between
