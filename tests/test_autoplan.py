@@ -181,11 +181,9 @@ def test_validate_with_auto_prints_the_choice(make_config):
     assert "on this machine (no CUDA GPU); auto is decided at train time" in result.output
 
 
-def test_validate_names_the_plan_the_h200_runs_chose_for_the_shipped_qlora_config(tmp_path):
-    """configs/qwen7b_qlora.yaml on Qwen2.5-7B's architecture (its config.json only) at the benchmark's 2,048
-    tokens: `ftune train` chose 14a8c6K on H200s whose link it measured at 55 GB/s (docs/BENCHMARKS.md run k);
-    validate, which cannot measure a link, plans with the H200's typical one and names the same plan (with the
-    25 GB/s default it named 22c6K, a plan training on an H200 does not choose)."""
+def shipped_on_qwen7b(tmp_path, config: str) -> list[str]:
+    """validate's arguments for a shipped config on Qwen2.5-7B's architecture (its config.json only, written
+    here) at the benchmark's 2,048 tokens, with the example data."""
     from transformers import Qwen2Config
 
     model = tmp_path / "qwen2.5-7b-config"
@@ -194,8 +192,16 @@ def test_validate_names_the_plan_the_h200_runs_chose_for_the_shipped_qlora_confi
                 rms_norm_eps=1e-6).save_pretrained(model)
     root = Path(__file__).resolve().parents[1]
     example = root / "examples" / "alpaca.jsonl"
-    args = [str(root / "configs" / "qwen7b_qlora.yaml"), f"model.path={model}", f"data.train={example}",
-            f"data.eval={example}", "data.max_length=2048"]
+    return [str(root / "configs" / config), f"model.path={model}", f"data.train={example}", f"data.eval={example}",
+            "data.max_length=2048"]
+
+
+def test_validate_names_the_plan_the_h200_runs_chose_for_the_shipped_qlora_config(tmp_path):
+    """configs/qwen7b_qlora.yaml on Qwen2.5-7B's architecture (its config.json only) at the benchmark's 2,048
+    tokens: `ftune train` chose 14a8c6K on H200s whose link it measured at 55 GB/s (docs/BENCHMARKS.md run k);
+    validate, which cannot measure a link, plans with the H200's typical one and names the same plan (with the
+    25 GB/s default it named 22c6K, a plan training on an H200 does not choose)."""
+    args = shipped_on_qwen7b(tmp_path, "qwen7b_qlora.yaml")
     h200 = invoke("validate", *args, "--gpu", "h200")
     assert h200.exit_code == 0, h200.output
     assert "layer plan auto: 14a8c6K (estimated peak 11.8 GiB of a 12.0 GiB budget; host link 54 GB/s typical for h200)" \
@@ -210,16 +216,7 @@ def test_validate_says_when_an_offloading_plan_peaks_in_its_forward(tmp_path):
     the H200 run f measured 17.1 GiB, its forward offloading MLP activations faster than the link moved them.
     validate now gives the forward's figure too (at the H200's typical link); a plan whose offloaded layers
     only send their inputs (28c) does not peak in its forward, and a plan that offloads nothing gets no such line."""
-    from transformers import Qwen2Config
-
-    model = tmp_path / "qwen2.5-7b-config"
-    Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, max_position_embeddings=32768,
-                rms_norm_eps=1e-6).save_pretrained(model)
-    root = Path(__file__).resolve().parents[1]
-    example = root / "examples" / "alpaca.jsonl"
-    args = [str(root / "configs" / "qwen7b_lora.yaml"), f"model.path={model}", f"data.train={example}",
-            f"data.eval={example}", "data.max_length=2048", "--gpu", "h200"]
+    args = shipped_on_qwen7b(tmp_path, "qwen7b_lora.yaml") + ["--gpu", "h200"]
     lines = {}
     for plan in ("10a18c", "28c", "28K"):
         result = invoke("validate", *args, f"model.layer_plan={plan}")
