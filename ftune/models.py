@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import importlib.util
 import os
 from pathlib import Path
@@ -292,6 +294,37 @@ def keep_4bit_layout(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def set_config_dtype(path: Path, dtype: str) -> None:
+    """Write `dtype` (bf16/fp16/fp32) as the dtype a saved checkpoint's config.json declares (transformers 4 calls
+    the key torch_dtype, 5 dtype; an existing key is kept)."""
+    config = json.loads(Path(path).read_text())
+    config["torch_dtype" if "torch_dtype" in config else "dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    Path(path).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def save_checkpoint(model, out_dir: Path, dtype: str | None = None) -> None:
+    """`model` as a Hugging Face checkpoint (safetensors) in `out_dir`; `dtype` (bf16/fp16/fp32) casts its floating
+    weights on the way out, one tensor at a time into host memory (the model itself is untouched: training or a
+    final evaluation may go on with it), keeping tied weights tied, and config.json says the dtype written."""
+    target = DTYPES[dtype] if dtype else None
+    floats = [p for p in model.state_dict().values() if p.is_floating_point()]
+    if target is None or all(p.dtype == target for p in floats):
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+        return
+    cast: dict[int, torch.Tensor] = {}  # by storage: tied weights stay one tensor, as save_pretrained expects
+    state = {}
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point():
+            state[name] = t
+            continue
+        key = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+        if key not in cast or cast[key].shape != t.shape:
+            cast[key] = t.detach().to("cpu", target)
+        state[name] = cast[key]
+    model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+    set_config_dtype(Path(out_dir) / "config.json", dtype)
 
 
 def load_weights_into(model, directory: Path) -> None:

@@ -139,6 +139,55 @@ def test_full_train_writes_a_loadable_model_and_has_nothing_to_merge(make_config
     assert_report(out / "eval" / "cls_test")
 
 
+def test_full_save_dtype_writes_the_trained_weights_rounded_once(make_config, tmp_path):
+    """method.save_dtype bf16 on an fp32 full run: the same run's weights, rounded to bf16 when written (equal to
+    the fp32 artifact cast to bf16), the same tensor names (tied weights stay tied), config.json says bfloat16,
+    the file is about half the size, and `ftune eval` reads it."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, extra in {"fp32": [], "bf16": ["method.save_dtype=bf16"]}.items():
+        out = tmp_path / name
+        config = make_config({"recipe": "full", "train": {"lr": 1e-3}}, out_dir=out, replace={"method": {"name": "full"}})
+        ok("train", config, "model.dtype=fp32", *extra)
+        runs[name] = out / "model"
+    wide, narrow = (load_file(str(runs[n] / "model.safetensors")) for n in ("fp32", "bf16"))
+    assert wide.keys() == narrow.keys()
+    assert all(wide[k].dtype == torch.float32 and narrow[k].dtype == torch.bfloat16 for k in wide)
+    assert all(torch.equal(wide[k].to(torch.bfloat16), narrow[k]) for k in wide)
+    config = json.loads((runs["bf16"] / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    sizes = [(runs[n] / "model.safetensors").stat().st_size for n in ("fp32", "bf16")]
+    assert sizes[1] < 0.6 * sizes[0], sizes
+    ok("eval", tmp_path / "bf16")
+    assert_report(tmp_path / "bf16" / "eval" / "cls_test")
+    bad = invoke("train", make_config({"recipe": "full"}, out_dir=tmp_path / "bad", replace={"method": {"name": "full"}}),
+                 "method.save_dtype=int8")
+    assert bad.exit_code == 2 and "method.save_dtype" in bad.output and "Traceback" not in bad.output, bad.output
+
+
+def test_save_dtype_keeps_tied_weights_tied(tmp_path):
+    """A model whose head shares the embedding's tensor: cast on the way out, it is written as save_pretrained
+    writes it in its own dtype (the same names), and loads back tied, equal to the rounded embedding."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from ftune.models import save_checkpoint
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    save_checkpoint(model, tmp_path / "fp32")
+    save_checkpoint(model, tmp_path / "bf16", "bf16")
+    wide, narrow = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("fp32", "bf16"))
+    assert wide.keys() == narrow.keys() and all(torch.equal(wide[k].to(torch.bfloat16), narrow[k]) for k in wide)
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"))
+    assert back.dtype == torch.bfloat16
+    assert torch.equal(back.lm_head.weight, model.model.embed_tokens.weight.detach().to(torch.bfloat16))
+    assert model.dtype == torch.float32  # the model itself is untouched
+
+
 # ---------------------------------------------------------------- validate / dry run
 
 @pytest.mark.parametrize("command", [["validate"], ["train", "--dry-run"]])

@@ -28,7 +28,15 @@ from ftune.head import last_token_logits
 from ftune.io import atomic_dir, remove_stale_temps, write_error, write_json_atomic, write_text_atomic
 from ftune.layers.peft_format import AdapterMerge, load_head_from, read_head
 from ftune.methods import get_method
-from ftune.models import DTYPES, base_reference, check_model_files, load_model, load_tokenizer, resolve_source
+from ftune.models import (
+    DTYPES,
+    base_reference,
+    check_model_files,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+    set_config_dtype,
+)
 
 COPY = ("config.json", "generation_config.json")
 INDEX = "model.safetensors.index.json"
@@ -82,7 +90,7 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | N
             if head is not None:
                 _add_head(tmp, head, cfg.data.labels, load_tokenizer(cfg.model).pad_token_id)
             if target_dtype is not None:
-                _set_config_dtype(tmp / "config.json", dtype)
+                set_config_dtype(tmp / "config.json", dtype)
         else:
             touched = _merge_in_memory(cfg, merge, target_dtype, tmp)
         missing = merge.modules - touched
@@ -297,10 +305,4 @@ def _drop_local_name(path: Path) -> None:
 def _set_config_key(path: Path, key: str, value) -> None:
     config = json.loads(path.read_text())
     config[key] = value
-    path.write_text(json.dumps(config, indent=2) + "\n")
-
-
-def _set_config_dtype(path: Path, dtype: str) -> None:
-    config = json.loads(path.read_text())
-    config["torch_dtype" if "torch_dtype" in config else "dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
     path.write_text(json.dumps(config, indent=2) + "\n")

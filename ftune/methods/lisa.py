@@ -26,6 +26,7 @@ Refused on a 4-bit base. LMFlow's key names lisa_activated_layers / lisa_interva
 from __future__ import annotations
 
 import random
+from typing import Literal, Optional
 
 from pydantic import AliasChoices, Field
 from torch import nn
@@ -43,6 +44,7 @@ class LisaConfig(MethodConfig):
                           description="Decoder layers trained at a time, sampled uniformly (LMFlow: lisa_activated_layers).")
     interval_steps: int = Field(20, ge=1, validation_alias=AliasChoices("interval_steps", "lisa_interval_steps"),
                                 description="Optimizer steps between re-samplings of the layers (LMFlow: lisa_interval_steps).")
+    save_dtype: Optional[Literal["bf16", "fp16", "fp32"]] = Field(None, description=full.SAVE_DTYPE_HELP)
 
 
 def find_layers(model) -> nn.ModuleList:
