@@ -3,6 +3,13 @@ gate/up, down; r=16 on all seven), forward + backward at 8192 tokens, bf16 autoc
 
     python scripts/bench_dropout.py [--tokens 8192] [--rank 16] [--repeats 10]
     python scripts/bench_dropout.py --sweep [--json sweep.json]   # the Triton kernels' tiles and RNG width
+    python scripts/bench_dropout.py --kernels [--json kernels.json] # each kernel alone, per group shape
+
+--kernels times the two Triton kernels by themselves on each LoRA group's shape (q/k/v, o, gate/up, down at
+--tokens rows, and gate/up, down at 2,048 rows: the chunk of a layer that recomputes its MLP), replayed from
+CUDA graphs so that Python's launch cost is left out, against what p = 0 runs there (x·Aᵀ; dx += g·A and gᵀ·x,
+cuBLAS), for each setting of the tiles (FTUNE_DROPOUT_TILES) and Philox rounds (FTUNE_DROPOUT_ROUNDS); it also
+reports the host time of one launch of each with the default settings.
 
 Rows: p = 0 (one stacked A matmul per group), p = 0.05 through the torch path (FTUNE_DROPOUT_KERNEL=torch),
 p = 0.05 through the Triton kernels (dropout_triton.py). Prints the median ms and the peak memory above
@@ -121,16 +128,78 @@ def sweep(args) -> dict:
     return out
 
 
+KERNEL_SHAPES = {"q/k/v": (None, HIDDEN, 3), "o": (None, HIDDEN, 1), "gate/up": (None, HIDDEN, 2),
+                 "down": (None, INTER, 1), "gate/up@2048": (2048, HIDDEN, 2), "down@2048": (2048, INTER, 1)}
+FWD_TILES = ["64,64,4", "32,64,4", "32,128,4", "16,128,4", "128,64,8", "16,64,2"]
+BWD_TILES = ["64,128,8", "16,128,4", "16,256,4", "32,128,4", "32,256,8", "32,64,2", "16,128,2"]
+
+
+def kernels(args) -> dict:
+    """Microseconds per call of each kernel (CUDA-graph replays: device time only) for every shape, tile
+    setting and Philox round count; None marks a setting the compiler refused."""
+    import time
+
+    from triton.testing import do_bench_cudagraph
+
+    from ftune.kernels import dropout_triton as kt
+
+    def us(fn) -> float | None:
+        try:
+            return round(do_bench_cudagraph(fn, rep=60) * 1e3, 1)
+        except Exception as e:  # noqa: BLE001 - a tile the compiler refuses is a result, not a crash
+            print(f"  refused: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            return None
+
+    out = {"device": torch.cuda.get_device_name(), "rank": args.rank, "p": 0.05, "shapes": {}}
+    for name, (rows, width, n) in KERNEL_SHAPES.items():
+        T = rows or args.tokens
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(T, width, device="cuda", generator=gen).bfloat16()
+        a = (torch.randn(n * args.rank, width, device="cuda", generator=gen) * 0.02).bfloat16()
+        g = (torch.randn(T, n * args.rank, device="cuda", generator=gen) * 0.01).bfloat16()
+        dx = torch.zeros_like(x)
+        ranks, ps, seeds = [args.rank] * n, [0.05] * n, [12345 + 7 * j for j in range(n)]
+        row = {"tokens": T, "width": width, "modules": n,
+               "p0_fwd_us": us(lambda: x @ a.t()), "p0_bwd_us": us(lambda: (dx.addmm_(g, a), g.t() @ x))}
+        for rounds in ("10", "7"):
+            os.environ[kt.ROUNDS_ENV] = rounds
+            for t in FWD_TILES:
+                os.environ[kt.TILES_ENV] = t + ",64,128,8"
+                row[f"fwd {t} r{rounds}"] = us(lambda: kt.project(x, a, ranks, ps, seeds))
+            for t in BWD_TILES:
+                os.environ[kt.TILES_ENV] = "64,64,4," + t
+                row[f"bwd {t} r{rounds}"] = us(lambda: kt.backward(x, g, a, ranks, ps, seeds, dx))
+        os.environ.pop(kt.TILES_ENV, None)
+        os.environ.pop(kt.ROUNDS_ENV, None)
+        for label, fn in (("host_fwd_us", lambda: kt.project(x, a, ranks, ps, seeds)),
+                          ("host_bwd_us", lambda: kt.backward(x, g, a, ranks, ps, seeds, dx))):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(50):
+                fn()
+            row[label] = round((time.perf_counter() - t0) / 50 * 1e6, 1)
+            torch.cuda.synchronize()
+        out["shapes"][name] = row
+        print(name, json.dumps(row), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--sweep", action="store_true", help="time the Triton kernels' tile and RNG-width variants")
-    ap.add_argument("--json", type=Path, default=None, help="also write the results here (with --sweep)")
+    ap.add_argument("--kernels", action="store_true", help="time each Triton kernel alone per group shape, tiles and rounds")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here (with --sweep or --kernels)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_dropout.py needs a CUDA GPU")
+    if args.kernels:
+        res = kernels(args)
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=1))
+        return
     if args.sweep:
         res = sweep(args)
         if args.json:

@@ -132,10 +132,28 @@ def test_kernels_match_the_dense_reference_in_the_interpreter(dtype):
 
 
 @interp
-@pytest.mark.parametrize("bits", ["16", "32"])
-def test_forward_and_backward_apply_the_same_masks_in_the_interpreter(monkeypatch, bits):
+@pytest.mark.parametrize("bits,rounds", [("16", "10"), ("32", "10"), ("16", "7")])
+def test_forward_and_backward_apply_the_same_masks_in_the_interpreter(monkeypatch, bits, rounds):
     monkeypatch.setenv(kt.RNG_ENV, bits)
+    monkeypatch.setenv(kt.ROUNDS_ENV, rounds)
     check_probes("cpu")
+
+
+@interp
+def test_philox_rounds_setting(monkeypatch):
+    """FTUNE_DROPOUT_ROUNDS picks another generator (other masks, the same rate); values outside 7-10 are refused."""
+    monkeypatch.delenv(kt.ROUNDS_ENV, raising=False)
+    assert kt.philox_rounds() == kt.DEFAULT_ROUNDS
+    masks = {}
+    for rounds in ("10", "7"):
+        monkeypatch.setenv(kt.ROUNDS_ENV, rounds)
+        masks[rounds] = kt.keep_mask(99, 0.3, (100, 32), "cpu")
+        assert abs(float(masks[rounds].mean()) - 0.7) < 0.05
+    assert 0.3 < float((masks["10"] != masks["7"]).float().mean()) < 0.5
+    for bad in ("6", "11", "ten"):
+        monkeypatch.setenv(kt.ROUNDS_ENV, bad)
+        with pytest.raises(drop.FtuneError, match="FTUNE_DROPOUT_ROUNDS"):
+            kt.philox_rounds()
 
 
 @pytest.mark.skipif(bool(TRITON), reason=TRITON or "")
@@ -146,7 +164,8 @@ def test_rng_width_and_tiles_settings(monkeypatch):
     monkeypatch.delenv(kt.TILES_ENV, raising=False)
     assert kt.rng_bits() == 16 and kt.p_arg(0.05, 16) == 3277 and kt.p_arg(0.0, 16) == 0 and kt.p_arg(0.05, 32) == 0.05
     assert kt.counters(42, 16) == 6 and kt.counters(42, 32) == 11
-    assert kt.tiles(16) == ((64, 64, 4), (64, 128, 8))
+    assert kt.tiles(16) == ((64, 64, 4), (16, 128, 2)) and kt.tiles(16, 3) == ((64, 64, 4), (16, 256, 4))
+    assert kt.tiles(64, 2) == ((32, 64, 4), (64, 128, 8))
     monkeypatch.setenv(kt.RNG_ENV, "8")
     with pytest.raises(drop.FtuneError, match="FTUNE_DROPOUT_RNG='8': expected 16 or 32"):
         kt.rng_bits()
@@ -225,3 +244,26 @@ def test_triton_and_torch_paths_agree_statistically_on_gpu(monkeypatch):
     rel = (stats["triton"] - stats["torch"]).abs() / stats["torch"]
     assert float(rel.max()) < 0.03, (stats, rel)
 
+
+
+def compiled_variants(kernel) -> int:
+    """How many binaries Triton has compiled for `kernel` on the current device (Triton 3.x's per-device cache)."""
+    return sum(len(cache[0]) for cache in kernel.device_caches.values())
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_a_seed_that_is_a_multiple_of_16_compiles_nothing_new_on_gpu():
+    """Triton specializes int arguments that are multiples of 16; a random seed is one in 16 times, which
+    compiled a second variant of each kernel at a random step of a run (a stall of a second or more). The
+    seeds are marked not to specialize: seeds 16·k and 16·k + 1 share one binary."""
+    x = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(16, 32, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(64, 16, device="cuda", dtype=torch.bfloat16)
+    counts = []
+    for seed in (2**40 + 17, 2**40 + 32, 48, 3):
+        kt.project(x, a, [16], [0.1], [seed])
+        kt.backward(x, g, a, [16], [0.1], [seed], torch.zeros_like(x))
+        kt.keep_mask(seed, 0.1, (64, 32), "cuda")
+        counts.append([compiled_variants(k) for k in (kt._fwd_kernel, kt._bwd_kernel, kt._mask_kernel)])
+    assert counts[0] == counts[-1], counts

@@ -11,13 +11,14 @@ call gives eight elements' draws (a fixed permutation of the eight columns). The
 only, not on tile sizes, so forward and backward (different tilings) agree. The generator is the costly
 part of these kernels: 16 bits per element need half the Philox calls of a 32-bit uniform, and p moves by
 less than 2⁻¹⁶ (0.05 → 0.050003; the scale stays 1/(1 − p)). FTUNE_DROPOUT_RNG=32 draws one fp32 uniform
-per element instead (4 per call). The 16-bit draw and the backward tiles (64 × 128) are what
-`scripts/bench_dropout.py --sweep` timed fastest on an H200 (2026-12-03, docs/BENCHMARKS.md run e), by 3-4%
-of the layer's LoRA groups, near the sweep's noise (its p = 0 reference moved 1.5% during the sweep).
+per element instead (4 per call). The 16-bit draw is what `scripts/bench_dropout.py --sweep` timed fastest on
+an H200 (2026-12-03, docs/BENCHMARKS.md run e); the tiles are `tiles()`'s, timed kernel by kernel with
+`--kernels`. FTUNE_DROPOUT_ROUNDS (Philox rounds, default 10) and FTUNE_DROPOUT_TILES are knobs for sweeps.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -28,19 +29,25 @@ import triton.language as tl
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # the CPU tests run the kernels there
 MAX_G = 4  # modules per launch (q/k/v is 3); larger groups run in launches of MAX_G
 RNG_ENV = "FTUNE_DROPOUT_RNG"  # 32: one uniform per element from 32 bits; 16: 16 bits per element
+ROUNDS_ENV = "FTUNE_DROPOUT_ROUNDS"  # Philox rounds, 7-10 (a benchmark sweep's knob)
 TILES_ENV = "FTUNE_DROPOUT_TILES"  # "BM,BK,warps,BM,BK,warps" (forward, backward): a benchmark sweep's knob
 DEFAULT_RNG = 16
+DEFAULT_ROUNDS = 10
+# Triton compiles a kernel again for an int argument that is 1 or a multiple of 16. A seed is random, so
+# without this a group's launch compiles a second variant whenever its seed happens to be a multiple of 16
+# (a stall of a second or more, at a random step of a run); the kernels gain nothing from knowing it.
+SEED_ARGS = ["s0", "s1", "s2", "s3"]
 
 
 @triton.jit
-def _keep(seed, rows, k0, in4, p, BM: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr):
+def _keep(seed, rows, k0, in4, p, BM: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, ROUNDS: tl.constexpr):
     """Bool keep mask of the tile rows × [k0, k0 + BK) (k0 a multiple of 8). BITS 32: p is a float and one
     Philox call gives 4 elements (in4 = ⌈in/4⌉ counters per row); BITS 16: p is the integer threshold
     ⌈p · 2¹⁶⌉ and one call gives 8 elements, two per 32-bit output (in4 then counts ⌈in/8⌉)."""
     if BITS == 16:
         c8 = k0 // 8 + tl.arange(0, BK // 8)
         ctr = rows.to(tl.int64)[:, None] * in4 + c8[None, :]
-        i0, i1, i2, i3 = tl.randint4x(seed, ctr)
+        i0, i1, i2, i3 = tl.randint4x(seed, ctr, n_rounds=ROUNDS)
         h0 = tl.join(i0 & 0xFFFF, i0 >> 16)
         h1 = tl.join(i1 & 0xFFFF, i1 >> 16)
         h2 = tl.join(i2 & 0xFFFF, i2 >> 16)
@@ -50,17 +57,18 @@ def _keep(seed, rows, k0, in4, p, BM: tl.constexpr, BK: tl.constexpr, BITS: tl.c
     else:
         c4 = k0 // 4 + tl.arange(0, BK // 4)
         ctr = rows.to(tl.int64)[:, None] * in4 + c4[None, :]
-        r0, r1, r2, r3 = tl.rand4x(seed, ctr)
+        r0, r1, r2, r3 = tl.rand4x(seed, ctr, n_rounds=ROUNDS)
         r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BM, BK))  # a fixed permutation of 4c + l
         return r >= p
 
 
-@triton.jit
-def _mask_kernel(out_ptr, T, K, in4, seed, p, BM: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr):
+@triton.jit(do_not_specialize=["seed"])
+def _mask_kernel(out_ptr, T, K, in4, seed, p, BM: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr,
+                 ROUNDS: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     k0 = tl.program_id(1) * BK
     cols = k0 + tl.arange(0, BK)
-    keep = _keep(seed, rows, k0, in4, p, BM, BK, BITS)
+    keep = _keep(seed, rows, k0, in4, p, BM, BK, BITS, ROUNDS)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.float32),
              mask=(rows < T)[:, None] & (cols < K)[None, :])
 
@@ -82,8 +90,9 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _fwd_one(acc, x, a_ptr, sa, c, r, seed, p, rows, k0, cols, cmask, in4,
-             R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr):
-    keep = _keep(seed, rows, k0, in4, p, BM, BK, BITS)
+             R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr,
+             ROUNDS: tl.constexpr):
+    keep = _keep(seed, rows, k0, in4, p, BM, BK, BITS, ROUNDS)
     xm = tl.where(keep, x, tl.zeros_like(x))  # exact: the 1/(1 − p) scale is applied to the fp32 sum
     return _dot(xm, tl.trans(_a_tile(a_ptr, sa, c, r, cols, cmask, R)), acc, IEEE)
 
@@ -94,11 +103,11 @@ def _store_part(ptr, s_stride, row_stride, rows, rmask, c, r, acc, R: tl.constex
     tl.store(ptr + s_stride + rows[:, None] * row_stride + (c + rr)[None, :], acc, mask=rmask[:, None] & (rr < r)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_ARGS)
 def _fwd_kernel(x_ptr, a_ptr, part_ptr, T, K, in4, sx, sa, NR, KS,
                 s0, s1, s2, s3, p0, p1, p2, p3, q0, q1, q2, q3, c0, c1, c2, c3, r0, r1, r2, r3,
                 G: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
-                BITS: tl.constexpr):
+                BITS: tl.constexpr, ROUNDS: tl.constexpr):
     """part[split, t, c_j + i] = Σ over this split's columns of (x ⊙ M_j)[t] · A_j[i] / (1 − p_j)."""
     split = tl.program_id(1)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -112,13 +121,13 @@ def _fwd_kernel(x_ptr, a_ptr, part_ptr, T, K, in4, sx, sa, NR, KS,
         cols = k0 + tl.arange(0, BK)
         cmask = cols < K
         x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        acc0 = _fwd_one(acc0, x, a_ptr, sa, c0, r0, s0, p0, rows, k0, cols, cmask, in4, R, BM, BK, IEEE, BITS)
+        acc0 = _fwd_one(acc0, x, a_ptr, sa, c0, r0, s0, p0, rows, k0, cols, cmask, in4, R, BM, BK, IEEE, BITS, ROUNDS)
         if G > 1:
-            acc1 = _fwd_one(acc1, x, a_ptr, sa, c1, r1, s1, p1, rows, k0, cols, cmask, in4, R, BM, BK, IEEE, BITS)
+            acc1 = _fwd_one(acc1, x, a_ptr, sa, c1, r1, s1, p1, rows, k0, cols, cmask, in4, R, BM, BK, IEEE, BITS, ROUNDS)
         if G > 2:
-            acc2 = _fwd_one(acc2, x, a_ptr, sa, c2, r2, s2, p2, rows, k0, cols, cmask, in4, R, BM, BK, IEEE, BITS)
+            acc2 = _fwd_one(acc2, x, a_ptr, sa, c2, r2, s2, p2, rows, k0, cols, cmask, in4, R, BM, BK, IEEE, BITS, ROUNDS)
         if G > 3:
-            acc3 = _fwd_one(acc3, x, a_ptr, sa, c3, r3, s3, p3, rows, k0, cols, cmask, in4, R, BM, BK, IEEE, BITS)
+            acc3 = _fwd_one(acc3, x, a_ptr, sa, c3, r3, s3, p3, rows, k0, cols, cmask, in4, R, BM, BK, IEEE, BITS, ROUNDS)
     base = split.to(tl.int64) * T * NR
     _store_part(part_ptr, base, NR, rows, rmask, c0, r0, acc0 * q0, R)
     if G > 1:
@@ -131,8 +140,9 @@ def _fwd_kernel(x_ptr, a_ptr, part_ptr, T, K, in4, sx, sa, NR, KS,
 
 @triton.jit
 def _bwd_one(dx, acc, x, a, g_ptr, sg, c, r, seed, p, q, rows, rmask, k0, in4,
-             R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr):
-    keep = _keep(seed, rows, k0, in4, p, BM, BK, BITS)
+             R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr,
+             ROUNDS: tl.constexpr):
+    keep = _keep(seed, rows, k0, in4, p, BM, BK, BITS, ROUNDS)
     rr = tl.arange(0, R)
     g = tl.load(g_ptr + rows[:, None] * sg + (c + rr)[None, :], mask=rmask[:, None] & (rr < r)[None, :], other=0.0)
     ga = _dot(g, a, tl.zeros((BM, BK), dtype=tl.float32), IEEE)
@@ -141,11 +151,11 @@ def _bwd_one(dx, acc, x, a, g_ptr, sg, c, r, seed, p, q, rows, rmask, k0, in4,
     return dx, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_ARGS)
 def _bwd_kernel(x_ptr, g_ptr, a_ptr, dx_ptr, part_ptr, T, K, in4, sx, sg, sa, sdx, NR, TS,
                 s0, s1, s2, s3, p0, p1, p2, p3, q0, q1, q2, q3, c0, c1, c2, c3, r0, r1, r2, r3,
                 G: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
-                BITS: tl.constexpr):
+                BITS: tl.constexpr, ROUNDS: tl.constexpr):
     """dx[rows, cols] += Σ_j ((g_j A_j) ⊙ M_j) / (1 − p_j) for this program's rows (its split) and columns;
     part[split, c_j + i, cols] = Σ over the split's rows of g_j[:, i]ᵀ (x ⊙ M_j) / (1 − p_j)."""
     split = tl.program_id(1)
@@ -173,13 +183,13 @@ def _bwd_kernel(x_ptr, g_ptr, a_ptr, dx_ptr, part_ptr, T, K, in4, sx, sg, sa, sd
         x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=tile, other=0.0)
         dx_at = dx_ptr + rows[:, None] * sdx + cols[None, :]
         dx = tl.load(dx_at, mask=tile, other=0.0).to(tl.float32)
-        dx, acc0 = _bwd_one(dx, acc0, x, a0, g_ptr, sg, c0, r0, s0, p0, q0, rows, rmask, k0, in4, R, BM, BK, IEEE, BITS)
+        dx, acc0 = _bwd_one(dx, acc0, x, a0, g_ptr, sg, c0, r0, s0, p0, q0, rows, rmask, k0, in4, R, BM, BK, IEEE, BITS, ROUNDS)
         if G > 1:
-            dx, acc1 = _bwd_one(dx, acc1, x, a1, g_ptr, sg, c1, r1, s1, p1, q1, rows, rmask, k0, in4, R, BM, BK, IEEE, BITS)
+            dx, acc1 = _bwd_one(dx, acc1, x, a1, g_ptr, sg, c1, r1, s1, p1, q1, rows, rmask, k0, in4, R, BM, BK, IEEE, BITS, ROUNDS)
         if G > 2:
-            dx, acc2 = _bwd_one(dx, acc2, x, a2, g_ptr, sg, c2, r2, s2, p2, q2, rows, rmask, k0, in4, R, BM, BK, IEEE, BITS)
+            dx, acc2 = _bwd_one(dx, acc2, x, a2, g_ptr, sg, c2, r2, s2, p2, q2, rows, rmask, k0, in4, R, BM, BK, IEEE, BITS, ROUNDS)
         if G > 3:
-            dx, acc3 = _bwd_one(dx, acc3, x, a3, g_ptr, sg, c3, r3, s3, p3, q3, rows, rmask, k0, in4, R, BM, BK, IEEE, BITS)
+            dx, acc3 = _bwd_one(dx, acc3, x, a3, g_ptr, sg, c3, r3, s3, p3, q3, rows, rmask, k0, in4, R, BM, BK, IEEE, BITS, ROUNDS)
         tl.store(dx_at, dx.to(dx_ptr.dtype.element_ty), mask=tile)
     base = split.to(tl.int64) * NR * K
     rr = tl.arange(0, R)
@@ -199,6 +209,7 @@ def _store_da(ptr, base, K, c, r, rr, cols, cmask, acc):
 
 # ---------------------------------------------------------------- launchers
 
+@functools.cache
 def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
@@ -215,9 +226,22 @@ def rng_bits() -> int:
     return int(v)
 
 
-def tiles(r_block: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """((BM, BK, warps) forward, (BM, BK, warps) backward): FTUNE_DROPOUT_TILES when set (sweeps), else
-    the defaults measured on an H200 (scripts/bench_dropout.py --sweep)."""
+def philox_rounds() -> int:
+    """Philox-4x32 rounds per draw: FTUNE_DROPOUT_ROUNDS (7 to 10), else DEFAULT_ROUNDS. Forward, backward and
+    `keep_mask` read the same setting, so their masks agree whatever it is."""
+    v = os.environ.get(ROUNDS_ENV, str(DEFAULT_ROUNDS))
+    if v not in ("7", "8", "9", "10"):
+        from ftune.errors import FtuneError
+
+        raise FtuneError(f"{ROUNDS_ENV}={v!r}: expected 7 to 10 Philox rounds (unset it for {DEFAULT_ROUNDS})")
+    return int(v)
+
+
+def tiles(r_block: int, modules: int = 1) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """((BM, BK, warps) forward, (BM, BK, warps) backward) for a launch of `modules` modules: FTUNE_DROPOUT_TILES
+    when set (sweeps), else the defaults measured on an H200 (`scripts/bench_dropout.py --kernels`, 2026-12-03):
+    the backward's register use (188 to 255 per thread at 64 × 128 × 8 warps: one block per SM) is what limits
+    it, and 16-row tiles with fewer warps ran the 7B's groups 1.3-1.6× faster (docs/BENCHMARKS.md)."""
     v = os.environ.get(TILES_ENV)
     if v:
         t = [int(x) for x in v.split(",")]
@@ -226,7 +250,10 @@ def tiles(r_block: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
 
             raise FtuneError(f"{TILES_ENV}={v!r}: expected six powers of two BM,BK,warps,BM,BK,warps (BM, BK ≥ 16)")
         return (t[0], t[1], t[2]), (t[3], t[4], t[5])
-    return ((64, 64, 4) if r_block <= 32 else (32, 64, 4)), (64, 128, 8)
+    fwd = (64, 64, 4) if r_block <= 32 else (32, 64, 4)
+    if r_block > 32:  # ranks above 32 were not part of the measurement: the earlier default, unchanged
+        return fwd, (64, 128, 8)
+    return fwd, ((16, 128, 2) if modules == 1 else (16, 256, 4))
 
 
 def p_arg(p: float, bits: int):
@@ -265,17 +292,17 @@ def project(x2: torch.Tensor, a: torch.Tensor, ranks, ps, seeds) -> torch.Tensor
     x2, a = x2.contiguous(), a.contiguous()
     T, K = x2.shape
     R, bits = _rank_block(ranks), rng_bits()
-    (BM, BK, warps), _ = tiles(R)
+    (BM, BK, warps), _ = tiles(R, min(len(ranks), MAX_G))
     n_m, n_k = triton.cdiv(T, BM), triton.cdiv(K, BK)
     splits = max(1, min(n_k, (2 * _sms(x2.device)) // n_m))  # split the columns when rows alone underfill
     ks = triton.cdiv(n_k, splits) * BK
     splits = triton.cdiv(K, ks)
-    part = torch.zeros(splits, T, a.shape[0], device=x2.device, dtype=torch.float32)
+    part = torch.empty(splits, T, a.shape[0], device=x2.device, dtype=torch.float32)  # every element is written
     for mods, cols in _launches(ranks):
         args = _slots([seeds[j] for j in mods], [ps[j] for j in mods], [ranks[j] for j in mods], cols, bits)
         _fwd_kernel[(n_m, splits)](x2, a, part, T, K, counters(K, bits), x2.stride(0), a.stride(0), a.shape[0], ks,
                                    *args, G=len(mods), R=R, BM=BM, BK=BK, IEEE=x2.dtype == torch.float32,
-                                   BITS=bits, num_warps=warps)
+                                   BITS=bits, ROUNDS=philox_rounds(), num_warps=warps)
     return (part[0] if splits == 1 else part.sum(0)).to(x2.dtype)
 
 
@@ -286,17 +313,18 @@ def backward(x2: torch.Tensor, g: torch.Tensor, a: torch.Tensor, ranks, ps, seed
     assert dx.stride(1) == 1 and dx.shape == x2.shape
     T, K = x2.shape
     R, bits = _rank_block(ranks), rng_bits()
-    _, (BM, BK, warps) = tiles(R)
+    _, (BM, BK, warps) = tiles(R, min(len(ranks), MAX_G))
     n_k, n_m = triton.cdiv(K, BK), triton.cdiv(T, BM)
     splits = max(1, min(n_m, triton.cdiv(4 * _sms(x2.device), n_k)))  # split the rows when columns underfill
     ts = triton.cdiv(n_m, splits) * BM
     splits = triton.cdiv(T, ts)
-    part = torch.zeros(splits, a.shape[0], K, device=x2.device, dtype=torch.float32)
+    part = torch.empty(splits, a.shape[0], K, device=x2.device, dtype=torch.float32)  # every element is written
     for mods, cols in _launches(ranks):
         args = _slots([seeds[j] for j in mods], [ps[j] for j in mods], [ranks[j] for j in mods], cols, bits)
         _bwd_kernel[(n_k, splits)](x2, g, a, dx, part, T, K, counters(K, bits), x2.stride(0), g.stride(0),
                                    a.stride(0), dx.stride(0), a.shape[0], ts, *args, G=len(mods), R=R,
-                                   BM=BM, BK=BK, IEEE=x2.dtype == torch.float32, BITS=bits, num_warps=warps)
+                                   BM=BM, BK=BK, IEEE=x2.dtype == torch.float32, BITS=bits,
+                                   ROUNDS=philox_rounds(), num_warps=warps)
     da = part[0] if splits == 1 else part.sum(0)
     return list(da.split(list(ranks)))
 
@@ -307,5 +335,5 @@ def keep_mask(seed: int, p: float, shape, device) -> torch.Tensor:
     out = torch.empty(T, K, device=device, dtype=torch.float32)
     bits = rng_bits()
     _mask_kernel[(triton.cdiv(T, 32), triton.cdiv(K, 32))](out, T, K, counters(K, bits), int(seed), p_arg(p, bits),
-                                                          BM=32, BK=32, BITS=bits)
+                                                          BM=32, BK=32, BITS=bits, ROUNDS=philox_rounds())
     return out
