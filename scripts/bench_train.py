@@ -21,13 +21,18 @@ over optimizer steps after `--warmup`, counting real (non-padding) tokens; ftune
 (metrics.jsonl), the Trainer's is timed by a callback around each optimizer step (CUDA-synchronised).
 Results: OUT/bench_train.json and OUT/bench_train.md.
 
-Before the measured cases, `--prime CASE` (default ftune-qlora-14a8c6K) runs one ftune case for 3 steps and
-reports nothing of it. In the four invocations that timed a QLoRA plan with and without dropout (docs/BENCHMARKS.md
+Before the measured cases, `--prime CASE` (default ftune-qlora-14a8c6K) runs one ftune case for `--steps` steps (the
+same micro-batches every measured case reads) and reports nothing of it. In the four invocations that timed a QLoRA plan with and without dropout (docs/BENCHMARKS.md
 runs b, d, e, f), dropout cost 23%, 7% and 12.5% when its case was the first to offload activations to pinned CPU
 memory, and 2% when the no-dropout case went first: a first-offloading-case penalty would explain it (cause not
 traced; a fresh machine's first large pinned allocations were the suspect). Priming keeps any such penalty off the
 measured cases. `--prime none` measures as before. Runs j and k (`--trace`, below) ruled the pinned allocations out
 (they all happen in a process's first micro-batch) and found the first ftune process of a fresh machine slower.
+Triton compiles a kernel again for an integer argument that is a multiple of 16, and with packing a micro-batch's
+token count is one 1 time in 16: in this data the first such micro-batch opens step 4 (`--batch-lengths` lists them),
+and in runs j, k, l and o step 4 was the slowest step of nearly every ftune process, most in the first process to
+run the dropout kernels (2.7 s in run o). A prime of 3 steps never reached it; priming for all `--steps` leaves every
+variant the cases need in Triton's on-disk cache (a later process still loads it, ~0.1-0.3 s).
 
 `--trace` times every micro-batch of the ftune cases that offload, with the pinned host allocations and the
 garbage collector's time in each (scripts/trace/sitecustomize.py, results under "trace"; `--profile N` adds a
@@ -238,6 +243,34 @@ def run_trainer(case: str, config: str, extra: dict, assets: dict, args) -> dict
     return result | json.loads(lines[-1][len("RESULT "):])
 
 
+def print_batch_lengths(args) -> None:
+    """The token count of each packed micro-batch the cases read (ftune's order: train.seed, the shipped QLoRA
+    config's micro-batch and accumulation), one line per optimizer step; '*' marks a multiple of 16."""
+    from types import SimpleNamespace
+
+    import ftune.methods  # noqa: F401  (registers the methods the config names)
+    from ftune.config import load_config
+    from ftune.data import load_split
+    from ftune.models import load_tokenizer
+    from ftune.train.batches import micro_batches
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    tok, data = make_tokenizer(work / "tokenizer"), make_data(work / "alpaca-2k.jsonl", args.rows, args.tokens)
+    cfg = load_config(str(ROOT / "configs/qwen7b_qlora.yaml"), [f"model.path={tok}", f"model.tokenizer={tok}", f"data.train={data}",
+                                                               "data.eval=null", "train.eval_every=null", "data.max_length=2048"])
+    tokenizer = load_tokenizer(cfg.model)
+    dataset = load_split(cfg.data.train, cfg.data, tokenizer, None).dataset
+    batches = micro_batches(SimpleNamespace(epoch=0, batch_in_epoch=0), dataset, cfg, 1, 0, tokenizer.pad_token_id, packed=True)
+    first = None
+    for step in range(1, args.steps + 1):
+        lengths = [next(batches)["input_ids"].numel() for _ in range(cfg.train.gradient_accumulation_steps)]
+        if first is None and any(n % 16 == 0 for n in lengths):
+            first = step
+        print(f"step {step}: " + "  ".join(f"{n}{'*' if n % 16 == 0 else ''}" for n in lengths))
+    print(f"first micro-batch of a multiple of 16 tokens: step {first}" if first else "no micro-batch of a multiple of 16 tokens")
+
+
 # ---------------------------------------------------------------- report
 
 def environment() -> dict:
@@ -285,7 +318,9 @@ def main() -> None:
     p.add_argument("--arch", default="7b", choices=["7b", "0.5b"], help="Qwen2.5 architecture (0.5b: a quick check)")
     p.add_argument("--case-timeout", type=int, default=240)
     p.add_argument("--prime", default="ftune-qlora-14a8c6K", choices=["none", *[c for c in CASES if c.startswith("ftune")]],
-                   help="an ftune case run first for 3 steps, not reported (the module docstring says why); none: skip")
+                   help="an ftune case run first for --steps steps, not reported (the module docstring says why); none: skip")
+    p.add_argument("--batch-lengths", action="store_true",
+                   help="only list the token count of every packed micro-batch the cases read, step by step (no GPU, no model)")
     p.add_argument("--trace", action="store_true",
                    help="time every micro-batch of the offloading ftune cases, with pinned allocations and gc time "
                         "(scripts/trace/sitecustomize.py; synchronises each micro-batch: not for the speed table)")
@@ -297,6 +332,9 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(trainer_worker(json.loads(args.worker))), flush=True)
+        return
+    if args.batch_lengths:
+        print_batch_lengths(args)
         return
     from bench_setup import make_checkpoint
 
@@ -314,11 +352,11 @@ def main() -> None:
         if kind != "ftune":
             p.error(f"--prime {args.prime}: choose an ftune case")
         try:
-            primed = run_ftune("prime", config, extra, assets, argparse.Namespace(**{**vars(args), "steps": 3, "warmup": 0}))
+            primed = run_ftune("prime", config, extra, assets, argparse.Namespace(**{**vars(args), "warmup": 0}))
         except subprocess.TimeoutExpired:  # priming is a courtesy to the measured cases, not a result
             primed = {"error": f"timed out after {args.case_timeout}s"}
         env["primed_with"] = args.prime
-        print(f"primed with {args.prime} (3 steps, not reported): {primed.get('tokens_per_s', 0):,.0f} tok/s "
+        print(f"primed with {args.prime} ({args.steps} steps, not reported): {primed.get('tokens_per_s', 0):,.0f} tok/s "
               f"{primed.get('error', '')[-300:]}", flush=True)
     names = args.cases.split(",")
     unknown = [n for n in names if n.split("@")[0] not in CASES]
