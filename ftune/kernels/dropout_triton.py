@@ -241,7 +241,7 @@ def tiles(r_block: int, modules: int = 1) -> tuple[tuple[int, int, int], tuple[i
     """((BM, BK, warps) forward, (BM, BK, warps) backward) for a launch of `modules` modules: FTUNE_DROPOUT_TILES
     when set (sweeps), else the defaults measured on an H200 (`scripts/bench_dropout.py --kernels`, 2026-12-03):
     the backward's register use (188 to 255 per thread at 64 × 128 × 8 warps: one block per SM) is what limits
-    it, and 16-row tiles with fewer warps ran the 7B's groups 1.3-1.6× faster (docs/BENCHMARKS.md)."""
+    it, and 16-row tiles with fewer warps ran the 7B's groups 1.3-1.7× faster at 8,192 tokens (docs/BENCHMARKS.md)."""
     v = os.environ.get(TILES_ENV)
     if v:
         t = [int(x) for x in v.split(",")]
