@@ -4,6 +4,7 @@ gate/up, down; r=16 on all seven), forward + backward at 8192 tokens, bf16 autoc
     python scripts/bench_dropout.py [--tokens 8192] [--rank 16] [--repeats 10]
     python scripts/bench_dropout.py --sweep [--json sweep.json]   # the Triton kernels' tiles and RNG width
     python scripts/bench_dropout.py --kernels [--json kernels.json] # each kernel alone, per group shape
+    python scripts/bench_dropout.py --host [--json host.json]       # host µs per project/backward call
 
 --kernels times the two Triton kernels by themselves on each LoRA group's shape (q/k/v, o, gate/up, down at
 --tokens rows, and gate/up, down at 2,048 rows: the chunk of a layer that recomputes its MLP), replayed from
@@ -97,9 +98,9 @@ def outputs(seed_x: int = 0):
     x = torch.randn(1000, INTER, device="cuda", generator=g).bfloat16()
     a = (torch.randn(48, INTER, device="cuda", generator=g) * 0.02).bfloat16()
     gr = torch.randn(1000, 48, device="cuda", generator=g).bfloat16()
-    u = kt.project(x, a, [16, 16, 16], [0.05, 0.1, 0.0], [11, 12, 13])
+    u = kt.project(x, a, [16, 16, 16], [0.05, 0.1, 0.0], 2**40 + 11)
     dx = torch.zeros_like(x)
-    da = kt.backward(x, gr, a, [16, 16, 16], [0.05, 0.1, 0.0], [11, 12, 13], dx)
+    da = kt.backward(x, gr, a, [16, 16, 16], [0.05, 0.1, 0.0], 2**40 + 11, dx)
     return [u.float(), dx.float(), *da]
 
 
@@ -158,27 +159,62 @@ def kernels(args) -> dict:
         a = (torch.randn(n * args.rank, width, device="cuda", generator=gen) * 0.02).bfloat16()
         g = (torch.randn(T, n * args.rank, device="cuda", generator=gen) * 0.01).bfloat16()
         dx = torch.zeros_like(x)
-        ranks, ps, seeds = [args.rank] * n, [0.05] * n, [12345 + 7 * j for j in range(n)]
+        ranks, ps, seed = [args.rank] * n, [0.05] * n, 2**40 + 12345
         row = {"tokens": T, "width": width, "modules": n,
                "p0_fwd_us": us(lambda: x @ a.t()), "p0_bwd_us": us(lambda: (dx.addmm_(g, a), g.t() @ x))}
         for rounds in ("10", "7"):
             os.environ[kt.ROUNDS_ENV] = rounds
             for t in FWD_TILES:
                 os.environ[kt.TILES_ENV] = t + ",64,128,8"
-                row[f"fwd {t} r{rounds}"] = us(lambda: kt.project(x, a, ranks, ps, seeds))
+                row[f"fwd {t} r{rounds}"] = us(lambda: kt.project(x, a, ranks, ps, seed))
             for t in BWD_TILES:
                 os.environ[kt.TILES_ENV] = "64,64,4," + t
-                row[f"bwd {t} r{rounds}"] = us(lambda: kt.backward(x, g, a, ranks, ps, seeds, dx))
+                row[f"bwd {t} r{rounds}"] = us(lambda: kt.backward(x, g, a, ranks, ps, seed, dx))
         os.environ.pop(kt.TILES_ENV, None)
         os.environ.pop(kt.ROUNDS_ENV, None)
-        for label, fn in (("host_fwd_us", lambda: kt.project(x, a, ranks, ps, seeds)),
-                          ("host_bwd_us", lambda: kt.backward(x, g, a, ranks, ps, seeds, dx))):
+        for label, fn in (("host_fwd_us", lambda: kt.project(x, a, ranks, ps, seed)),
+                          ("host_bwd_us", lambda: kt.backward(x, g, a, ranks, ps, seed, dx))):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(50):
                 fn()
             row[label] = round((time.perf_counter() - t0) / 50 * 1e6, 1)
             torch.cuda.synchronize()
+        out["shapes"][name] = row
+        print(name, json.dumps(row), flush=True)
+    return out
+
+
+def host(args) -> dict:
+    """Host microseconds per call of `project` and `backward` (the launch path: arguments, the partial-sum buffer,
+    the split sum), the best of 5 batches of 40 calls, per group shape; the GPU runs behind, so this is host time
+    unless the launch queue fills (it holds ~1,000 launches; a batch queues a few hundred)."""
+    import time
+
+    from ftune.kernels import dropout_triton as kt
+
+    out = {"device": torch.cuda.get_device_name(), "rank": args.rank, "p": 0.05, "shapes": {}}
+    for name, (rows, width, n) in KERNEL_SHAPES.items():
+        T = rows or args.tokens
+        x = torch.randn(T, width, device="cuda").bfloat16()
+        a = (torch.randn(n * args.rank, width, device="cuda") * 0.02).bfloat16()
+        g = (torch.randn(T, n * args.rank, device="cuda") * 0.01).bfloat16()
+        dx = torch.zeros_like(x)
+        ranks, ps, seed = [args.rank] * n, [0.05] * n, 2**40 + 12345
+        row = {"tokens": T, "width": width, "modules": n}
+        for label, fn in (("fwd_us", lambda: kt.project(x, a, ranks, ps, seed)),
+                          ("bwd_us", lambda: kt.backward(x, g, a, ranks, ps, seed, dx)),
+                          ("cublas_mm_us", lambda: x @ a.t())):
+            fn()
+            best = float("inf")
+            for _ in range(5):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(40):
+                    fn()
+                best = min(best, (time.perf_counter() - t0) / 40 * 1e6)
+            torch.cuda.synchronize()
+            row[label] = round(best, 1)
         out["shapes"][name] = row
         print(name, json.dumps(row), flush=True)
     return out
@@ -191,12 +227,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--sweep", action="store_true", help="time the Triton kernels' tile and RNG-width variants")
     ap.add_argument("--kernels", action="store_true", help="time each Triton kernel alone per group shape, tiles and rounds")
-    ap.add_argument("--json", type=Path, default=None, help="also write the results here (with --sweep or --kernels)")
+    ap.add_argument("--host", action="store_true", help="host microseconds per call of project/backward per group shape")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here (with --sweep, --kernels or --host)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_dropout.py needs a CUDA GPU")
-    if args.kernels:
-        res = kernels(args)
+    if args.kernels or args.host:
+        res = kernels(args) if args.kernels else host(args)
         if args.json:
             args.json.write_text(json.dumps(res, indent=1))
         return

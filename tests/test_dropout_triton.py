@@ -52,7 +52,8 @@ def interpreter_index(monkeypatch):
     monkeypatch.setattr(it, "_patch_lang_tensor", patch)
 
 
-RANKS, PS, SEEDS = [3, 16, 5], [0.5, 0.25, 0.0], [123, 2**61 + 5, 7]  # a p = 0 module in a dropping group
+RANKS, PS = [3, 16, 5], [0.5, 0.25, 0.0]  # a p = 0 module in a dropping group
+SEED, KEY = 2**61 + 5, 2  # a row chunk other than 0: module j draws with SEED + mask_index(KEY, j, 3, 0)
 
 
 def dense(x, g, a, dx0, masks):
@@ -70,10 +71,10 @@ def check_against_dense(device: str, dtype: torch.dtype, tokens: int = 150, widt
     x, dx0 = (torch.randn(tokens, width, device=device).to(dtype) for _ in range(2))
     a = torch.randn(sum(RANKS), width, device=device).to(dtype)
     g = torch.randn(tokens, sum(RANKS), device=device).to(dtype)
-    masks = [kt.keep_mask(s, p, (tokens, width), device) for s, p in zip(SEEDS, PS)]
-    u = kt.project(x, a, RANKS, PS, SEEDS)
+    masks = [kt.keep_mask(SEED + drop.mask_index(KEY, j, 3, 0), p, (tokens, width), device) for j, p in enumerate(PS)]
+    u = kt.project(x, a, RANKS, PS, SEED, KEY)
     dx = dx0.clone()
-    da = kt.backward(x, g, a, RANKS, PS, SEEDS, dx)
+    da = kt.backward(x, g, a, RANKS, PS, SEED, dx, KEY)
     want_u, want_dx, want_da = dense(x, g, a, dx0, masks)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert u.dtype == dtype and dx.dtype == dtype and all(d.dtype == torch.float32 for d in da)
@@ -91,9 +92,9 @@ def probe_masks(device: str, p: float = 0.3, tokens: int = 100, width: int = 32)
     with x = 1 gives u = M/(1−p); backward with g = 1 and dx = 0 gives dx = M/(1−p)."""
     eye = torch.eye(width, device=device)
     ones = torch.ones(tokens, width, device=device)
-    fwd = kt.project(ones, eye, [width], [p], [99])
+    fwd = kt.project(ones, eye, [width], [p], 99)
     dx = torch.zeros(tokens, width, device=device)
-    kt.backward(ones, ones, eye, [width], [p], [99], dx)
+    kt.backward(ones, ones, eye, [width], [p], 99, dx)
     return fwd * (1 - p), dx * (1 - p), kt.keep_mask(99, p, (tokens, width), device)
 
 
@@ -253,17 +254,18 @@ def compiled_variants(kernel) -> int:
 
 @pytest.mark.gpu
 @needs_gpu
-def test_a_seed_that_is_a_multiple_of_16_compiles_nothing_new_on_gpu():
-    """Triton specializes int arguments that are multiples of 16; a random seed is one in 16 times, which
-    compiled a second variant of each kernel at a random step of a run (a stall of a second or more). The
-    seeds are marked not to specialize: seeds 16·k and 16·k + 1 share one binary."""
-    x = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
-    a = torch.randn(16, 32, device="cuda", dtype=torch.bfloat16)
-    g = torch.randn(64, 16, device="cuda", dtype=torch.bfloat16)
+def test_seeds_and_token_counts_that_are_multiples_of_16_compile_nothing_new_on_gpu():
+    """Triton specializes int arguments that are multiples of 16. A random seed is one in 16 times, and packing
+    varies a micro-batch's token count T from step to step: either compiled another variant of each kernel at
+    some step of a run (a stall of a second or more). Both are marked not to specialize: one binary serves
+    seeds 16·k and 16·k + 1 and T = 8,080, 8,081 and 8,096."""
     counts = []
-    for seed in (2**40 + 17, 2**40 + 32, 2**41 + 48, 2**40 + 3):  # all 64-bit, as drawn (a seed < 2**31 is an i32: another signature)
-        kt.project(x, a, [16], [0.1], [seed])
-        kt.backward(x, g, a, [16], [0.1], [seed], torch.zeros_like(x))
-        kt.keep_mask(seed, 0.1, (64, 32), "cuda")
+    for seed, tokens in ((2**40 + 17, 8081), (2**40 + 32, 8081), (2**41 + 48, 8080), (2**40 + 3, 8096)):  # all 64-bit, as drawn
+        x = torch.randn(tokens, 32, device="cuda", dtype=torch.bfloat16)
+        a = torch.randn(16, 32, device="cuda", dtype=torch.bfloat16)
+        g = torch.randn(tokens, 16, device="cuda", dtype=torch.bfloat16)
+        kt.project(x, a, [16], [0.1], seed)
+        kt.backward(x, g, a, [16], [0.1], seed, torch.zeros_like(x))
+        kt.keep_mask(seed, 0.1, (tokens, 32), "cuda")
         counts.append([compiled_variants(k) for k in (kt._fwd_kernel, kt._bwd_kernel, kt._mask_kernel)])
     assert counts[0] == counts[-1], counts

@@ -106,10 +106,13 @@ def dropped(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
 ROWS = 2048  # rows per mask block: bounds the temporaries (dropped input, mask, g·A) of one module
 
 
+INDEX_BITS = 20  # mask_index's low bits number the row blocks; the Triton kernels space a group's modules by it
+
+
 def mask_index(key: int, j: int, n_modules: int, block: int) -> int:
     """The generator offset from the call's seed of module j's mask, row chunk `key`, row block `block`:
     distinct for every (key, j, block) of a call (blocks < 2**20: up to 2 billion rows)."""
-    return ((key * n_modules + j) << 20) + block
+    return ((key * n_modules + j) << INDEX_BITS) + block
 
 
 def _blocks(n: int) -> list[slice]:

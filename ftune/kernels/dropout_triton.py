@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ftune.kernels.dropout import INDEX_BITS, mask_index
+
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # the CPU tests run the kernels there
 MAX_G = 4  # modules per launch (q/k/v is 3); larger groups run in launches of MAX_G
 RNG_ENV = "FTUNE_DROPOUT_RNG"  # 32: one uniform per element from 32 bits; 16: 16 bits per element
@@ -33,10 +35,12 @@ ROUNDS_ENV = "FTUNE_DROPOUT_ROUNDS"  # Philox rounds, 7-10 (a benchmark sweep's 
 TILES_ENV = "FTUNE_DROPOUT_TILES"  # "BM,BK,warps,BM,BK,warps" (forward, backward): a benchmark sweep's knob
 DEFAULT_RNG = 16
 DEFAULT_ROUNDS = 10
-# Triton compiles a kernel again for an int argument that is 1 or a multiple of 16. A seed is random, so
-# without this a group's launch compiles a second variant whenever its seed happens to be a multiple of 16
-# (a stall of a second or more, at a random step of a run); the kernels gain nothing from knowing it.
-SEED_ARGS = ["s0", "s1", "s2", "s3"]
+# Triton compiles a kernel again for an int argument that is 1 or a multiple of 16 (and for one that needs 64
+# bits). The seed is random and T is the micro-batch's token count, which packing varies from step to step: without
+# this a launch compiles another variant whenever one of them happens to be a multiple of 16 (a stall of a second
+# or more, at some step of a run); the kernels gain nothing from knowing it.
+RUNTIME_INTS = ["T", "seed"]
+_STEP = tl.constexpr(1 << INDEX_BITS)  # slot j of a launch draws with key seed + j · _STEP, as mask_index spaces them
 
 
 @triton.jit
@@ -62,7 +66,7 @@ def _keep(seed, rows, k0, in4, p, BM: tl.constexpr, BK: tl.constexpr, BITS: tl.c
         return r >= p
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def _mask_kernel(out_ptr, T, K, in4, seed, p, BM: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr,
                  ROUNDS: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -89,12 +93,12 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_one(acc, x, a_ptr, sa, c, r, seed, p, rows, k0, cols, cmask, in4,
-             R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr,
-             ROUNDS: tl.constexpr):
-    keep = _keep(seed, rows, k0, in4, p, BM, BK, BITS, ROUNDS)
+def _fwd_one(acc, x, a_ptr, sa, rows, k0, cols, cmask, in4, seed, SLOT: tl.constexpr, P: tl.constexpr,
+             C: tl.constexpr, N: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+             IEEE: tl.constexpr, BITS: tl.constexpr, ROUNDS: tl.constexpr):
+    keep = _keep(seed + SLOT * _STEP, rows, k0, in4, P, BM, BK, BITS, ROUNDS)
     xm = tl.where(keep, x, tl.zeros_like(x))  # exact: the 1/(1 − p) scale is applied to the fp32 sum
-    return _dot(xm, tl.trans(_a_tile(a_ptr, sa, c, r, cols, cmask, R)), acc, IEEE)
+    return _dot(xm, tl.trans(_a_tile(a_ptr, sa, C, N, cols, cmask, R)), acc, IEEE)
 
 
 @triton.jit
@@ -103,12 +107,18 @@ def _store_part(ptr, s_stride, row_stride, rows, rmask, c, r, acc, R: tl.constex
     tl.store(ptr + s_stride + rows[:, None] * row_stride + (c + rr)[None, :], acc, mask=rmask[:, None] & (rr < r)[None, :])
 
 
-@triton.jit(do_not_specialize=SEED_ARGS)
-def _fwd_kernel(x_ptr, a_ptr, part_ptr, T, K, in4, sx, sa, NR, KS,
-                s0, s1, s2, s3, p0, p1, p2, p3, q0, q1, q2, q3, c0, c1, c2, c3, r0, r1, r2, r3,
+@triton.jit(do_not_specialize=RUNTIME_INTS)
+def _fwd_kernel(x_ptr, a_ptr, part_ptr, T, K, in4, sx, sa, NR, KS, seed,
+                P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
+                Q0: tl.constexpr, Q1: tl.constexpr, Q2: tl.constexpr, Q3: tl.constexpr,
+                C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
+                N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
                 G: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
                 BITS: tl.constexpr, ROUNDS: tl.constexpr):
-    """part[split, t, c_j + i] = Σ over this split's columns of (x ⊙ M_j)[t] · A_j[i] / (1 − p_j)."""
+    """part[split, t, C_j + i] = Σ over this split's columns of (x ⊙ M_j)[t] · A_j[i] · Q_j, slot j of G; slot j's
+    keep threshold P_j, scale Q_j = 1/(1 − p_j), first row C_j of the stacked A and rank N_j are compile-time
+    constants (fixed for a run's group), its mask key seed + (j << INDEX_BITS)."""
+    seed = seed.to(tl.int64)
     split = tl.program_id(1)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < T
@@ -121,57 +131,61 @@ def _fwd_kernel(x_ptr, a_ptr, part_ptr, T, K, in4, sx, sa, NR, KS,
         cols = k0 + tl.arange(0, BK)
         cmask = cols < K
         x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        acc0 = _fwd_one(acc0, x, a_ptr, sa, c0, r0, s0, p0, rows, k0, cols, cmask, in4, R, BM, BK, IEEE, BITS, ROUNDS)
+        acc0 = _fwd_one(acc0, x, a_ptr, sa, rows, k0, cols, cmask, in4, seed, 0, P0, C0, N0, R, BM, BK, IEEE, BITS, ROUNDS)
         if G > 1:
-            acc1 = _fwd_one(acc1, x, a_ptr, sa, c1, r1, s1, p1, rows, k0, cols, cmask, in4, R, BM, BK, IEEE, BITS, ROUNDS)
+            acc1 = _fwd_one(acc1, x, a_ptr, sa, rows, k0, cols, cmask, in4, seed, 1, P1, C1, N1, R, BM, BK, IEEE, BITS, ROUNDS)
         if G > 2:
-            acc2 = _fwd_one(acc2, x, a_ptr, sa, c2, r2, s2, p2, rows, k0, cols, cmask, in4, R, BM, BK, IEEE, BITS, ROUNDS)
+            acc2 = _fwd_one(acc2, x, a_ptr, sa, rows, k0, cols, cmask, in4, seed, 2, P2, C2, N2, R, BM, BK, IEEE, BITS, ROUNDS)
         if G > 3:
-            acc3 = _fwd_one(acc3, x, a_ptr, sa, c3, r3, s3, p3, rows, k0, cols, cmask, in4, R, BM, BK, IEEE, BITS, ROUNDS)
+            acc3 = _fwd_one(acc3, x, a_ptr, sa, rows, k0, cols, cmask, in4, seed, 3, P3, C3, N3, R, BM, BK, IEEE, BITS, ROUNDS)
     base = split.to(tl.int64) * T * NR
-    _store_part(part_ptr, base, NR, rows, rmask, c0, r0, acc0 * q0, R)
+    _store_part(part_ptr, base, NR, rows, rmask, C0, N0, acc0 * Q0, R)
     if G > 1:
-        _store_part(part_ptr, base, NR, rows, rmask, c1, r1, acc1 * q1, R)
+        _store_part(part_ptr, base, NR, rows, rmask, C1, N1, acc1 * Q1, R)
     if G > 2:
-        _store_part(part_ptr, base, NR, rows, rmask, c2, r2, acc2 * q2, R)
+        _store_part(part_ptr, base, NR, rows, rmask, C2, N2, acc2 * Q2, R)
     if G > 3:
-        _store_part(part_ptr, base, NR, rows, rmask, c3, r3, acc3 * q3, R)
+        _store_part(part_ptr, base, NR, rows, rmask, C3, N3, acc3 * Q3, R)
 
 
 @triton.jit
-def _bwd_one(dx, acc, x, a, g_ptr, sg, c, r, seed, p, q, rows, rmask, k0, in4,
-             R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr,
-             ROUNDS: tl.constexpr):
-    keep = _keep(seed, rows, k0, in4, p, BM, BK, BITS, ROUNDS)
+def _bwd_one(dx, acc, x, a, g_ptr, sg, rows, rmask, k0, in4, seed, SLOT: tl.constexpr, P: tl.constexpr,
+             Q: tl.constexpr, C: tl.constexpr, N: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+             IEEE: tl.constexpr, BITS: tl.constexpr, ROUNDS: tl.constexpr):
+    keep = _keep(seed + SLOT * _STEP, rows, k0, in4, P, BM, BK, BITS, ROUNDS)
     rr = tl.arange(0, R)
-    g = tl.load(g_ptr + rows[:, None] * sg + (c + rr)[None, :], mask=rmask[:, None] & (rr < r)[None, :], other=0.0)
+    g = tl.load(g_ptr + rows[:, None] * sg + (C + rr)[None, :], mask=rmask[:, None] & (rr < N)[None, :], other=0.0)
     ga = _dot(g, a, tl.zeros((BM, BK), dtype=tl.float32), IEEE)
-    dx += tl.where(keep, ga, 0.0) * q
+    dx += tl.where(keep, ga, 0.0) * Q
     acc = _dot(tl.trans(g), tl.where(keep, x, tl.zeros_like(x)), acc, IEEE)
     return dx, acc
 
 
-@triton.jit(do_not_specialize=SEED_ARGS)
-def _bwd_kernel(x_ptr, g_ptr, a_ptr, dx_ptr, part_ptr, T, K, in4, sx, sg, sa, sdx, NR, TS,
-                s0, s1, s2, s3, p0, p1, p2, p3, q0, q1, q2, q3, c0, c1, c2, c3, r0, r1, r2, r3,
+@triton.jit(do_not_specialize=RUNTIME_INTS)
+def _bwd_kernel(x_ptr, g_ptr, a_ptr, dx_ptr, part_ptr, T, K, in4, sx, sg, sa, sdx, NR, TS, seed,
+                P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
+                Q0: tl.constexpr, Q1: tl.constexpr, Q2: tl.constexpr, Q3: tl.constexpr,
+                C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
+                N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
                 G: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
                 BITS: tl.constexpr, ROUNDS: tl.constexpr):
-    """dx[rows, cols] += Σ_j ((g_j A_j) ⊙ M_j) / (1 − p_j) for this program's rows (its split) and columns;
-    part[split, c_j + i, cols] = Σ over the split's rows of g_j[:, i]ᵀ (x ⊙ M_j) / (1 − p_j)."""
+    """dx[rows, cols] += Σ_j ((g_j A_j) ⊙ M_j) · Q_j for this program's rows (its split) and columns;
+    part[split, C_j + i, cols] = Σ over the split's rows of g_j[:, i]ᵀ (x ⊙ M_j) · Q_j (slots as _fwd_kernel's)."""
+    seed = seed.to(tl.int64)
     split = tl.program_id(1)
     k0 = tl.program_id(0) * BK
     cols = k0 + tl.arange(0, BK)
     cmask = cols < K
-    a0 = _a_tile(a_ptr, sa, c0, r0, cols, cmask, R)
+    a0 = _a_tile(a_ptr, sa, C0, N0, cols, cmask, R)
     a1 = a0
     a2 = a0
     a3 = a0
     if G > 1:
-        a1 = _a_tile(a_ptr, sa, c1, r1, cols, cmask, R)
+        a1 = _a_tile(a_ptr, sa, C1, N1, cols, cmask, R)
     if G > 2:
-        a2 = _a_tile(a_ptr, sa, c2, r2, cols, cmask, R)
+        a2 = _a_tile(a_ptr, sa, C2, N2, cols, cmask, R)
     if G > 3:
-        a3 = _a_tile(a_ptr, sa, c3, r3, cols, cmask, R)
+        a3 = _a_tile(a_ptr, sa, C3, N3, cols, cmask, R)
     acc0 = tl.zeros((R, BK), dtype=tl.float32)
     acc1 = tl.zeros((R, BK), dtype=tl.float32)
     acc2 = tl.zeros((R, BK), dtype=tl.float32)
@@ -183,23 +197,23 @@ def _bwd_kernel(x_ptr, g_ptr, a_ptr, dx_ptr, part_ptr, T, K, in4, sx, sg, sa, sd
         x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=tile, other=0.0)
         dx_at = dx_ptr + rows[:, None] * sdx + cols[None, :]
         dx = tl.load(dx_at, mask=tile, other=0.0).to(tl.float32)
-        dx, acc0 = _bwd_one(dx, acc0, x, a0, g_ptr, sg, c0, r0, s0, p0, q0, rows, rmask, k0, in4, R, BM, BK, IEEE, BITS, ROUNDS)
+        dx, acc0 = _bwd_one(dx, acc0, x, a0, g_ptr, sg, rows, rmask, k0, in4, seed, 0, P0, Q0, C0, N0, R, BM, BK, IEEE, BITS, ROUNDS)
         if G > 1:
-            dx, acc1 = _bwd_one(dx, acc1, x, a1, g_ptr, sg, c1, r1, s1, p1, q1, rows, rmask, k0, in4, R, BM, BK, IEEE, BITS, ROUNDS)
+            dx, acc1 = _bwd_one(dx, acc1, x, a1, g_ptr, sg, rows, rmask, k0, in4, seed, 1, P1, Q1, C1, N1, R, BM, BK, IEEE, BITS, ROUNDS)
         if G > 2:
-            dx, acc2 = _bwd_one(dx, acc2, x, a2, g_ptr, sg, c2, r2, s2, p2, q2, rows, rmask, k0, in4, R, BM, BK, IEEE, BITS, ROUNDS)
+            dx, acc2 = _bwd_one(dx, acc2, x, a2, g_ptr, sg, rows, rmask, k0, in4, seed, 2, P2, Q2, C2, N2, R, BM, BK, IEEE, BITS, ROUNDS)
         if G > 3:
-            dx, acc3 = _bwd_one(dx, acc3, x, a3, g_ptr, sg, c3, r3, s3, p3, q3, rows, rmask, k0, in4, R, BM, BK, IEEE, BITS, ROUNDS)
+            dx, acc3 = _bwd_one(dx, acc3, x, a3, g_ptr, sg, rows, rmask, k0, in4, seed, 3, P3, Q3, C3, N3, R, BM, BK, IEEE, BITS, ROUNDS)
         tl.store(dx_at, dx.to(dx_ptr.dtype.element_ty), mask=tile)
     base = split.to(tl.int64) * NR * K
     rr = tl.arange(0, R)
-    _store_da(part_ptr, base, K, c0, r0, rr, cols, cmask, acc0 * q0)
+    _store_da(part_ptr, base, K, C0, N0, rr, cols, cmask, acc0 * Q0)
     if G > 1:
-        _store_da(part_ptr, base, K, c1, r1, rr, cols, cmask, acc1 * q1)
+        _store_da(part_ptr, base, K, C1, N1, rr, cols, cmask, acc1 * Q1)
     if G > 2:
-        _store_da(part_ptr, base, K, c2, r2, rr, cols, cmask, acc2 * q2)
+        _store_da(part_ptr, base, K, C2, N2, rr, cols, cmask, acc2 * Q2)
     if G > 3:
-        _store_da(part_ptr, base, K, c3, r3, rr, cols, cmask, acc3 * q3)
+        _store_da(part_ptr, base, K, C3, N3, rr, cols, cmask, acc3 * Q3)
 
 
 @triton.jit
@@ -256,6 +270,12 @@ def tiles(r_block: int, modules: int = 1) -> tuple[tuple[int, int, int], tuple[i
     return fwd, ((16, 128, 2) if modules == 1 else (16, 256, 4))
 
 
+def _cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for host ints. Not triton.cdiv: in Triton 3.6 that is a constexpr_function, whose call path costs
+    microseconds on the host, and the launchers call it a dozen times per layer group."""
+    return -(-a // b)
+
+
 def p_arg(p: float, bits: int):
     """The kernels' p for `bits`: the float itself (32), or the integer threshold ⌈p · 2¹⁶⌉ (16)."""
     return float(p) if bits == 32 else math.ceil(float(p) * 65536)
@@ -263,66 +283,70 @@ def p_arg(p: float, bits: int):
 
 def counters(k: int, bits: int) -> int:
     """Philox counters per row: ⌈in/4⌉ (32 bits per element) or ⌈in/8⌉ (16)."""
-    return triton.cdiv(k, 4 if bits == 32 else 8)
+    return _cdiv(k, 4 if bits == 32 else 8)
 
 
-def _slots(seeds, ps, ranks, cols, bits):
-    """Per-slot kernel arguments (seed, p, 1/(1 − p), first row of A_j, r_j), padded to MAX_G."""
-    pad = MAX_G - len(seeds)
-    s = [int(v) for v in seeds] + [0] * pad
-    p = [p_arg(v, bits) for v in ps] + [p_arg(0.0, bits)] * pad
-    q = [1.0 / (1.0 - v) for v in ps] + [1.0] * pad
-    c = list(cols) + [0] * pad
-    r = list(ranks) + [0] * pad
-    return [*s, *p, *q, *c, *r]
+def _slots(ps, ranks, cols, bits) -> dict:
+    """The launch's per-slot constants (keep threshold P, scale Q = 1/(1 − p), first row C of A, rank N), padded
+    to MAX_G. Compile-time constants: a run's groups keep them, and the launch passes fewer arguments."""
+    pad = MAX_G - len(ps)
+    slots = {}
+    for name, vals, fill in (("P", [p_arg(v, bits) for v in ps], p_arg(0.0, bits)),
+                             ("Q", [1.0 / (1.0 - v) for v in ps], 1.0), ("C", list(cols), 0), ("N", list(ranks), 0)):
+        slots.update({f"{name}{j}": v for j, v in enumerate(vals + [fill] * pad)})
+    return slots
 
 
-def _launches(ranks):
-    """(modules, first A row of each) per launch of at most MAX_G modules."""
-    starts = [sum(ranks[:j]) for j in range(len(ranks))]
-    return [(range(i, min(i + MAX_G, len(ranks))), starts[i:i + MAX_G]) for i in range(0, len(ranks), MAX_G)]
+def _launches(ranks, seed: int, key: int):
+    """(modules, per-slot constants' inputs, first module's mask key) per launch of at most MAX_G modules: module j
+    of the group draws with key seed + mask_index(key, j, n, 0) (dropout.py), so slot i of a launch that starts at
+    module m draws with that launch's key + (i << INDEX_BITS)."""
+    n = len(ranks)
+    starts = [sum(ranks[:j]) for j in range(n)]
+    return [(range(i, min(i + MAX_G, n)), starts[i:i + MAX_G], seed + mask_index(key, i, n, 0)) for i in range(0, n, MAX_G)]
 
 
 def _rank_block(ranks) -> int:
-    return max(16, triton.next_power_of_2(max(ranks)))
+    return max(16, 1 << (max(ranks) - 1).bit_length())
 
 
-def project(x2: torch.Tensor, a: torch.Tensor, ranks, ps, seeds) -> torch.Tensor:
-    """u = [x ⊙ M_j A_jᵀ / (1 − p_j)]_j (tokens × Σr, x's dtype); a = the stacked A_j (Σr × in)."""
+def project(x2: torch.Tensor, a: torch.Tensor, ranks, ps, seed: int, key: int = 0) -> torch.Tensor:
+    """u = [x ⊙ M_j A_jᵀ / (1 − p_j)]_j (tokens × Σr, x's dtype); a = the stacked A_j (Σr × in); module j's mask
+    is keep_mask(seed + mask_index(key, j, len(ranks), 0), p_j)."""
     x2, a = x2.contiguous(), a.contiguous()
     T, K = x2.shape
     R, bits = _rank_block(ranks), rng_bits()
     (BM, BK, warps), _ = tiles(R, min(len(ranks), MAX_G))
-    n_m, n_k = triton.cdiv(T, BM), triton.cdiv(K, BK)
+    n_m, n_k = _cdiv(T, BM), _cdiv(K, BK)
     splits = max(1, min(n_k, (2 * _sms(x2.device)) // n_m))  # split the columns when rows alone underfill
-    ks = triton.cdiv(n_k, splits) * BK
-    splits = triton.cdiv(K, ks)
+    ks = _cdiv(n_k, splits) * BK
+    splits = _cdiv(K, ks)
     part = torch.empty(splits, T, a.shape[0], device=x2.device, dtype=torch.float32)  # every element is written
-    for mods, cols in _launches(ranks):
-        args = _slots([seeds[j] for j in mods], [ps[j] for j in mods], [ranks[j] for j in mods], cols, bits)
-        _fwd_kernel[(n_m, splits)](x2, a, part, T, K, counters(K, bits), x2.stride(0), a.stride(0), a.shape[0], ks,
-                                   *args, G=len(mods), R=R, BM=BM, BK=BK, IEEE=x2.dtype == torch.float32,
+    for mods, cols, s in _launches(ranks, seed, key):
+        slots = _slots([ps[j] for j in mods], [ranks[j] for j in mods], cols, bits)
+        _fwd_kernel[(n_m, splits)](x2, a, part, T, K, counters(K, bits), x2.stride(0), a.stride(0), a.shape[0], ks, s,
+                                   **slots, G=len(mods), R=R, BM=BM, BK=BK, IEEE=x2.dtype == torch.float32,
                                    BITS=bits, ROUNDS=philox_rounds(), num_warps=warps)
     return (part[0] if splits == 1 else part.sum(0)).to(x2.dtype)
 
 
-def backward(x2: torch.Tensor, g: torch.Tensor, a: torch.Tensor, ranks, ps, seeds, dx: torch.Tensor):
+def backward(x2: torch.Tensor, g: torch.Tensor, a: torch.Tensor, ranks, ps, seed: int, dx: torch.Tensor, key: int = 0):
     """Adds Σ_j ((g_j A_j) ⊙ M_j) / (1 − p_j) into dx (in place) and returns [dA_j] (fp32, r_j × in); g =
-    [dL/du_j]_j (tokens × Σr), the masks those `project` drew with the same seeds."""
+    [dL/du_j]_j (tokens × Σr), the masks those `project` drew with the same seed and key."""
     x2, g, a = x2.contiguous(), g.contiguous(), a.contiguous()
     assert dx.stride(1) == 1 and dx.shape == x2.shape
     T, K = x2.shape
     R, bits = _rank_block(ranks), rng_bits()
     _, (BM, BK, warps) = tiles(R, min(len(ranks), MAX_G))
-    n_k, n_m = triton.cdiv(K, BK), triton.cdiv(T, BM)
-    splits = max(1, min(n_m, triton.cdiv(4 * _sms(x2.device), n_k)))  # split the rows when columns underfill
-    ts = triton.cdiv(n_m, splits) * BM
-    splits = triton.cdiv(T, ts)
+    n_k, n_m = _cdiv(K, BK), _cdiv(T, BM)
+    splits = max(1, min(n_m, _cdiv(4 * _sms(x2.device), n_k)))  # split the rows when columns underfill
+    ts = _cdiv(n_m, splits) * BM
+    splits = _cdiv(T, ts)
     part = torch.empty(splits, a.shape[0], K, device=x2.device, dtype=torch.float32)  # every element is written
-    for mods, cols in _launches(ranks):
-        args = _slots([seeds[j] for j in mods], [ps[j] for j in mods], [ranks[j] for j in mods], cols, bits)
+    for mods, cols, s in _launches(ranks, seed, key):
+        slots = _slots([ps[j] for j in mods], [ranks[j] for j in mods], cols, bits)
         _bwd_kernel[(n_k, splits)](x2, g, a, dx, part, T, K, counters(K, bits), x2.stride(0), g.stride(0),
-                                   a.stride(0), dx.stride(0), a.shape[0], ts, *args, G=len(mods), R=R,
+                                   a.stride(0), dx.stride(0), a.shape[0], ts, s, **slots, G=len(mods), R=R,
                                    BM=BM, BK=BK, IEEE=x2.dtype == torch.float32, BITS=bits,
                                    ROUNDS=philox_rounds(), num_warps=warps)
     da = part[0] if splits == 1 else part.sum(0)
@@ -334,6 +358,6 @@ def keep_mask(seed: int, p: float, shape, device) -> torch.Tensor:
     T, K = shape
     out = torch.empty(T, K, device=device, dtype=torch.float32)
     bits = rng_bits()
-    _mask_kernel[(triton.cdiv(T, 32), triton.cdiv(K, 32))](out, T, K, counters(K, bits), int(seed), p_arg(p, bits),
+    _mask_kernel[(_cdiv(T, 32), _cdiv(K, 32))](out, T, K, counters(K, bits), int(seed), p_arg(p, bits),
                                                           BM=32, BK=32, BITS=bits, ROUNDS=philox_rounds())
     return out

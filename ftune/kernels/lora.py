@@ -97,11 +97,6 @@ class Adapters:
             return drop.keep_mask(self.seed, index, self.p[j], like)
         return make
 
-    def seeds(self, key: int) -> list[int]:
-        """Each module's seed for row chunk `key` on the Triton path (block 0 of the torch path's index:
-        the kernels number elements, not row blocks)."""
-        return [self.seed + drop.mask_index(key, j, len(self.modules), 0) for j in range(len(self.modules))]
-
 
 def adapter_u(x2: torch.Tensor, ad: Adapters, key: int = 0):
     """u = [drop_1(x) A_1ᵀ, drop_2(x) A_2ᵀ, …] (tokens × Σr); one matmul when nothing drops."""
@@ -110,7 +105,7 @@ def adapter_u(x2: torch.Tensor, ad: Adapters, key: int = 0):
     if ad.seed is None:
         return x2 @ ad.a.t()
     if drop.use_triton(x2):  # every module of the group in one pass over x, masks drawn in registers
-        return drop.triton_kernels().project(x2, ad.a, ad.ranks, ad.p, ad.seeds(key))
+        return drop.triton_kernels().project(x2, ad.a, ad.ranks, ad.p, ad.seed, key)
     return torch.cat([drop.project_dropped(x2, a, ad.p[j], ad.keep(j, key)) if ad.p[j] else x2 @ a.t()
                       for j, a in enumerate(ad.a.split(ad.ranks))], dim=1)
 
@@ -142,7 +137,7 @@ def a_grads(x2: torch.Tensor, gs: list[torch.Tensor], dx: torch.Tensor, ad: Adap
         return list((g.t() @ x2).split(ad.ranks))
     if drop.use_triton(x2):  # dx and every dA_j in one pass over x and dx; dA in fp32
         g = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]
-        return drop.triton_kernels().backward(x2, g, ad.a, ad.ranks, ad.p, ad.seeds(key), dx)
+        return drop.triton_kernels().backward(x2, g, ad.a, ad.ranks, ad.p, ad.seed, dx, key)
     out = []
     for j, (g, a) in enumerate(zip(gs, ad.a.split(ad.ranks))):
         if ad.p[j]:
