@@ -4,6 +4,7 @@ gate/up, down; r=16 on all seven), forward + backward at 8192 tokens, bf16 autoc
     python scripts/bench_dropout.py [--tokens 8192] [--rank 16] [--repeats 10]
     python scripts/bench_dropout.py --sweep [--json sweep.json]   # the Triton kernels' tiles and RNG width
     python scripts/bench_dropout.py --kernels [--json kernels.json] # each kernel alone, per group shape
+    python scripts/bench_dropout.py --kernels --defaults --fewer-rows 1  # default settings only, at 8,191 and 2,047 rows
     python scripts/bench_dropout.py --host [--json host.json]       # host µs per project/backward call
 
 --kernels times the two Triton kernels by themselves on each LoRA group's shape (q/k/v, o, gate/up, down at
@@ -135,6 +136,13 @@ FWD_TILES = ["64,64,4", "32,64,4", "32,128,4", "16,128,4", "128,64,8", "16,64,2"
 BWD_TILES = ["64,128,8", "16,128,4", "16,256,4", "32,128,4", "32,256,8", "32,64,2", "16,128,2"]
 
 
+def set_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 def kernels(args) -> dict:
     """Microseconds per call of each kernel (CUDA-graph replays: device time only) for every shape, tile
     setting and Philox round count; None marks a setting the compiler refused."""
@@ -152,8 +160,9 @@ def kernels(args) -> dict:
             return None
 
     out = {"device": torch.cuda.get_device_name(), "rank": args.rank, "p": 0.05, "shapes": {}}
+    fwd_tiles, bwd_tiles, all_rounds = (([None], [None], [None]) if args.defaults else (FWD_TILES, BWD_TILES, ("10", "7")))
     for name, (rows, width, n) in KERNEL_SHAPES.items():
-        T = rows or args.tokens
+        T = (rows or args.tokens) - args.fewer_rows
         gen = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(T, width, device="cuda", generator=gen).bfloat16()
         a = (torch.randn(n * args.rank, width, device="cuda", generator=gen) * 0.02).bfloat16()
@@ -162,14 +171,14 @@ def kernels(args) -> dict:
         ranks, ps, seed = [args.rank] * n, [0.05] * n, 2**40 + 12345
         row = {"tokens": T, "width": width, "modules": n,
                "p0_fwd_us": us(lambda: x @ a.t()), "p0_bwd_us": us(lambda: (dx.addmm_(g, a), g.t() @ x))}
-        for rounds in ("10", "7"):
-            os.environ[kt.ROUNDS_ENV] = rounds
-            for t in FWD_TILES:
-                os.environ[kt.TILES_ENV] = t + ",64,128,8"
-                row[f"fwd {t} r{rounds}"] = us(lambda: kt.project(x, a, ranks, ps, seed))
-            for t in BWD_TILES:
-                os.environ[kt.TILES_ENV] = "64,64,4," + t
-                row[f"bwd {t} r{rounds}"] = us(lambda: kt.backward(x, g, a, ranks, ps, seed, dx))
+        for rounds in all_rounds:  # None: the default setting (the env variable unset)
+            set_env(kt.ROUNDS_ENV, rounds)
+            for t in fwd_tiles:
+                set_env(kt.TILES_ENV, t and t + ",64,128,8")
+                row[f"fwd {t or 'default'} r{rounds or 'default'}"] = us(lambda: kt.project(x, a, ranks, ps, seed))
+            for t in bwd_tiles:
+                set_env(kt.TILES_ENV, t and "64,64,4," + t)
+                row[f"bwd {t or 'default'} r{rounds or 'default'}"] = us(lambda: kt.backward(x, g, a, ranks, ps, seed, dx))
         os.environ.pop(kt.TILES_ENV, None)
         os.environ.pop(kt.ROUNDS_ENV, None)
         for label, fn in (("host_fwd_us", lambda: kt.project(x, a, ranks, ps, seed)),
@@ -227,6 +236,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--sweep", action="store_true", help="time the Triton kernels' tile and RNG-width variants")
     ap.add_argument("--kernels", action="store_true", help="time each Triton kernel alone per group shape, tiles and rounds")
+    ap.add_argument("--defaults", action="store_true", help="with --kernels: only the default tiles and Philox rounds")
+    ap.add_argument("--fewer-rows", type=int, default=0, metavar="N",
+                    help="with --kernels: every shape N rows shorter (1: token counts that are not multiples of 16)")
     ap.add_argument("--host", action="store_true", help="host microseconds per call of project/backward per group shape")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here (with --sweep, --kernels or --host)")
     args = ap.parse_args()
