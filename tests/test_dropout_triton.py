@@ -53,7 +53,7 @@ def interpreter_index(monkeypatch):
 
 
 RANKS, PS = [3, 16, 5], [0.5, 0.25, 0.0]  # a p = 0 module in a dropping group
-SEED, KEY = 2**61 + 5, 2  # a row chunk other than 0: module j draws with SEED + mask_index(KEY, j, 3, 0)
+SEED, KEY = 2**61 + 5, 2  # a row chunk other than 0: module j draws with kt.module_seed(SEED, KEY, j, 3)
 
 
 def dense(x, g, a, dx0, masks):
@@ -71,7 +71,7 @@ def check_against_dense(device: str, dtype: torch.dtype, tokens: int = 150, widt
     x, dx0 = (torch.randn(tokens, width, device=device).to(dtype) for _ in range(2))
     a = torch.randn(sum(RANKS), width, device=device).to(dtype)
     g = torch.randn(tokens, sum(RANKS), device=device).to(dtype)
-    masks = [kt.keep_mask(SEED + drop.mask_index(KEY, j, 3, 0), p, (tokens, width), device) for j, p in enumerate(PS)]
+    masks = [kt.keep_mask(kt.module_seed(SEED, KEY, j, 3), p, (tokens, width), device) for j, p in enumerate(PS)]
     u = kt.project(x, a, RANKS, PS, SEED, KEY)
     dx = dx0.clone()
     da = kt.backward(x, g, a, RANKS, PS, SEED, dx, KEY)
@@ -108,7 +108,7 @@ def check_probes(device: str):
 
 def check_group_path(device: str, monkeypatch):
     """project_group with FTUNE_DROPOUT_KERNEL=triton: outputs and gradients equal the modules' math with
-    the masks the kernels draw (seeds = the call's seed + mask_index(chunk 0, j, n, block 0))."""
+    the masks the kernels draw (keys = module_seed(the call's seed, chunk 0, j, n))."""
     monkeypatch.setenv(drop.KERNEL_ENV, "triton")
     monkeypatch.setattr(drop, "new_seed", lambda: 4242)
     torch.manual_seed(1)
@@ -118,7 +118,7 @@ def check_group_path(device: str, monkeypatch):
     fused = project_group(x, modules)
     got = grads(x, modules, fused)
     x2 = x.reshape(-1, 40)
-    keep = [kt.keep_mask(4242 + drop.mask_index(0, j, 3, 0), p, x2.shape, device) for j, p in enumerate([0.5, 0.2])]
+    keep = [kt.keep_mask(kt.module_seed(4242, 0, j, 3), p, x2.shape, device) for j, p in enumerate([0.5, 0.2])]
     ref = [ref_lora(m, x2, k).view(3, 30, -1) for m, k in zip(modules, [*keep, None])]
     assert_all_close(fused, ref, tol=1e-4)
     assert_all_close(got, grads(x, modules, ref), tol=1e-4)

@@ -18,7 +18,7 @@ small next to what the layers keep whatever the batch (on Qwen2.5-7B's down_proj
 
 On CUDA, when triton imports, the Triton kernels of dropout_triton.py replace the torch path below
 (FTUNE_DROPOUT_KERNEL=torch keeps it, for A/B runs): no mask tensor at all; module j's mask is drawn in
-registers from Philox on key seed + mask_index(key, j, n, 0) and counter (token, column // 8) (16 bits
+registers from Philox on key `dropout_triton.module_seed(seed, key, j, n)` and counter (token, column // 8) (16 bits
 per element; dropout_triton.py), so a group's dropped A projections are one pass over x in forward and one pass
 over x and dx in backward (dx and every dA_j together). Chunks (mlp.py) keep distinct masks through the
 key. The torch path stays for the CPU and as the reference; both draw the same distribution from
@@ -106,13 +106,10 @@ def dropped(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
 ROWS = 2048  # rows per mask block: bounds the temporaries (dropped input, mask, g·A) of one module
 
 
-INDEX_BITS = 20  # mask_index's low bits number the row blocks; the Triton kernels space a group's modules by it
-
-
 def mask_index(key: int, j: int, n_modules: int, block: int) -> int:
     """The generator offset from the call's seed of module j's mask, row chunk `key`, row block `block`:
     distinct for every (key, j, block) of a call (blocks < 2**20: up to 2 billion rows)."""
-    return ((key * n_modules + j) << INDEX_BITS) + block
+    return ((key * n_modules + j) << 20) + block
 
 
 def _blocks(n: int) -> list[slice]:

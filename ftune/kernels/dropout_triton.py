@@ -26,8 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ftune.kernels.dropout import INDEX_BITS, mask_index
-
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # the CPU tests run the kernels there
 MAX_G = 4  # modules per launch (q/k/v is 3); larger groups run in launches of MAX_G
 RNG_ENV = "FTUNE_DROPOUT_RNG"  # 32: one uniform per element from 32 bits; 16: 16 bits per element
@@ -40,7 +38,8 @@ DEFAULT_ROUNDS = 10
 # this a launch compiles another variant whenever one of them happens to be a multiple of 16 (a stall of a second
 # or more, at some step of a run); the kernels gain nothing from knowing it.
 RUNTIME_INTS = ["T", "seed"]
-_STEP = tl.constexpr(1 << INDEX_BITS)  # slot j of a launch draws with key seed + j · _STEP, as mask_index spaces them
+KEY_BITS = 20  # module keys of one call are 2**KEY_BITS apart (module_seed)
+_STEP = tl.constexpr(1 << KEY_BITS)  # slot j of a launch draws with key seed + j · _STEP
 
 
 @triton.jit
@@ -117,7 +116,7 @@ def _fwd_kernel(x_ptr, a_ptr, part_ptr, T, K, in4, sx, sa, NR, KS, seed,
                 BITS: tl.constexpr, ROUNDS: tl.constexpr):
     """part[split, t, C_j + i] = Σ over this split's columns of (x ⊙ M_j)[t] · A_j[i] · Q_j, slot j of G; slot j's
     keep threshold P_j, scale Q_j = 1/(1 − p_j), first row C_j of the stacked A and rank N_j are compile-time
-    constants (fixed for a run's group), its mask key seed + (j << INDEX_BITS)."""
+    constants (fixed for a run's group), its mask key seed + (j << KEY_BITS)."""
     seed = seed.to(tl.int64)
     split = tl.program_id(1)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -297,13 +296,19 @@ def _slots(ps, ranks, cols, bits) -> dict:
     return slots
 
 
+def module_seed(seed: int, key: int, j: int, n: int) -> int:
+    """The Philox key of module j (of n in its group) for row chunk `key` (mlp.py) of a call drawn with `seed`:
+    distinct for every (key, j) of a call. The Triton path's own numbering (the torch path's generators are
+    seeded by dropout.mask_index; the two paths draw from different streams anyway)."""
+    return seed + ((key * n + j) << KEY_BITS)
+
+
 def _launches(ranks, seed: int, key: int):
-    """(modules, per-slot constants' inputs, first module's mask key) per launch of at most MAX_G modules: module j
-    of the group draws with key seed + mask_index(key, j, n, 0) (dropout.py), so slot i of a launch that starts at
-    module m draws with that launch's key + (i << INDEX_BITS)."""
+    """(modules, per-slot constants' inputs, first module's mask key) per launch of at most MAX_G modules: slot i of
+    a launch that starts at module m draws with module_seed(seed, key, m + i, n), its first key + (i << KEY_BITS)."""
     n = len(ranks)
     starts = [sum(ranks[:j]) for j in range(n)]
-    return [(range(i, min(i + MAX_G, n)), starts[i:i + MAX_G], seed + mask_index(key, i, n, 0)) for i in range(0, n, MAX_G)]
+    return [(range(i, min(i + MAX_G, n)), starts[i:i + MAX_G], module_seed(seed, key, i, n)) for i in range(0, n, MAX_G)]
 
 
 def _rank_block(ranks) -> int:
@@ -312,7 +317,7 @@ def _rank_block(ranks) -> int:
 
 def project(x2: torch.Tensor, a: torch.Tensor, ranks, ps, seed: int, key: int = 0) -> torch.Tensor:
     """u = [x ⊙ M_j A_jᵀ / (1 − p_j)]_j (tokens × Σr, x's dtype); a = the stacked A_j (Σr × in); module j's mask
-    is keep_mask(seed + mask_index(key, j, len(ranks), 0), p_j)."""
+    is keep_mask(module_seed(seed, key, j, len(ranks)), p_j)."""
     x2, a = x2.contiguous(), a.contiguous()
     T, K = x2.shape
     R, bits = _rank_block(ranks), rng_bits()
