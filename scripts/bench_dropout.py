@@ -6,6 +6,7 @@ gate/up, down; r=16 on all seven), forward + backward at 8192 tokens, bf16 autoc
     python scripts/bench_dropout.py --kernels [--json kernels.json] # each kernel alone, per group shape
     python scripts/bench_dropout.py --kernels --defaults --fewer-rows 1  # default settings only, at 8,191 and 2,047 rows
     python scripts/bench_dropout.py --host [--json host.json]       # host µs per project/backward call
+    python scripts/bench_dropout.py --against old.py [--fewer-rows 1]  # against another dropout_triton.py
 
 --kernels times the two Triton kernels by themselves on each LoRA group's shape (q/k/v, o, gate/up, down at
 --tokens rows, and gate/up, down at 2,048 rows: the chunk of a layer that recomputes its MLP), replayed from
@@ -194,6 +195,56 @@ def kernels(args) -> dict:
     return out
 
 
+def against(args) -> dict:
+    """The default kernels of this tree and of another copy of dropout_triton.py (e.g. `git show
+    REV:ftune/kernels/dropout_triton.py > other.py`), timed alternately on the same tensors (CUDA-graph replays,
+    the second of two passes) per group shape, with how far their outputs differ. A copy from before 25dbdc0 takes
+    one seed per module: it gets the keys the current one derives (module_seed), so both draw the same masks."""
+    import importlib.util
+    import inspect
+
+    from triton.testing import do_bench_cudagraph
+
+    from ftune.kernels import dropout_triton as kt
+
+    spec = importlib.util.spec_from_file_location("ftune_dropout_triton_other", args.against)
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+
+    def entry_points(mod):
+        if "seeds" not in inspect.signature(mod.project).parameters:
+            return mod.project, mod.backward
+        keys = lambda seed, n: [kt.module_seed(seed, 0, j, n) for j in range(n)]  # noqa: E731
+        return (lambda x, a, r, p, seed: mod.project(x, a, r, p, keys(seed, len(r))),
+                lambda x, g, a, r, p, seed, dx: mod.backward(x, g, a, r, p, keys(seed, len(r)), dx))
+
+    sides = {"current": entry_points(kt), "other": entry_points(other)}
+    out = {"device": torch.cuda.get_device_name(), "other": str(args.against), "rank": args.rank, "p": 0.05, "shapes": {}}
+    for name, (rows, width, n) in KERNEL_SHAPES.items():
+        T = (rows or args.tokens) - args.fewer_rows
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(T, width, device="cuda", generator=gen).bfloat16()
+        a = (torch.randn(n * args.rank, width, device="cuda", generator=gen) * 0.02).bfloat16()
+        g = (torch.randn(T, n * args.rank, device="cuda", generator=gen) * 0.01).bfloat16()
+        ranks, ps, seed = [args.rank] * n, [0.05] * n, 2**40 + 12345
+        row = {"tokens": T, "width": width, "modules": n}
+        got = {}
+        for side, (project, backward) in sides.items():
+            dx = torch.zeros_like(x)
+            da = backward(x, g, a, ranks, ps, seed, dx)
+            got[side] = [project(x, a, ranks, ps, seed), dx, *da]
+        row["fwd_max_abs_diff"] = float((got["current"][0].float() - got["other"][0].float()).abs().max())
+        row["bwd_identical"] = all(torch.equal(u, v) for u, v in zip(got["current"][1:], got["other"][1:]))
+        dx = torch.zeros_like(x)
+        for _ in range(2):  # alternate the two sides; the second pass is kept
+            for side, (project, backward) in sides.items():
+                row[f"{side}_fwd_us"] = round(do_bench_cudagraph(lambda: project(x, a, ranks, ps, seed), rep=50) * 1e3, 1)
+                row[f"{side}_bwd_us"] = round(do_bench_cudagraph(lambda: backward(x, g, a, ranks, ps, seed, dx), rep=50) * 1e3, 1)
+        out["shapes"][name] = row
+        print(name, json.dumps(row), flush=True)
+    return out
+
+
 def host(args) -> dict:
     """Host microseconds per call of `project` and `backward` (the launch path: arguments, the partial-sum buffer,
     the split sum), the best of 5 batches of 40 calls, per group shape; the GPU runs behind, so this is host time
@@ -239,13 +290,15 @@ def main() -> None:
     ap.add_argument("--defaults", action="store_true", help="with --kernels: only the default tiles and Philox rounds")
     ap.add_argument("--fewer-rows", type=int, default=0, metavar="N",
                     help="with --kernels: every shape N rows shorter (1: token counts that are not multiples of 16)")
+    ap.add_argument("--against", type=Path, default=None, metavar="FILE",
+                    help="time the default kernels against another copy of dropout_triton.py (with --fewer-rows)")
     ap.add_argument("--host", action="store_true", help="host microseconds per call of project/backward per group shape")
-    ap.add_argument("--json", type=Path, default=None, help="also write the results here (with --sweep, --kernels or --host)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here (with --sweep, --kernels, --against or --host)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_dropout.py needs a CUDA GPU")
-    if args.kernels or args.host:
-        res = kernels(args) if args.kernels else host(args)
+    if args.kernels or args.host or args.against:
+        res = against(args) if args.against else kernels(args) if args.kernels else host(args)
         if args.json:
             args.json.write_text(json.dumps(res, indent=1))
         return
