@@ -137,6 +137,17 @@ FWD_TILES = ["64,64,4", "32,64,4", "32,128,4", "16,128,4", "128,64,8", "16,64,2"
 BWD_TILES = ["64,128,8", "16,128,4", "16,256,4", "32,128,4", "32,256,8", "32,64,2", "16,128,2"]
 
 
+def group_inputs(args, rows: int | None, width: int, n: int):
+    """(T, x, A, g, ranks, ps, seed) of one group shape: T = rows (or --tokens) minus --fewer-rows; bf16 inputs
+    drawn from a fixed generator, r = --rank per module, p 0.05 each."""
+    T = (rows or args.tokens) - args.fewer_rows
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(T, width, device="cuda", generator=gen).bfloat16()
+    a = (torch.randn(n * args.rank, width, device="cuda", generator=gen) * 0.02).bfloat16()
+    g = (torch.randn(T, n * args.rank, device="cuda", generator=gen) * 0.01).bfloat16()
+    return T, x, a, g, [args.rank] * n, [0.05] * n, 2**40 + 12345
+
+
 def set_env(name: str, value: str | None) -> None:
     if value is None:
         os.environ.pop(name, None)
@@ -163,13 +174,8 @@ def kernels(args) -> dict:
     out = {"device": torch.cuda.get_device_name(), "rank": args.rank, "p": 0.05, "shapes": {}}
     fwd_tiles, bwd_tiles, all_rounds = (([None], [None], [None]) if args.defaults else (FWD_TILES, BWD_TILES, ("10", "7")))
     for name, (rows, width, n) in KERNEL_SHAPES.items():
-        T = (rows or args.tokens) - args.fewer_rows
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randn(T, width, device="cuda", generator=gen).bfloat16()
-        a = (torch.randn(n * args.rank, width, device="cuda", generator=gen) * 0.02).bfloat16()
-        g = (torch.randn(T, n * args.rank, device="cuda", generator=gen) * 0.01).bfloat16()
+        T, x, a, g, ranks, ps, seed = group_inputs(args, rows, width, n)
         dx = torch.zeros_like(x)
-        ranks, ps, seed = [args.rank] * n, [0.05] * n, 2**40 + 12345
         row = {"tokens": T, "width": width, "modules": n,
                "p0_fwd_us": us(lambda: x @ a.t()), "p0_bwd_us": us(lambda: (dx.addmm_(g, a), g.t() @ x))}
         for rounds in all_rounds:  # None: the default setting (the env variable unset)
@@ -221,12 +227,7 @@ def against(args) -> dict:
     sides = {"current": entry_points(kt), "other": entry_points(other)}
     out = {"device": torch.cuda.get_device_name(), "other": str(args.against), "rank": args.rank, "p": 0.05, "shapes": {}}
     for name, (rows, width, n) in KERNEL_SHAPES.items():
-        T = (rows or args.tokens) - args.fewer_rows
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randn(T, width, device="cuda", generator=gen).bfloat16()
-        a = (torch.randn(n * args.rank, width, device="cuda", generator=gen) * 0.02).bfloat16()
-        g = (torch.randn(T, n * args.rank, device="cuda", generator=gen) * 0.01).bfloat16()
-        ranks, ps, seed = [args.rank] * n, [0.05] * n, 2**40 + 12345
+        T, x, a, g, ranks, ps, seed = group_inputs(args, rows, width, n)
         row = {"tokens": T, "width": width, "modules": n}
         got = {}
         for side, (project, backward) in sides.items():
@@ -255,12 +256,8 @@ def host(args) -> dict:
 
     out = {"device": torch.cuda.get_device_name(), "rank": args.rank, "p": 0.05, "shapes": {}}
     for name, (rows, width, n) in KERNEL_SHAPES.items():
-        T = rows or args.tokens
-        x = torch.randn(T, width, device="cuda").bfloat16()
-        a = (torch.randn(n * args.rank, width, device="cuda") * 0.02).bfloat16()
-        g = (torch.randn(T, n * args.rank, device="cuda") * 0.01).bfloat16()
+        T, x, a, g, ranks, ps, seed = group_inputs(args, rows, width, n)
         dx = torch.zeros_like(x)
-        ranks, ps, seed = [args.rank] * n, [0.05] * n, 2**40 + 12345
         row = {"tokens": T, "width": width, "modules": n}
         for label, fn in (("fwd_us", lambda: kt.project(x, a, ranks, ps, seed)),
                           ("bwd_us", lambda: kt.backward(x, g, a, ranks, ps, seed, dx)),
@@ -289,7 +286,7 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true", help="time each Triton kernel alone per group shape, tiles and rounds")
     ap.add_argument("--defaults", action="store_true", help="with --kernels: only the default tiles and Philox rounds")
     ap.add_argument("--fewer-rows", type=int, default=0, metavar="N",
-                    help="with --kernels: every shape N rows shorter (1: token counts that are not multiples of 16)")
+                    help="with --kernels, --against or --host: every shape N rows shorter (1: token counts that are not multiples of 16)")
     ap.add_argument("--against", type=Path, default=None, metavar="FILE",
                     help="time the default kernels against another copy of dropout_triton.py (with --fewer-rows)")
     ap.add_argument("--host", action="store_true", help="host microseconds per call of project/backward per group shape")
