@@ -133,6 +133,16 @@ def test_kernels_match_the_dense_reference_in_the_interpreter(dtype):
 
 
 @interp
+def test_backward_rows_in_whole_tiles_and_a_partial_last_tile_in_the_interpreter():
+    """1,381 tokens with the interpreter's 4 "SMs": the backward gives each of 15 programs 96 rows (three 32-row
+    tiles, run without a row mask); the last gets 37, one whole tile and a partial one (masked)."""
+    _, (bm, _, _) = kt.tiles(16, 3)
+    per_split = kt._cdiv(kt._cdiv(1381, bm), 16) * bm
+    assert (bm, per_split, 1381 % per_split) == (32, 96, 37)
+    check_against_dense("cpu", torch.float32, tokens=1381, width=24)
+
+
+@interp
 @pytest.mark.parametrize("bits,rounds", [("16", "10"), ("32", "10"), ("16", "7")])
 def test_forward_and_backward_apply_the_same_masks_in_the_interpreter(monkeypatch, bits, rounds):
     monkeypatch.setenv(kt.RNG_ENV, bits)
@@ -165,7 +175,7 @@ def test_rng_width_and_tiles_settings(monkeypatch):
     monkeypatch.delenv(kt.TILES_ENV, raising=False)
     assert kt.rng_bits() == 16 and kt.p_arg(0.05, 16) == 3277 and kt.p_arg(0.0, 16) == 0 and kt.p_arg(0.05, 32) == 0.05
     assert kt.counters(42, 16) == 6 and kt.counters(42, 32) == 11
-    assert kt.tiles(16) == ((64, 64, 4), (16, 128, 2)) and kt.tiles(16, 3) == ((64, 64, 4), (16, 256, 4))
+    assert kt.tiles(16) == ((64, 64, 4), (64, 64, 4)) and kt.tiles(16, 3) == ((64, 64, 4), (32, 128, 4))
     assert kt.tiles(64, 2) == ((32, 64, 4), (64, 128, 8))
     monkeypatch.setenv(kt.RNG_ENV, "8")
     with pytest.raises(drop.FtuneError, match="FTUNE_DROPOUT_RNG='8': expected 16 or 32"):

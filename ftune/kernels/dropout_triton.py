@@ -160,6 +160,38 @@ def _bwd_one(dx, acc, x, a, g_ptr, sg, rows, rmask, k0, in4, seed, SLOT: tl.cons
     return dx, acc
 
 
+@triton.jit
+def _bwd_rows(x_ptr, g_ptr, dx_ptr, sx, sg, sdx, r0, end, cols, cmask, k0, in4, seed, a0, a1, a2, a3, acc0, acc1, acc2,
+              acc3, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, Q0: tl.constexpr,
+              Q1: tl.constexpr, Q2: tl.constexpr, Q3: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
+              C2: tl.constexpr, C3: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
+              N3: tl.constexpr, G: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+              IEEE: tl.constexpr, BITS: tl.constexpr, ROUNDS: tl.constexpr, MASKED: tl.constexpr):
+    """One BM-row tile of _bwd_kernel's loop: dx's rows updated in place, the slots' dA sums returned. MASKED
+    False: every row is below `end`, and the loads and stores carry the column mask only. Measured on an H200 at
+    8,191 tokens (T not a multiple of 16: what packing gives 15 micro-batches in 16), whole tiles without the row
+    mask ran the 7B's groups 7-36% faster, depending on the tile (docs/BENCHMARKS.md run r); the split's last,
+    partial tile keeps it."""
+    rows = r0 + tl.arange(0, BM)
+    if MASKED:
+        rmask = rows < end
+    else:
+        rmask = tl.full((BM,), 1, tl.int1)
+    tile = rmask[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=tile, other=0.0)
+    dx_at = dx_ptr + rows[:, None] * sdx + cols[None, :]
+    dx = tl.load(dx_at, mask=tile, other=0.0).to(tl.float32)
+    dx, acc0 = _bwd_one(dx, acc0, x, a0, g_ptr, sg, rows, rmask, k0, in4, seed, 0, P0, Q0, C0, N0, R, BM, BK, IEEE, BITS, ROUNDS)
+    if G > 1:
+        dx, acc1 = _bwd_one(dx, acc1, x, a1, g_ptr, sg, rows, rmask, k0, in4, seed, 1, P1, Q1, C1, N1, R, BM, BK, IEEE, BITS, ROUNDS)
+    if G > 2:
+        dx, acc2 = _bwd_one(dx, acc2, x, a2, g_ptr, sg, rows, rmask, k0, in4, seed, 2, P2, Q2, C2, N2, R, BM, BK, IEEE, BITS, ROUNDS)
+    if G > 3:
+        dx, acc3 = _bwd_one(dx, acc3, x, a3, g_ptr, sg, rows, rmask, k0, in4, seed, 3, P3, Q3, C3, N3, R, BM, BK, IEEE, BITS, ROUNDS)
+    tl.store(dx_at, dx.to(dx_ptr.dtype.element_ty), mask=tile)
+    return acc0, acc1, acc2, acc3
+
+
 @triton.jit(do_not_specialize=RUNTIME_INTS)
 def _bwd_kernel(x_ptr, g_ptr, a_ptr, dx_ptr, part_ptr, T, K, in4, sx, sg, sa, sdx, NR, TS, seed,
                 P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
@@ -189,21 +221,17 @@ def _bwd_kernel(x_ptr, g_ptr, a_ptr, dx_ptr, part_ptr, T, K, in4, sx, sg, sa, sd
     acc1 = tl.zeros((R, BK), dtype=tl.float32)
     acc2 = tl.zeros((R, BK), dtype=tl.float32)
     acc3 = tl.zeros((R, BK), dtype=tl.float32)
-    for i in range(0, TS, BM):  # the last split's tail: masked
-        rows = split * TS + i + tl.arange(0, BM)
-        rmask = rows < T
-        tile = rmask[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=tile, other=0.0)
-        dx_at = dx_ptr + rows[:, None] * sdx + cols[None, :]
-        dx = tl.load(dx_at, mask=tile, other=0.0).to(tl.float32)
-        dx, acc0 = _bwd_one(dx, acc0, x, a0, g_ptr, sg, rows, rmask, k0, in4, seed, 0, P0, Q0, C0, N0, R, BM, BK, IEEE, BITS, ROUNDS)
-        if G > 1:
-            dx, acc1 = _bwd_one(dx, acc1, x, a1, g_ptr, sg, rows, rmask, k0, in4, seed, 1, P1, Q1, C1, N1, R, BM, BK, IEEE, BITS, ROUNDS)
-        if G > 2:
-            dx, acc2 = _bwd_one(dx, acc2, x, a2, g_ptr, sg, rows, rmask, k0, in4, seed, 2, P2, Q2, C2, N2, R, BM, BK, IEEE, BITS, ROUNDS)
-        if G > 3:
-            dx, acc3 = _bwd_one(dx, acc3, x, a3, g_ptr, sg, rows, rmask, k0, in4, seed, 3, P3, Q3, C3, N3, R, BM, BK, IEEE, BITS, ROUNDS)
-        tl.store(dx_at, dx.to(dx_ptr.dtype.element_ty), mask=tile)
+    lo = split * TS
+    n = tl.minimum(TS, T - lo)
+    full = lo + n - n % BM
+    for r0 in range(lo, full, BM):  # whole tiles, without a row mask (see _bwd_rows)
+        acc0, acc1, acc2, acc3 = _bwd_rows(x_ptr, g_ptr, dx_ptr, sx, sg, sdx, r0, lo + n, cols, cmask, k0, in4, seed,
+                                           a0, a1, a2, a3, acc0, acc1, acc2, acc3, P0, P1, P2, P3, Q0, Q1, Q2, Q3,
+                                           C0, C1, C2, C3, N0, N1, N2, N3, G, R, BM, BK, IEEE, BITS, ROUNDS, False)
+    if full < lo + n:  # the split's last rows
+        acc0, acc1, acc2, acc3 = _bwd_rows(x_ptr, g_ptr, dx_ptr, sx, sg, sdx, full, lo + n, cols, cmask, k0, in4, seed,
+                                           a0, a1, a2, a3, acc0, acc1, acc2, acc3, P0, P1, P2, P3, Q0, Q1, Q2, Q3,
+                                           C0, C1, C2, C3, N0, N1, N2, N3, G, R, BM, BK, IEEE, BITS, ROUNDS, True)
     base = split.to(tl.int64) * NR * K
     rr = tl.arange(0, R)
     _store_da(part_ptr, base, K, C0, N0, rr, cols, cmask, acc0 * Q0)
@@ -252,9 +280,10 @@ def philox_rounds() -> int:
 
 def tiles(r_block: int, modules: int = 1) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """((BM, BK, warps) forward, (BM, BK, warps) backward) for a launch of `modules` modules: FTUNE_DROPOUT_TILES
-    when set (sweeps), else the defaults measured on an H200 (`scripts/bench_dropout.py --kernels`, 2026-12-03):
-    the backward's register use (188 to 255 per thread at 64 × 128 × 8 warps: one block per SM) is what limits
-    it, and 16-row tiles with fewer warps ran the 7B's groups 1.3-1.7× faster at 8,192 tokens (docs/BENCHMARKS.md)."""
+    when set (sweeps), else the defaults measured on an H200 at 8,191 tokens, the backward's whole tiles unmasked
+    (2026-12-03, docs/BENCHMARKS.md run r): 64 × 64 × 4 warps for one module (down 430 µs, o 90 µs) and
+    32 × 128 × 4 for groups (q/k/v 207 µs, gate/up 124 µs), against 546/120/264/140 µs for the earlier 16-row
+    tiles. (Those had been chosen at 8,192 tokens, where Triton compiles a variant for T a multiple of 16.)"""
     v = os.environ.get(TILES_ENV)
     if v:
         t = [int(x) for x in v.split(",")]
@@ -266,7 +295,7 @@ def tiles(r_block: int, modules: int = 1) -> tuple[tuple[int, int, int], tuple[i
     fwd = (64, 64, 4) if r_block <= 32 else (32, 64, 4)
     if r_block > 32:  # ranks above 32 were not part of the measurement: the earlier default, unchanged
         return fwd, (64, 128, 8)
-    return fwd, ((16, 128, 2) if modules == 1 else (16, 256, 4))
+    return fwd, ((64, 64, 4) if modules == 1 else (32, 128, 4))
 
 
 def _cdiv(a: int, b: int) -> int:
