@@ -134,7 +134,7 @@ def sweep(args) -> dict:
 KERNEL_SHAPES = {"q/k/v": (None, HIDDEN, 3), "o": (None, HIDDEN, 1), "gate/up": (None, HIDDEN, 2),
                  "down": (None, INTER, 1), "gate/up@2048": (2048, HIDDEN, 2), "down@2048": (2048, INTER, 1)}
 FWD_TILES = ["64,64,4", "32,64,4", "32,128,4", "16,128,4", "128,64,8", "16,64,2"]
-BWD_TILES = ["64,128,8", "16,128,4", "16,256,4", "32,128,4", "32,256,8", "32,64,2", "16,128,2"]
+BWD_TILES = ["64,64,4", "32,128,4", "64,128,8", "16,128,4", "16,256,4", "16,256,8", "32,256,8", "32,64,2", "16,128,2", "16,64,2"]
 
 
 def group_inputs(args, rows: int | None, width: int, n: int):
