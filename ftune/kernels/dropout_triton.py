@@ -170,7 +170,7 @@ def _bwd_rows(x_ptr, g_ptr, dx_ptr, sx, sg, sdx, r0, end, cols, cmask, k0, in4, 
     """One BM-row tile of _bwd_kernel's loop: dx's rows updated in place, the slots' dA sums returned. MASKED
     False: every row is below `end`, and the loads and stores carry the column mask only. Measured on an H200 at
     8,191 tokens (T not a multiple of 16: what packing gives 15 micro-batches in 16), whole tiles without the row
-    mask ran the 7B's groups 7-36% faster, depending on the tile (docs/BENCHMARKS.md run r); the split's last,
+    mask ran the 7B's groups 9-36% faster at the default tiles (docs/BENCHMARKS.md run r); the split's last,
     partial tile keeps it."""
     rows = r0 + tl.arange(0, BM)
     if MASKED:
