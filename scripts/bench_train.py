@@ -68,6 +68,8 @@ CASES: dict[str, tuple[str, str, dict]] = {
     "ftune-qlora-autogc": ("ftune", "configs/qwen7b_qlora.yaml", {"overrides": ["train.gc_every=null"]}),  # Python's own gc
     # what the config's paged 8-bit AdamW costs per step against fused AdamW (+~240 MB of fp32 moments at r 16 on a 7B)
     "ftune-qlora-adamw": ("ftune", "configs/qwen7b_qlora.yaml", {"overrides": ["train.optimizer=adamw"]}),
+    # bitsandbytes' own optimizer step (a GPU sync per parameter) instead of ftune's: scripts/trace/sitecustomize.py
+    "ftune-qlora-libopt": ("ftune", "configs/qwen7b_qlora.yaml", {"env": {"FTUNE_TRACE_LIBRARY_OPTIMIZER": "1"}}),
     "ftune-qlora-28C": ("ftune", "configs/qwen7b_qlora.yaml", {"overrides": ["model.layer_plan=28C", "model.memory_budget_gib=null"]}),
     "ftune-qlora-14a8c6K": ("ftune", "configs/qwen7b_qlora.yaml", {"overrides": ["model.layer_plan=14a8c6K", "model.memory_budget_gib=null"]}),
     "ftune-qalora": ("ftune", "configs/qwen7b_qalora.yaml", {}),  # INT4 base quantized by ftune; vs NF4 QLoRA
@@ -134,8 +136,10 @@ def run_ftune(case: str, config: str, extra: dict, assets: dict, args) -> dict:
                  f"output_dir={run_dir}", *extra.get("overrides", [])]
     cmd = [sys.executable, "-m", "ftune", "train", str(ROOT / config), *overrides, "--overwrite"]
     t0 = time.time()
-    path = [str(ROOT / "scripts" / "trace")] * bool(args.trace) + [str(ROOT), os.environ.get("PYTHONPATH", "")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), **({"FTUNE_TRACE": "1"} if args.trace else {}))
+    patched = bool(args.trace or extra.get("env"))
+    path = [str(ROOT / "scripts" / "trace")] * patched + [str(ROOT), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), **({"FTUNE_TRACE": "1"} if args.trace else {}),
+               **extra.get("env", {}))
     if args.trace and args.profile:  # torch.profiler over 4 micro-batches: WORK/profiles/CASE/profile.txt
         env |= {"FTUNE_TRACE_PROFILE": str(args.profile),
                 "FTUNE_TRACE_DIR": str(Path(args.work) / "profiles" / case.replace("@", "-"))}
@@ -145,7 +149,8 @@ def run_ftune(case: str, config: str, extra: dict, assets: dict, args) -> dict:
     logs = Path(args.work) / "logs"  # the whole output, for reading a surprising number afterwards
     logs.mkdir(parents=True, exist_ok=True)
     (logs / f"{case.replace('@', '-')}.log").write_text(done.stdout + done.stderr)
-    result["log"] = [line for line in log if "kernels:" in line or "layer plan" in line or "packing" in line.lower()][:6]
+    result["log"] = [line for line in log if "kernels:" in line or "layer plan" in line or "packing" in line.lower()
+                     or line.startswith("TRACE optimizer")][:6]
     if args.trace:  # scripts/trace/sitecustomize.py: one line per micro-batch, "TRACE mb N s SECONDS key value …"
         rows = [["mb", *line.split()[2:]] for line in log if line.startswith("TRACE mb ")]
         keys = rows[0][::2] if rows else []

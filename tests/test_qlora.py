@@ -203,6 +203,68 @@ def test_adamw_8bit_builds_and_steps_on_cpu():
     assert not torch.equal(big, before[0]) and not torch.equal(small, before[1])
 
 
+def _bnb_params(device: str, seed: int = 0) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(512, 256), (16, 64), (8,), (300, 400)]  # 8-bit blockwise, small (32-bit state), 1-D, paged on CUDA
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
+
+
+def _bnb_steps(opt, params, steps: int = 3) -> None:
+    for k in range(steps):
+        for i, p in enumerate(params):
+            # the third tensor gets no gradient in the second step: the step must skip it, as bitsandbytes does
+            p.grad = None if (k == 1 and i == 2) else torch.sin(p.detach() * (k + 1) + i)
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+def test_bitsandbytes_optimizers_update_exactly_as_the_library_does(name):
+    """ftune's bitsandbytes optimizers replace only the library's per-parameter GPU synchronisation: the same
+    parameters and the same optimizer state, bit for bit, after steps that create, skip and reuse state."""
+    from ftune.train.optim import build_optimizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
+    ours, theirs = _bnb_params(device), _bnb_params(device)
+    opt = build_optimizer([{"params": ours, "weight_decay": 0.01}], TrainConfig(optimizer=name, lr=1e-2), torch.device(device))
+    ref = cls([{"params": theirs, "weight_decay": 0.01}], lr=1e-2, betas=TrainConfig().betas)
+    assert type(opt) is not cls and isinstance(opt, cls) and type(opt).__name__ == cls.__name__
+    _bnb_steps(opt, ours)
+    _bnb_steps(ref, theirs)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    for a, b in zip(ours, theirs):
+        sa, sb = opt.state[a], ref.state[b]
+        assert sa.keys() == sb.keys() and sa["step"] == sb["step"] == (2 if a is ours[2] else 3)
+        for key in sa:
+            if isinstance(sa[key], torch.Tensor):
+                assert torch.equal(sa[key], sb[key]), key
+    assert opt.state_dict()["state"].keys() == ref.state_dict()["state"].keys()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA synchronisations")
+def test_bitsandbytes_step_synchronises_once_not_per_parameter(monkeypatch):
+    from ftune.train.optim import build_optimizer
+
+    params = _bnb_params("cuda")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt = build_optimizer([{"params": params, "weight_decay": 0.0}], TrainConfig(optimizer="paged_adamw_8bit"),
+                          torch.device("cuda"))
+    calls = []
+    real = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    opt.step()
+    assert len(calls) == 1
+    calls.clear()
+    bnb.optim.PagedAdamW8bit(_bnb_params("cuda"), lr=1e-3).step()  # no gradients: nothing to update
+    ref = bnb.optim.PagedAdamW8bit(params, lr=1e-3)
+    calls.clear()
+    ref.step()
+    assert len(calls) > len(params)  # what the library does on its own (one per parameter, one at the end)
+
+
 # --- the loop, the PEFT artifact, merge
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,14 @@ per forward, kernels/offload.py), the GPU is synchronised and one line goes to s
 for the micro-batch before it: its wall time (forward, backward, and the optimizer step and logging when it
 was a step's last), the pinned host blocks torch's host allocator had to create for it and the time that took
 (torch.cuda.memory.host_memory_stats), the pinned memory held, and the time Python's garbage collector ran
-(gc.callbacks) with the number of full collections. The synchronisation costs each micro-batch a little of
+(gc.callbacks) with the number of full collections. Then, from CUDA events on the offloader's copy stream and
+the compute stream (times from the micro-batch's start, ms): `bwd_ms` when backward first unpacked a saved
+tensor, `d2h_end_ms` when the last copy out ended, `h2d_ms` the copies back's summed duration, `stall_ms` how
+long the compute stream waited in all for copies back that were not done when it needed them (`stall_n` of
+them, `cold_n` fetched only when needed); from torch's CUDA allocator, `cuda_malloc`/`cuda_free` (segments
+it had to create or release) and `alloc_retries`; `opt_s` the optimizer step's wall time, synchronised before
+and after. FTUNE_TRACE_LIBRARY_OPTIMIZER=1 gives bitsandbytes' optimizers their library step (one GPU
+synchronisation per parameter) instead of ftune's (one per step), for an A/B. The synchronisation costs each micro-batch a little of
 the overlap between the CPU queueing work and the GPU running it, so traced runs are for reading where time
 goes, not for the speed table. Only plans that offload create offloaders: other cases print nothing.
 
@@ -22,12 +29,14 @@ import os
 import sys
 import time
 
+_PATCHES = {}  # module name -> function that patches it right after its first import
+
 if os.environ.get("FTUNE_TRACE") == "1":
     import gc
-    import importlib.abc
-    import importlib.machinery
 
-    _state = {"t": None, "blocks": 0, "alloc_us": 0.0, "n": 0, "gc_s": 0.0, "gc_full": 0, "gc_t0": 0.0}
+    _state = {"t": None, "blocks": 0, "alloc_us": 0.0, "n": 0, "gc_s": 0.0, "gc_full": 0, "gc_t0": 0.0,
+              "cuda": {}, "opt_s": 0.0, "offloader": None}
+    _CUDA_KEYS = {"cuda_malloc": "num_device_alloc", "cuda_free": "num_device_free", "alloc_retries": "num_alloc_retries"}
 
     def _on_gc(phase, info):
         if phase == "start":
@@ -41,22 +50,73 @@ if os.environ.get("FTUNE_TRACE") == "1":
     def _traced(offload_module):
         import torch
 
-        init = offload_module.ActivationOffload.__init__
+        cls = offload_module.ActivationOffload
+        init, pack, unpack = cls.__init__, cls.pack, cls.unpack
+
+        def event(stream=None):
+            e = torch.cuda.Event(enable_timing=True)
+            e.record(stream)
+            return e
+
+        def copies(off) -> str:
+            """The previous micro-batch's copy and stall times, read once everything has run (after a sync)."""
+            if off is None or not hasattr(off, "_t0"):
+                return ""
+            t0 = off._t0
+            at = t0.elapsed_time
+            d2h_end = max((at(e) for e in off._d2h), default=0.0)
+            h2d = sum(a.elapsed_time(b) for a, b in off._h2d)
+            waits = [at(ready) - at(arrive) for arrive, ready in off._waits]
+            stalls = [w for w in waits if w > 0.01]
+            bwd = at(off._bwd) if off._bwd is not None else 0.0
+            return (f" bwd_ms {bwd:.1f} d2h_end_ms {d2h_end:.1f} h2d_ms {h2d:.1f} stall_ms {sum(stalls):.1f} "
+                    f"stall_n {len(stalls)} cold_n {off._cold}")
 
         def traced_init(self, *args, **kwargs):
             torch.cuda.synchronize()
             now, stats = time.perf_counter(), torch.cuda.memory.host_memory_stats()
+            cuda = torch.cuda.memory_stats()
             blocks, alloc_us = stats.get("num_host_alloc", 0), stats.get("host_alloc_time.total", 0)
             if _state["t"] is not None:
+                deltas = " ".join(f"{k} {cuda.get(v, 0) - _state['cuda'].get(v, 0)}" for k, v in _CUDA_KEYS.items())
                 print(f"TRACE mb {_state['n']} s {now - _state['t']:.4f} pinned_new {blocks - _state['blocks']} "
                       f"pinned_alloc_s {(alloc_us - _state['alloc_us']) / 1e6:.3f} "
                       f"pinned_gib {stats.get('allocated_bytes.current', 0) / 2**30:.2f} "
-                      f"gc_s {_state['gc_s']:.4f} gc_full {_state['gc_full']}", file=sys.stderr, flush=True)
-            _state.update(t=now, blocks=blocks, alloc_us=alloc_us, n=_state["n"] + 1, gc_s=0.0, gc_full=0)
+                      f"gc_s {_state['gc_s']:.4f} gc_full {_state['gc_full']} {deltas} opt_s {_state['opt_s']:.4f}"
+                      f"{copies(_state['offloader'])}", file=sys.stderr, flush=True)
+            _state.update(t=now, blocks=blocks, alloc_us=alloc_us, n=_state["n"] + 1, gc_s=0.0, gc_full=0,
+                          cuda=cuda, opt_s=0.0, offloader=self)
             _profile_window(_state["n"], now)
             init(self, *args, **kwargs)
+            self._t0, self._d2h, self._h2d, self._waits, self._bwd, self._cold = event(), [], [], [], None, 0
 
-        offload_module.ActivationOffload.__init__ = traced_init
+        def traced_pack(self, t):
+            entry = pack(self, t)
+            if entry is not t:
+                self._d2h.append(event(self.stream))
+            return entry
+
+        def traced_fetch(self, entry):  # as ActivationOffload._fetch, with timing events
+            with torch.cuda.stream(self.stream):
+                start = event(self.stream)
+                entry.gpu = entry.cpu.to("cuda", non_blocking=True)
+                entry.ready = event(self.stream)
+            self._h2d.append((start, entry.ready))
+            self.inflight += entry.nbytes
+
+        def traced_unpack(self, entry):
+            if self._bwd is None:
+                self._bwd = event()
+            if isinstance(entry, torch.Tensor):
+                return entry
+            if entry.gpu is None:
+                self._cold += 1
+            arrive = event()
+            out = unpack(self, entry)
+            self._waits.append((arrive, entry.ready))  # the compute stream waited if ready came later
+            return out
+
+        cls.__init__, cls.pack, cls.unpack, cls._fetch = traced_init, traced_pack, traced_unpack, traced_fetch
 
     _PROFILE_AT = int(os.environ.get("FTUNE_TRACE_PROFILE", "0"))
 
@@ -98,19 +158,58 @@ if os.environ.get("FTUNE_TRACE") == "1":
                 f.write("\nby GPU time\n" + table + "\nby CPU time\n" + cpu)
             print(f"TRACE profile written to {folder}/profile.txt", file=sys.stderr, flush=True)
 
+    def _traced_optim(optim_module):
+        """Times each optimizer step (synchronised before and after); optionally the library's own step."""
+        import torch
+
+        if os.environ.get("FTUNE_TRACE_LIBRARY_OPTIMIZER") == "1" and hasattr(optim_module, "_one_sync"):
+            optim_module._one_sync = lambda cls: cls
+        build = optim_module.build_optimizer
+
+        def traced_build(*args, **kwargs):
+            opt = build(*args, **kwargs)
+            step = opt.step
+
+            def timed_step(*a, **k):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = step(*a, **k)
+                torch.cuda.synchronize()
+                _state["opt_s"] += time.perf_counter() - t0
+                return out
+
+            opt.step = timed_step
+            print(f"TRACE optimizer {type(opt).__module__}.{type(opt).__name__}", file=sys.stderr, flush=True)
+            return opt
+
+        optim_module.build_optimizer = traced_build
+
+    _PATCHES.update({"ftune.kernels.offload": _traced, "ftune.train.optim": _traced_optim})
+
+if os.environ.get("FTUNE_TRACE_LIBRARY_OPTIMIZER") == "1" and "ftune.train.optim" not in _PATCHES:
+    def _library_optimizer(optim_module):  # untraced A/B: bitsandbytes' own step
+        optim_module._one_sync = lambda cls: cls
+
+    _PATCHES["ftune.train.optim"] = _library_optimizer
+
+if _PATCHES:
+    import importlib.abc
+    import importlib.machinery
+
     class _PatchOnImport(importlib.abc.MetaPathFinder):
-        """Patches ftune.kernels.offload right after it is first imported."""
+        """Patches the modules of _PATCHES right after each is first imported."""
 
         def find_spec(self, name, path, target=None):
-            if name != "ftune.kernels.offload":
+            if name not in _PATCHES:
                 return None
-            sys.meta_path.remove(self)
             spec = importlib.machinery.PathFinder.find_spec(name, path)
-            run = spec.loader.exec_module
+            run, patch = spec.loader.exec_module, _PATCHES.pop(name)
+            if not _PATCHES:
+                sys.meta_path.remove(self)
 
             def exec_module(module):
                 run(module)
-                _traced(module)
+                patch(module)
 
             spec.loader.exec_module = exec_module
             return spec
