@@ -78,7 +78,7 @@ def _one_sync(cls: type) -> type:
                     self.update_step(group, p, gindex, pindex)
                     last = p
             if getattr(self, "is_paged", False) and last is not None and last.is_cuda:
-                torch.cuda.synchronize(last.device)
+                torch.cuda.synchronize()  # the current device's, as the library's own
             return loss
 
     OneSync.__name__ = OneSync.__qualname__ = cls.__name__  # what run records and messages call it

@@ -28,6 +28,7 @@ window's wall time, the GPU's busy time on each stream, and the top kernels and 
 import os
 import sys
 import time
+import types
 
 _PATCHES = {}  # module name -> function that patches it right after its first import
 
@@ -170,7 +171,7 @@ if os.environ.get("FTUNE_TRACE") == "1":
             opt = build(*args, **kwargs)
             step = opt.step
 
-            def timed_step(*a, **k):
+            def timed_step(self, *a, **k):  # a bound method: torch's schedulers wrap `step.__func__`
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 out = step(*a, **k)
@@ -178,7 +179,7 @@ if os.environ.get("FTUNE_TRACE") == "1":
                 _state["opt_s"] += time.perf_counter() - t0
                 return out
 
-            opt.step = timed_step
+            opt.step = types.MethodType(timed_step, opt)
             print(f"TRACE optimizer {type(opt).__module__}.{type(opt).__name__}", file=sys.stderr, flush=True)
             return opt
 
