@@ -394,6 +394,7 @@ def test_offloaded_layer_plans_on_gpu_match_keeping_everything(codes, prefetch, 
 
     monkeypatch.setattr(off, "MIN_NUMEL", 1)
     monkeypatch.setattr(off, "PREFETCH_LAYERS", prefetch)
+    monkeypatch.setattr(off, "EXTRA_PREFETCH_MAX", 0 if prefetch == 0 else off.EXTRA_PREFETCH_MAX)
     monkeypatch.setattr(off, "MIN_PREFETCH_BYTES", 0)
     keep, planned = tiny_qwen2(seed=3).cuda(), tiny_qwen2(seed=3).cuda()
     apply_kernels(keep, ModelConfig(path="-", kernels="liger"), "cuda")
@@ -405,6 +406,17 @@ def test_offloaded_layer_plans_on_gpu_match_keeping_everything(codes, prefetch, 
     with torch.autocast("cuda", dtype=torch.bfloat16):
         got, want = loss_and_grads(planned, batch), loss_and_grads(keep, batch)
     assert_all_close(got, want, tol=2e-3)  # bf16; cuDNN's attention backward is not bitwise deterministic
+
+
+@pytest.mark.parametrize("codes,headroom", [("14a8c6K", 6), ("28c", 0), ("28K", 0), ("2a1K1c1K", 1), ("1a1C2K", 2),
+                                             ("1k2A", 0), ("1a1c", 0)])
+def test_prefetch_headroom_counts_whole_layers_kept_after_the_last_offloaded_one(codes, headroom):
+    """Backward frees those layers' activations before it fetches anything back, so the offloader may prefetch
+    that many more layers' volume (ftune/kernels/offload.py); a recomputing layer frees only its input."""
+    from ftune.kernels.fast import kept_after_offloaded
+    from ftune.kernels.plan import LayerPlan, parse_plan
+
+    assert kept_after_offloaded([LayerPlan.from_code(c) for c in parse_plan(codes)]) == headroom
 
 
 def test_collate_batch_packs_only_rows_of_different_lengths():

@@ -47,13 +47,14 @@ class Plan:
 
     ops: Ops
     offload: bool = False
+    headroom: int = 0  # whole layers kept after the last offloaded one (offload.py: deeper prefetch)
     _offloader: object = field(default=None, repr=False)
 
     def new_step(self) -> None:
         if self.offload:
             from ftune.kernels.offload import ActivationOffload
 
-            self._offloader = ActivationOffload()
+            self._offloader = ActivationOffload(self.headroom)
 
     def offload_context(self):
         if not self.offload:
@@ -170,9 +171,18 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     return CausalLMOutputWithPast(loss=loss)
 
 
+def kept_after_offloaded(layers: list[LayerPlan]) -> int:
+    """How many layers after the last offloaded one keep every activation (`K`). Backward runs them first and
+    frees what they kept before it needs anything offloaded back."""
+    last = max((i for i, lp in enumerate(layers) if lp.offload), default=None)
+    if last is None:
+        return 0
+    return sum(1 for lp in layers[last + 1:] if not (lp.offload or lp.recompute_attn or lp.recompute_mlp))
+
+
 def install(model, ops: Ops, layers: list[LayerPlan]) -> Plan:
     """Patch `model` (in place) to train through the fast forward; layers[i] is decoder layer i's plan."""
-    plan = Plan(ops=ops, offload=any(lp.offload for lp in layers))
+    plan = Plan(ops=ops, offload=any(lp.offload for lp in layers), headroom=kept_after_offloaded(layers))
     for layer, lp in zip(model.model.layers, layers):
         layer._ftune_forward = layer.forward
         layer._ftune_plan, layer._ftune_layer = plan, lp
