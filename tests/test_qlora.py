@@ -244,25 +244,25 @@ def test_bitsandbytes_optimizers_update_exactly_as_the_library_does(name):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA synchronisations")
-def test_bitsandbytes_step_synchronises_once_not_per_parameter(monkeypatch):
+def test_bitsandbytes_step_does_not_synchronise_per_parameter(monkeypatch):
+    """bitsandbytes' own step calls its sync_gpu (a torch.cuda.synchronize) after every parameter; ftune's
+    never does (it synchronises once, itself, for paged state)."""
+    import bitsandbytes.optim.optimizer as bnb_opt
+
     from ftune.train.optim import build_optimizer
 
-    params = _bnb_params("cuda")
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt = build_optimizer([{"params": params, "weight_decay": 0.0}], TrainConfig(optimizer="paged_adamw_8bit"),
-                          torch.device("cuda"))
     calls = []
-    real = torch.cuda.synchronize
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    opt.step()
-    assert len(calls) == 1
-    calls.clear()
-    bnb.optim.PagedAdamW8bit(_bnb_params("cuda"), lr=1e-3).step()  # no gradients: nothing to update
-    ref = bnb.optim.PagedAdamW8bit(params, lr=1e-3)
-    calls.clear()
-    ref.step()
-    assert len(calls) > len(params)  # what the library does on its own (one per parameter, one at the end)
+    real = bnb_opt.sync_gpu
+    monkeypatch.setattr(bnb_opt, "sync_gpu", lambda t: (calls.append(1), real(t))[1])
+    ours, theirs = _bnb_params("cuda"), _bnb_params("cuda")
+    for p in ours + theirs:
+        p.grad = torch.ones_like(p)
+    build_optimizer([{"params": ours, "weight_decay": 0.0}], TrainConfig(optimizer="paged_adamw_8bit"),
+                    torch.device("cuda")).step()
+    assert calls == []
+    bnb.optim.PagedAdamW8bit(theirs, lr=1e-3).step()
+    assert len(calls) == len(theirs) + 1  # the library's own: one per parameter, one at the end
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
 # --- the loop, the PEFT artifact, merge
