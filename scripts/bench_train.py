@@ -230,7 +230,8 @@ def trainer_worker(spec: dict) -> dict:
     trainer.train()
     per_step = [n / s for n, s in zip(timer.tokens[spec["warmup"]:], timer.times[spec["warmup"]:])]
     losses = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e]
-    return {"tokens_per_s": statistics.median(per_step), "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+    return {"tokens_per_s": statistics.median(per_step), "step_tokens_per_s": [n / s for n, s in zip(timer.tokens, timer.times)],
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "losses": losses, "steps": len(timer.times)}
 
 
@@ -305,10 +306,24 @@ def markdown(results: dict, env: dict, args) -> str:
         lines.append(f"| {name} | {r['command']} | {r['tokens_per_s']:,.0f} | {r['peak_gib'] or 0:.1f} | {losses[0]:.3f} → {losses[-1]:.3f} | {note} |")
     lines += ["", "| ftune | reference | speed ratio | memory ratio | target |", "|---|---|---:|---:|---|"]
     for a, b, target in RATIOS:
-        ra, rb = results.get(a, {}), results.get(b, {})
-        if "tokens_per_s" in ra and "tokens_per_s" in rb:
-            lines.append(f"| {a} | {b} | {ra['tokens_per_s'] / rb['tokens_per_s']:.2f}× | {(ra['peak_gib'] or 0) / (rb['peak_gib'] or 1):.2f}× | {target} |")
+        ra, rb = pooled(results, a, args.warmup), pooled(results, b, args.warmup)
+        if ra and rb:
+            runs = f" ({ra['runs']} vs {rb['runs']} runs, pooled)" if ra["runs"] + rb["runs"] > 2 else ""
+            lines.append(f"| {a} | {b} | {ra['tokens_per_s'] / rb['tokens_per_s']:.2f}×{runs} | "
+                         f"{(ra['peak_gib'] or 0) / (rb['peak_gib'] or 1):.2f}× | {target} |")
     return "\n".join(lines) + "\n"
+
+
+def pooled(results: dict, case: str, warmup: int) -> dict | None:
+    """A case's tok/s over all its runs (CASE, CASE@2, …): the median of every timed step of every run, and its
+    highest peak. One process's median of a few steps moved by ±5% between runs of the same tree (runs t and u);
+    pooling interleaved runs (`--cases a,b,a@2,b@2`) gives a ratio that one slow process does not decide."""
+    runs = [r for name, r in results.items() if name.split("@")[0] == case and "tokens_per_s" in r]
+    if not runs:
+        return None
+    steps = [t for r in runs for t in (r.get("step_tokens_per_s") or [])[warmup:]] if all(
+        r.get("step_tokens_per_s") for r in runs) else [r["tokens_per_s"] for r in runs]
+    return {"tokens_per_s": statistics.median(steps), "peak_gib": max(r.get("peak_gib") or 0 for r in runs), "runs": len(runs)}
 
 
 def main() -> None:

@@ -7,7 +7,10 @@ that step for as long as the walk takes, and with several processes the others w
 all-reduce. Training allocates at a steady rate and makes few reference cycles, so the collections can
 be moved to where they cost least: the objects alive when training starts are frozen (`gc.freeze`:
 never scanned again), automatic collection is off, generations 0-1 are collected after every optimizer
-step and everything every N steps. Everything is put back when training ends, by any path.
+step and everything every N steps. Everything is put back when training ends, by any path. Objects that
+something else froze before training (a host application, a notebook's own `gc.freeze`) stay frozen: Python can
+only unfreeze everything at once, so then ftune freezes nothing itself and the every-N collection walks the
+training-time objects as well.
 The same approach as torchtitan's `training.gc_freq` and Megatron-LM's `--manual-gc`.
 """
 
@@ -22,11 +25,14 @@ class StepCollector:
     def __init__(self, every: int | None):
         self.every = every
         self._was_enabled = gc.isenabled()
+        self._freezes = False
 
     def __enter__(self) -> StepCollector:
         if self.every:
             gc.collect()
-            gc.freeze()
+            self._freezes = gc.get_freeze_count() == 0  # someone else's frozen objects: not ours to thaw
+            if self._freezes:
+                gc.freeze()
             gc.disable()
         return self
 
@@ -36,6 +42,7 @@ class StepCollector:
 
     def __exit__(self, *exc) -> None:
         if self.every:
-            gc.unfreeze()
+            if self._freezes:
+                gc.unfreeze()
             if self._was_enabled:
                 gc.enable()
