@@ -70,6 +70,14 @@ CASES: dict[str, tuple[str, str, dict]] = {
     "ftune-qlora-adamw": ("ftune", "configs/qwen7b_qlora.yaml", {"overrides": ["train.optimizer=adamw"]}),
     # bitsandbytes' own optimizer step (a GPU sync per parameter) instead of ftune's: scripts/trace/sitecustomize.py
     "ftune-qlora-libopt": ("ftune", "configs/qwen7b_qlora.yaml", {"env": {"FTUNE_TRACE_LIBRARY_OPTIMIZER": "1"}}),
+    # untraced allocator counters and micro-batch pace (scripts/trace/sitecustomize.py); -sync adds one GPU
+    # synchronisation per micro-batch and nothing else (what --trace does besides recording)
+    "ftune-qlora-stats": ("ftune", "configs/qwen7b_qlora.yaml", {"env": {"FTUNE_TRACE_STATS": "1"}}),
+    "ftune-qlora-nodrop-stats": ("ftune", "configs/qwen7b_qlora.yaml", {"overrides": ["method.lora_dropout=0"],
+                                                                        "env": {"FTUNE_TRACE_STATS": "1"}}),
+    "ftune-qlora-sync": ("ftune", "configs/qwen7b_qlora.yaml", {"env": {"FTUNE_TRACE_SYNC": "1"}}),
+    "ftune-qlora-nodrop-sync": ("ftune", "configs/qwen7b_qlora.yaml", {"overrides": ["method.lora_dropout=0"],
+                                                                       "env": {"FTUNE_TRACE_SYNC": "1"}}),
     "ftune-qlora-28C": ("ftune", "configs/qwen7b_qlora.yaml", {"overrides": ["model.layer_plan=28C", "model.memory_budget_gib=null"]}),
     "ftune-qlora-14a8c6K": ("ftune", "configs/qwen7b_qlora.yaml", {"overrides": ["model.layer_plan=14a8c6K", "model.memory_budget_gib=null"]}),
     "ftune-qalora": ("ftune", "configs/qwen7b_qalora.yaml", {}),  # INT4 base quantized by ftune; vs NF4 QLoRA
@@ -150,7 +158,7 @@ def run_ftune(case: str, config: str, extra: dict, assets: dict, args) -> dict:
     logs.mkdir(parents=True, exist_ok=True)
     (logs / f"{case.replace('@', '-')}.log").write_text(done.stdout + done.stderr)
     result["log"] = [line for line in log if "kernels:" in line or "layer plan" in line or "packing" in line.lower()
-                     or line.startswith("TRACE optimizer")][:6]
+                     or line.startswith(("TRACE optimizer", "TRACE stats"))][:6]
     if args.trace:  # scripts/trace/sitecustomize.py: one line per micro-batch, "TRACE mb N s SECONDS key value …"
         rows = [["mb", *line.split()[2:]] for line in log if line.startswith("TRACE mb ")]
         keys = rows[0][::2] if rows else []

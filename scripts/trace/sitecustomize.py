@@ -193,6 +193,47 @@ if os.environ.get("FTUNE_TRACE_LIBRARY_OPTIMIZER") == "1" and "ftune.train.optim
 
     _PATCHES["ftune.train.optim"] = _library_optimizer
 
+if os.environ.get("FTUNE_TRACE_STATS") == "1" or os.environ.get("FTUNE_TRACE_SYNC") == "1":
+    # Untraced diagnostics (no per-micro-batch synchronisation unless FTUNE_TRACE_SYNC=1, which adds only that):
+    # at exit, one line "TRACE stats" with the allocators' counters over the whole process and the host-side
+    # interval between micro-batch starts (median after the first 8), which with the CPU queueing ahead averages
+    # to the GPU's pace.
+    _starts = []
+
+    def _untraced(offload_module):
+        import torch
+
+        cls, init = offload_module.ActivationOffload, offload_module.ActivationOffload.__init__
+        sync = os.environ.get("FTUNE_TRACE_SYNC") == "1"
+
+        def counted_init(self, *args, **kwargs):
+            if sync:
+                torch.cuda.synchronize()
+            _starts.append(time.perf_counter())
+            init(self, *args, **kwargs)
+
+        cls.__init__ = counted_init
+
+    def _report():
+        import statistics
+
+        import torch
+
+        if not torch.cuda.is_initialized():
+            return
+        cuda, host = torch.cuda.memory_stats(), torch.cuda.memory.host_memory_stats()
+        gaps = [b - a for a, b in zip(_starts[8:], _starts[9:])]
+        keys = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams", "num_ooms")
+        print("TRACE stats " + " ".join(f"{k} {cuda.get(k, 0)}" for k in keys)
+              + f" host_alloc {host.get('num_host_alloc', 0)} host_alloc_s {host.get('host_alloc_time.total', 0) / 1e6:.3f}"
+              + f" mb {len(_starts)} mb_gap_median_s {statistics.median(gaps) if gaps else 0:.4f}"
+              + f" mb_gap_mean_s {statistics.mean(gaps) if gaps else 0:.4f}", file=sys.stderr, flush=True)
+
+    import atexit
+
+    atexit.register(_report)
+    _PATCHES.setdefault("ftune.kernels.offload", _untraced)
+
 if _PATCHES:
     import importlib.abc
     import importlib.machinery
