@@ -197,8 +197,8 @@ if os.environ.get("FTUNE_TRACE_STATS") == "1" or os.environ.get("FTUNE_TRACE_SYN
     # Untraced diagnostics (no per-micro-batch synchronisation unless FTUNE_TRACE_SYNC=1, which adds only that):
     # at exit, one line "TRACE stats" with the allocators' counters over the whole process and the host-side
     # interval between micro-batch starts (median after the first 8), which with the CPU queueing ahead averages
-    # to the GPU's pace.
-    _starts = []
+    # to the GPU's pace; "_steady" counts are those since the 9th micro-batch started (warm-up left out).
+    _starts, _at9 = [], {}
 
     def _untraced(offload_module):
         import torch
@@ -210,6 +210,8 @@ if os.environ.get("FTUNE_TRACE_STATS") == "1" or os.environ.get("FTUNE_TRACE_SYN
             if sync:
                 torch.cuda.synchronize()
             _starts.append(time.perf_counter())
+            if len(_starts) == 9:  # CPU-side reads only: no synchronisation
+                _at9.update(torch.cuda.memory_stats(), **torch.cuda.memory.host_memory_stats())
             init(self, *args, **kwargs)
 
         cls.__init__ = counted_init
@@ -226,6 +228,8 @@ if os.environ.get("FTUNE_TRACE_STATS") == "1" or os.environ.get("FTUNE_TRACE_SYN
         keys = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams", "num_ooms")
         print("TRACE stats " + " ".join(f"{k} {cuda.get(k, 0)}" for k in keys)
               + f" host_alloc {host.get('num_host_alloc', 0)} host_alloc_s {host.get('host_alloc_time.total', 0) / 1e6:.3f}"
+              + "".join(f" {k}_steady {now.get(k, 0) - _at9.get(k, 0)}" for now in (cuda, host) for k in
+                        (("num_device_alloc", "num_alloc_retries") if now is cuda else ("num_host_alloc",)) if _at9)
               + f" mb {len(_starts)} mb_gap_median_s {statistics.median(gaps) if gaps else 0:.4f}"
               + f" mb_gap_mean_s {statistics.mean(gaps) if gaps else 0:.4f}", file=sys.stderr, flush=True)
 
