@@ -65,6 +65,8 @@ CASES: dict[str, tuple[str, str, dict]] = {
     # what the shipped choices cost: dropout (against 0), the auto plan (against fixed plans)
     "ftune-lora-nodrop": ("ftune", "configs/qwen7b_lora.yaml", {"overrides": ["method.lora_dropout=0"]}),
     "ftune-qlora-nodrop": ("ftune", "configs/qwen7b_qlora.yaml", {"overrides": ["method.lora_dropout=0"]}),
+    "ftune-lora-16gib-nodrop": ("ftune", "configs/qwen7b_lora.yaml", {"overrides": ["model.layer_plan=auto", "model.memory_budget_gib=16",
+                                                                        "method.lora_dropout=0"]}),
     "ftune-qlora-autogc": ("ftune", "configs/qwen7b_qlora.yaml", {"overrides": ["train.gc_every=null"]}),  # Python's own gc
     # what the config's paged 8-bit AdamW costs per step against fused AdamW (+~240 MB of fp32 moments at r 16 on a 7B)
     "ftune-qlora-adamw": ("ftune", "configs/qwen7b_qlora.yaml", {"overrides": ["train.optimizer=adamw"]}),
@@ -92,7 +94,8 @@ RATIOS = [("ftune-lora", "trainer-lora", "≥ 2.2× at ≤ 48 GiB"), ("ftune-lor
           ("ftune-qlora", "trainer-qlora", "≥ 2.2× at ≤ 0.5× memory"),
           ("ftune-qalora", "ftune-qlora", "QA-LoRA (INT4, group 128) vs QLoRA (NF4): —"),
           ("ftune-lora", "ftune-lora-nodrop", "dropout 0.05 vs 0: ≥ 0.95×, ≤ 1.05× memory"),
-          ("ftune-qlora", "ftune-qlora-nodrop", "dropout 0.05 vs 0: ≥ 0.95×, ≤ 1.05× memory")]
+          ("ftune-qlora", "ftune-qlora-nodrop", "dropout 0.05 vs 0: ≥ 0.95×, ≤ 1.05× memory"),
+          ("ftune-lora-16gib", "ftune-lora-16gib-nodrop", "dropout 0.05 vs 0, recomputing layers: ≥ 0.95×, ≤ 1.05× memory")]
 WORDS = 32000
 
 
